@@ -1,0 +1,1 @@
+"""Generated from proto/sidecar/work: do not edit, run `make proto`."""

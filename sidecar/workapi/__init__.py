@@ -1,0 +1,68 @@
+"""A typed async client for the self-hosted Work API (Anthropic and Qoder flavours)."""
+
+from ._client import Timeouts, WorkApiClient, parse_retry_after
+from ._errors import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    GatewayTimeoutError,
+    LeaseLostError,
+    NotFoundError,
+    OverloadedError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+    RateLimitError,
+    RequestTimeout,
+    ResponseError,
+    ServerError,
+    TransportError,
+    WorkApiError,
+)
+from ._models import NO_HEARTBEAT, HeartbeatResult, LeaseSnapshot, QueueStats, Work, WorkData, WorkPage, parse_time
+from ._providers import ANTHROPIC, PROVIDERS, QODER, CredentialStyle, Provider, get_provider
+from ._retry import CONFLICT_IS_TRANSIENT, RetryPolicies, RetryPolicy, is_retryable
+from ._secret import SecretDecodeError, SessionCredentials, WorkSecret
+
+__all__ = [
+    "ANTHROPIC",
+    "CONFLICT_IS_TRANSIENT",
+    "NO_HEARTBEAT",
+    "PROVIDERS",
+    "QODER",
+    "APIStatusError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConflictError",
+    "CredentialStyle",
+    "GatewayTimeoutError",
+    "HeartbeatResult",
+    "LeaseLostError",
+    "LeaseSnapshot",
+    "NotFoundError",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "PreconditionFailedError",
+    "Provider",
+    "QueueStats",
+    "RateLimitError",
+    "RequestTimeout",
+    "ResponseError",
+    "RetryPolicies",
+    "RetryPolicy",
+    "SecretDecodeError",
+    "ServerError",
+    "SessionCredentials",
+    "Timeouts",
+    "TransportError",
+    "Work",
+    "WorkApiClient",
+    "WorkApiError",
+    "WorkData",
+    "WorkPage",
+    "WorkSecret",
+    "get_provider",
+    "is_retryable",
+    "parse_retry_after",
+    "parse_time",
+]

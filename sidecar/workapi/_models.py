@@ -1,0 +1,235 @@
+"""Typed views of the Work API's JSON objects.
+
+Each model keeps the fields the sidecar uses as typed attributes and everything else in `extra`, so a
+field the API adds later is carried along rather than dropped or fatal. Timestamps keep the exact
+string the API sent (`last_heartbeat` is echoed byte for byte) and offer a parsed `datetime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ._secret import WorkSecret
+
+NO_HEARTBEAT = "NO_HEARTBEAT"
+"""The `expected_last_heartbeat` value that claims a lease nobody has heartbeated yet."""
+
+WORK_STATES = ("queued", "starting", "active", "stopping", "stopped")
+
+
+class ModelError(ValueError):
+    """The Work API sent JSON that does not have the shape of the expected object."""
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """Parse an RFC 3339 timestamp (with `Z` or an offset); None stays None."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _str(obj: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ModelError(f"missing field {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise ModelError(f"field {key!r} is not a string")
+    return value
+
+
+def _extra(obj: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in known}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkData:
+    type: str
+    id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_healthcheck(self) -> bool:
+        return self.type == "healthcheck"
+
+
+_WORK_FIELDS = (
+    "type", "id", "environment_id", "data", "state", "metadata", "created_at", "acknowledged_at",
+    "started_at", "latest_heartbeat_at", "stop_requested_at", "stopped_at", "secret",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A work item. `secret` is a `WorkSecret` (redacted in repr) or None."""
+
+    id: str
+    environment_id: str
+    data: WorkData
+    state: str
+    metadata: dict[str, str]
+    created_at: str | None = None
+    acknowledged_at: str | None = None
+    started_at: str | None = None
+    latest_heartbeat_at: str | None = None
+    stop_requested_at: str | None = None
+    stopped_at: str | None = None
+    secret: WorkSecret | None = field(default=None, repr=False, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def session_id(self) -> str | None:
+        return self.data.id if self.data.type == "session" else None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Work:
+        if not isinstance(obj, Mapping):
+            raise ModelError("a work item is not a JSON object")
+        data = obj.get("data")
+        if not isinstance(data, Mapping):
+            raise ModelError("missing field 'data'")
+        metadata = obj.get("metadata") or {}
+        if not isinstance(metadata, Mapping):
+            raise ModelError("field 'metadata' is not an object")
+        secret = _str(obj, "secret", required=False)
+        return cls(
+            id=_str(obj, "id") or "",
+            environment_id=_str(obj, "environment_id", required=False) or "",
+            data=WorkData(
+                type=_str(data, "type") or "",
+                id=_str(data, "id", required=False) or "",
+                extra=_extra(data, ("type", "id")),
+            ),
+            state=_str(obj, "state") or "",
+            metadata={str(k): str(v) for k, v in metadata.items()},
+            created_at=_str(obj, "created_at", required=False),
+            acknowledged_at=_str(obj, "acknowledged_at", required=False),
+            started_at=_str(obj, "started_at", required=False),
+            latest_heartbeat_at=_str(obj, "latest_heartbeat_at", required=False),
+            stop_requested_at=_str(obj, "stop_requested_at", required=False),
+            stopped_at=_str(obj, "stopped_at", required=False),
+            secret=WorkSecret(secret) if secret else None,
+            extra=_extra(obj, _WORK_FIELDS),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The work object as JSON, with `secret` always null (for handing to scripts and logs)."""
+        return {
+            "type": "work",
+            "id": self.id,
+            "environment_id": self.environment_id,
+            "data": {"type": self.data.type, "id": self.data.id, **self.data.extra},
+            "state": self.state,
+            "metadata": dict(self.metadata),
+            "created_at": self.created_at,
+            "acknowledged_at": self.acknowledged_at,
+            "started_at": self.started_at,
+            "latest_heartbeat_at": self.latest_heartbeat_at,
+            "stop_requested_at": self.stop_requested_at,
+            "stopped_at": self.stopped_at,
+            "secret": None,
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    """The answer to a heartbeat. Echo `last_heartbeat` exactly in the next one."""
+
+    last_heartbeat: str
+    lease_extended: bool
+    state: str
+    ttl_seconds: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> HeartbeatResult:
+        if not isinstance(obj, Mapping):
+            raise ModelError("a heartbeat response is not a JSON object")
+        ttl = obj.get("ttl_seconds")
+        return cls(
+            last_heartbeat=_str(obj, "last_heartbeat") or "",
+            lease_extended=bool(obj.get("lease_extended")),
+            state=_str(obj, "state") or "",
+            ttl_seconds=int(ttl) if isinstance(ttl, int | float) else 0,
+            extra=_extra(obj, ("type", "last_heartbeat", "lease_extended", "state", "ttl_seconds")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSnapshot:
+    """The server's view of a lease, as a 412 reports it in `details.current_state`."""
+
+    state: str | None
+    last_heartbeat: str | None
+    lease_extended: bool | None
+    ttl_seconds: int | None
+    lease_updated_at: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> LeaseSnapshot | None:
+        if not isinstance(obj, Mapping):
+            return None
+        ttl = obj.get("ttl_seconds")
+        extended = obj.get("lease_extended")
+        return cls(
+            state=_str(obj, "state", required=False),
+            last_heartbeat=_str(obj, "last_heartbeat", required=False),
+            lease_extended=extended if isinstance(extended, bool) else None,
+            ttl_seconds=int(ttl) if isinstance(ttl, int | float) else None,
+            lease_updated_at=_str(obj, "lease_updated_at", required=False),
+            extra=_extra(obj, ("state", "last_heartbeat", "lease_extended", "ttl_seconds", "lease_updated_at")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    depth: int
+    pending: int
+    oldest_queued_at: str | None
+    workers_polling: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> QueueStats:
+        if not isinstance(obj, Mapping):
+            raise ModelError("queue stats are not a JSON object")
+
+        def count(key: str) -> int:
+            value = obj.get(key)
+            return int(value) if isinstance(value, int | float) else 0
+
+        return cls(
+            depth=count("depth"),
+            pending=count("pending"),
+            oldest_queued_at=_str(obj, "oldest_queued_at", required=False),
+            workers_polling=count("workers_polling"),
+            extra=_extra(obj, ("type", "depth", "pending", "oldest_queued_at", "workers_polling")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkPage:
+    """One page of a list. `next_page` is the opaque cursor for the next one (None on the last)."""
+
+    data: list[Work]
+    next_page: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> WorkPage:
+        if not isinstance(obj, Mapping) or not isinstance(obj.get("data"), list):
+            raise ModelError("a work list page has no 'data' array")
+        return cls(
+            data=[Work.from_json(item) for item in obj["data"]],
+            next_page=_str(obj, "next_page", required=False),
+            extra=_extra(obj, ("data", "next_page")),
+        )

@@ -1,0 +1,87 @@
+"""OpenTelemetry for Work API requests: one CLIENT span per attempt and a latency histogram.
+
+Only the OpenTelemetry API is used here. With no SDK configured the global providers are no-ops, so
+this costs next to nothing. Nothing secret is ever recorded: no headers, no query values, no bodies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+ROUTES = {
+    "poll": "/poll",
+    "ack": "/{work_id}/ack",
+    "heartbeat": "/{work_id}/heartbeat",
+    "stop": "/{work_id}/stop",
+    "get": "/{work_id}",
+    "update": "/{work_id}",
+    "list": "",
+    "stats": "/stats",
+}
+
+_tracer = trace.get_tracer("sidecar.workapi")
+_meter = metrics.get_meter("sidecar.workapi")
+_latency = _meter.create_histogram(
+    "work_sidecar.api.request.duration",
+    unit="s",
+    description="Work API request latency per operation (one sample per attempt)",
+)
+_errors = _meter.create_counter(
+    "work_sidecar.api.errors", unit="{error}", description="Work API errors by operation and HTTP status"
+)
+_retries = _meter.create_counter(
+    "work_sidecar.api.retries", unit="{retry}", description="Work API request attempts after the first"
+)
+
+
+class RequestSpan:
+    """Wraps the span of one attempt so callers record outcomes without touching OTel types."""
+
+    __slots__ = ("_operation", "_span", "_status")
+
+    def __init__(self, span: trace.Span, operation: str) -> None:
+        self._span = span
+        self._operation = operation
+        self._status = "error"
+
+    def answered(self, status_code: int, request_id: str | None) -> None:
+        self._status = str(status_code)
+        self._span.set_attribute("http.response.status_code", status_code)
+        if request_id:
+            self._span.set_attribute("work_api.request_id", request_id)
+        if status_code >= 400:
+            self._span.set_status(Status(StatusCode.ERROR, f"HTTP {status_code}"))
+            self._span.set_attribute("error.type", str(status_code))
+            _errors.add(1, {"operation": self._operation, "status": self._status})
+
+    def failed(self, error_type: str) -> None:
+        self._status = "transport"
+        self._span.set_status(Status(StatusCode.ERROR, error_type))
+        self._span.set_attribute("error.type", error_type)
+        _errors.add(1, {"operation": self._operation, "status": self._status})
+
+
+@contextmanager
+def request_span(operation: str, method: str, route: str, provider: str, attempt: int) -> Iterator[RequestSpan]:
+    if attempt > 1:
+        _retries.add(1, {"operation": operation})
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        "url.template": route,
+        "work_api.operation": operation,
+        "work_api.provider": provider,
+    }
+    if attempt > 1:
+        attributes["http.request.resend_count"] = attempt - 1
+    with _tracer.start_as_current_span(
+        f"{method} {route}", kind=SpanKind.CLIENT, attributes=attributes, record_exception=False
+    ) as span:
+        yield RequestSpan(span, operation)
+
+
+def record_latency(operation: str, seconds: float) -> None:
+    _latency.record(seconds, {"operation": operation})

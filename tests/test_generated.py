@@ -1,0 +1,30 @@
+"""The generated package sidecar/work/ must be exactly what `make proto` makes from proto/."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import gen_proto  # noqa: E402
+
+
+def test_generated_code_is_fresh(tmp_path: Path) -> None:
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    fresh = gen_proto.generate(tmp_path)
+    assert fresh, "protoc generated nothing"
+    stale = []
+    for path in fresh:
+        rel = path.relative_to(tmp_path)
+        committed = ROOT / rel
+        if not committed.exists() or committed.read_bytes() != path.read_bytes():
+            stale.append(str(rel))
+    committed_files = {
+        p.relative_to(ROOT) for p in (ROOT / "sidecar" / "work").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    extra = committed_files - {p.relative_to(tmp_path) for p in fresh}
+    assert not stale, f"generated code is stale, run `make proto`: {stale}"
+    assert not extra, f"files in the generated package that protoc does not make: {sorted(map(str, extra))}"
