@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import gen_proto  # noqa: E402
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     fresh = gen_proto.generate(tmp_path)
     assert fresh, "protoc generated nothing"
     stale = []

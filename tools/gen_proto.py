@@ -27,8 +27,11 @@ def generate(out_dir: Path) -> list[Path]:
     """Write the generated modules below out_dir (which plays the role of the repo root)."""
     well_known = str(resources.files("grpc_tools") / "_proto")
     files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
+    bin_dir = Path(sys.executable).parent  # mypy-protobuf's plugins live beside this interpreter
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--python_out={out_dir}",

@@ -38,6 +38,9 @@ class Provider:
     id_pattern: re.Pattern[str] = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
     """What a well-formed environment or work id looks like (checked before any request)."""
     sends_secret: bool = True
+    confirm_stop_with_force: bool = True
+    """How a requested (graceful) stop is confirmed once the work is done: Anthropic's official workers
+    send `force: true`; Qoder documents a second stop with the caller's own `force`."""
 
     def work_path(self, environment_id: str, suffix: str = "") -> str:
         return self.path_prefix.format(environment_id=environment_id) + suffix
@@ -66,6 +69,7 @@ QODER = Provider(
     precondition_error_type="precondition_failed_error",
     request_id_header="x-request-id",
     sends_secret=False,
+    confirm_stop_with_force=False,
 )
 
 PROVIDERS: Mapping[str, Provider] = MappingProxyType({p.name: p for p in (ANTHROPIC, QODER)})

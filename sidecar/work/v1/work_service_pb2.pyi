@@ -121,6 +121,10 @@ class _LeaseLostReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Lease
     """The sidecar drained (SIGTERM) and released the lease when the drain
     timeout passed.
     """
+    LEASE_LOST_REASON_STOPPED: _LeaseLostReason.ValueType  # 7
+    """Someone else stopped the item (for example a forced stop by the
+    platform): stop working on it at once.
+    """
 
 class LeaseLostReason(_LeaseLostReason, metaclass=_LeaseLostReasonEnumTypeWrapper):
     """LeaseLostReason says why a lease was lost."""
@@ -147,6 +151,10 @@ the lease; the item returns to the queue when its TTL runs out.
 LEASE_LOST_REASON_DRAINED: LeaseLostReason.ValueType  # 6
 """The sidecar drained (SIGTERM) and released the lease when the drain
 timeout passed.
+"""
+LEASE_LOST_REASON_STOPPED: LeaseLostReason.ValueType  # 7
+"""Someone else stopped the item (for example a forced stop by the
+platform): stop working on it at once.
 """
 Global___LeaseLostReason: _TypeAlias = LeaseLostReason  # noqa: Y015
 

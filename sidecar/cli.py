@@ -1,0 +1,203 @@
+"""`work-sidecar`: serve | emulator | health | exec.
+
+Every `serve` flag can also come from a `WORK_SIDECAR_*` environment variable (the flag wins); the
+names are a public contract (deployments and other tools rely on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "WORK_SIDECAR_"
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    help: str
+    type: Any = str
+    default: Any = None
+    repeatable: bool = False
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.lstrip("-").upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+SERVE_FLAGS: tuple[Flag, ...] = (
+    Flag("--provider", "Work API flavour", default="anthropic", choices=("anthropic", "qoder")),
+    Flag("--api-url", "Work API base URL; when absent the embedded emulator is started (demo mode)"),
+    Flag("--environment-id", "the environment to serve (default with the emulator: env_local)"),
+    Flag("--api-key", "Work API key (prefer the environment variable); generated for the emulator"),
+    Flag("--listen", "unix:///path or host:port, repeatable (env: comma-separated)", repeatable=True),
+    Flag("--drain-timeout", "seconds to let leases finish after SIGTERM", type=float, default=30.0),
+    Flag("--ttl", "lease TTL in seconds asked for with every heartbeat", type=int, default=60),
+    Flag("--liveness-window", "a lease without a WatchWork stream needs a KeepAlive ping this often (s)",
+         type=float, default=30.0),
+    Flag("--reattach-grace", "seconds a gone sandbox has to re-attach before its leases are released",
+         type=float, default=30.0),
+    Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int, default=10),
+    Flag("--max-pollers", "parallel long polls while items keep coming", type=int, default=4),
+    Flag("--poll-block-ms", "long poll block_ms (1..999)", type=int, default=999),
+    Flag("--auth-token", "bearer token required on every call (required on non-loopback TCP)"),
+    Flag("--worker-id", "worker id sent to the Work API (default: random per process)"),
+    Flag("--keepalive-time", "seconds between HTTP/2 keepalive pings on idle connections", type=float, default=30.0),
+    Flag("--log-format", "auto (text on a TTY, else JSON), json or text", default="auto",
+         choices=("auto", "json", "text")),
+    Flag("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO"),
+    Flag("--emulator-port", "port of the embedded emulator (0: any free port)", type=int, default=8787),
+    Flag("--metrics-listen", "host:port for a Prometheus scrape endpoint (off by default)"),
+)  # fmt: skip
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    for flag in flags:
+        parser.add_argument(
+            flag.name,
+            dest=flag.dest,
+            type=flag.type,
+            choices=flag.choices,
+            action="append" if flag.repeatable else "store",
+            default=None,
+            help=f"{flag.help} [env {flag.env}]" + (f" (default {flag.default})" if flag.default is not None else ""),
+        )
+
+
+def _resolve(ns: argparse.Namespace, flags: Sequence[Flag], environ: dict[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for flag in flags:
+        value = getattr(ns, flag.dest)
+        if value is None and flag.env in environ and environ[flag.env] != "":
+            raw = environ[flag.env]
+            if flag.repeatable:
+                value = [part.strip() for part in raw.split(",") if part.strip()]
+            else:
+                try:
+                    value = flag.type(raw)
+                except ValueError:
+                    raise SystemExit(f"work-sidecar: {flag.env}={raw!r} is not a valid {flag.type.__name__}") from None
+                if flag.choices and value not in flag.choices:
+                    raise SystemExit(f"work-sidecar: {flag.env} must be one of {', '.join(flag.choices)}")
+        values[flag.dest] = flag.default if value is None else value
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="work-sidecar", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the sidecar")
+    _add_flags(serve, SERVE_FLAGS)
+    sub.add_parser("emulator", help="run the local Work API emulator", add_help=False)
+    health = sub.add_parser("health", help="gRPC health check of a running sidecar (exit 0 when SERVING)")
+    health.add_argument("--sidecar", required=True, help="unix:///path or host:port")
+    health.add_argument("--service", default="", help="service name ('' = overall)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    sub.add_parser("exec", help="run a command once per assigned item (like ant beta:worker --on-work)", add_help=False)
+    return parser
+
+
+def serve_config(values: dict[str, Any]) -> Any:
+    from .core import SidecarConfig
+
+    emulated = not values["api_url"]
+    api_key = values["api_key"] or (secrets.token_urlsafe(24) if emulated else None)
+    if not api_key:
+        raise SystemExit("work-sidecar: --api-key (or WORK_SIDECAR_API_KEY) is required with --api-url")
+    environment_id = values["environment_id"] or ("env_local" if emulated else None)
+    if not environment_id:
+        raise SystemExit("work-sidecar: --environment-id (or WORK_SIDECAR_ENVIRONMENT_ID) is required")
+    return SidecarConfig(
+        environment_id=environment_id,
+        api_key=api_key,
+        provider=values["provider"],
+        api_url=values["api_url"] or None,
+        listen=tuple(values["listen"] or ("127.0.0.1:50051",)),
+        drain_timeout=values["drain_timeout"],
+        ttl_seconds=values["ttl"],
+        liveness_window=values["liveness_window"],
+        reattach_grace=values["reattach_grace"],
+        release_ttl_seconds=values["release_ttl"] or None,
+        max_pollers=values["max_pollers"],
+        poll_block_ms=values["poll_block_ms"],
+        auth_token=values["auth_token"] or None,
+        worker_id=values["worker_id"] or None,
+        keepalive_time=values["keepalive_time"],
+        log_format=values["log_format"],
+        log_level=values["log_level"],
+        emulator_port=values["emulator_port"],
+        metrics_listen=values["metrics_listen"] or None,
+    )
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from ._logging import configure_logging
+    from .core import Sidecar
+
+    values = _resolve(ns, SERVE_FLAGS, dict(os.environ))
+    try:
+        config = serve_config(values)
+    except ValueError as exc:
+        raise SystemExit(f"work-sidecar: {exc}") from None
+    configure_logging(fmt=config.log_format, level=config.log_level, secrets=[config.api_key, config.auth_token])
+    from .telemetry import setup_telemetry
+
+    with setup_telemetry(config):
+        return asyncio.run(Sidecar(config).run())
+
+
+def _health(ns: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .core import parse_listen
+
+    try:
+        parse_listen(ns.sidecar)
+    except ValueError as exc:
+        print(f"work-sidecar health: {exc}", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(ns.sidecar) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=ns.service), timeout=ns.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"work-sidecar health: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["emulator"]:
+        from .emulator import main as emulator_main
+
+        return int(emulator_main(argv[1:]))
+    if argv[:1] == ["exec"]:
+        from .exec import main as exec_main
+
+        return int(exec_main(argv[1:]))
+    ns = build_parser().parse_args(argv)
+    if ns.command == "serve":
+        return _serve(ns)
+    if ns.command == "health":
+        return _health(ns)
+    raise AssertionError(ns.command)  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

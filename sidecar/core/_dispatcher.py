@@ -1,0 +1,144 @@
+"""Watchers (open WatchWork streams), their capacity, and fair choice among them.
+
+Capacity is the sum over open watchers of `max_in_flight - held - reserved`. A watcher is *reserved*
+for an item from the moment the poller picks it until the item is assigned or dropped, so parallel
+polls never promise the same slot twice. Choice is fair: the least loaded watcher (held/max) wins,
+ties go to the one that waited longest since its last assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from ..work.v1 import work_service_pb2 as pb
+
+log = logging.getLogger("sidecar.dispatcher")
+
+
+@dataclass(eq=False, slots=True)
+class Watcher:
+    id: int
+    sandbox_id: str
+    max_in_flight: int
+    queue: asyncio.Queue[pb.WatchWorkResponse | None] = field(default_factory=asyncio.Queue)
+    held: set[str] = field(default_factory=set)
+    reserved: int = 0
+    closed: bool = False
+    last_assigned: int = 0
+
+    @property
+    def free(self) -> int:
+        return 0 if self.closed else max(0, self.max_in_flight - len(self.held) - self.reserved)
+
+    @property
+    def load(self) -> float:
+        return (len(self.held) + self.reserved) / self.max_in_flight
+
+
+class Dispatcher:
+    def __init__(self) -> None:
+        self._watchers: dict[int, Watcher] = {}
+        self._ids = itertools.count(1)
+        self._assignments = itertools.count(1)
+        self._capacity = asyncio.Event()
+        self.draining = False
+
+    # -- watchers -----------------------------------------------------------------------------------
+
+    def add_watcher(self, sandbox_id: str, max_in_flight: int) -> Watcher:
+        watcher = Watcher(id=next(self._ids), sandbox_id=sandbox_id, max_in_flight=max(1, max_in_flight))
+        self._watchers[watcher.id] = watcher
+        self._update()
+        return watcher
+
+    def close_watcher(self, watcher: Watcher) -> list[pb.WorkAssigned]:
+        """Mark the watcher gone; return the assignments that were queued but never written."""
+        watcher.closed = True
+        self._watchers.pop(watcher.id, None)
+        unsent: list[pb.WorkAssigned] = []
+        while not watcher.queue.empty():
+            message = watcher.queue.get_nowait()
+            if message is not None and message.HasField("work_assigned"):
+                unsent.append(message.work_assigned)
+        self._update()
+        return unsent
+
+    @property
+    def watchers(self) -> list[Watcher]:
+        return list(self._watchers.values())
+
+    def free_capacity(self) -> int:
+        if self.draining:
+            return 0
+        return sum(w.free for w in self._watchers.values())
+
+    async def wait_for_capacity(self) -> None:
+        """Return once some watcher has a free slot, or the sidecar drains."""
+        while not self.draining and self.free_capacity() == 0:
+            self._capacity.clear()
+            await self._capacity.wait()
+
+    # -- slots --------------------------------------------------------------------------------------
+
+    def reserve(self) -> Watcher | None:
+        """Pick the fairest watcher with a free slot and hold that slot; None when there is none."""
+        if self.draining:
+            return None
+        best: Watcher | None = None
+        for watcher in self._watchers.values():
+            if watcher.free <= 0:
+                continue
+            if best is None or (watcher.load, watcher.last_assigned) < (best.load, best.last_assigned):
+                best = watcher
+        if best is not None:
+            best.reserved += 1
+            best.last_assigned = next(self._assignments)
+            self._update()
+        return best
+
+    def unreserve(self, watcher: Watcher) -> None:
+        watcher.reserved = max(0, watcher.reserved - 1)
+        self._update()
+
+    def assign(self, watcher: Watcher, work_id: str, message: pb.WorkAssigned) -> None:
+        """Turn the watcher's reservation into a held lease and queue the assignment."""
+        watcher.reserved = max(0, watcher.reserved - 1)
+        watcher.held.add(work_id)
+        watcher.queue.put_nowait(pb.WatchWorkResponse(work_assigned=message))
+        self._update()
+
+    def release(self, watcher: Watcher, work_id: str) -> None:
+        watcher.held.discard(work_id)
+        self._update()
+
+    def send(self, watcher: Watcher, event: pb.WatchWorkResponse) -> None:
+        if not watcher.closed:
+            watcher.queue.put_nowait(event)
+
+    # -- drain --------------------------------------------------------------------------------------
+
+    def start_drain(self, notice: pb.Draining) -> None:
+        """No more assignments; tell every watcher; end the streams of watchers that hold nothing."""
+        self.draining = True
+        for watcher in self._watchers.values():
+            self.send(watcher, pb.WatchWorkResponse(draining=notice))
+            self.finish_watcher_if_idle(watcher)
+        self._capacity.set()
+
+    def finish_watcher_if_idle(self, watcher: Watcher) -> None:
+        """While draining, end a watcher's stream once it holds nothing more."""
+        if self.draining and not watcher.held and not watcher.reserved and not watcher.closed:
+            watcher.queue.put_nowait(None)
+
+    def end_all(self) -> None:
+        for watcher in self._watchers.values():
+            watcher.queue.put_nowait(None)
+
+    def _update(self) -> None:
+        if self.draining or self.free_capacity() > 0:
+            self._capacity.set()
+        else:
+            self._capacity.clear()
