@@ -21,7 +21,9 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         if not committed.exists() or committed.read_bytes() != path.read_bytes():
             stale.append(str(rel))
     committed_files = {
-        p.relative_to(ROOT) for p in (ROOT / "sidecar" / "work").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        p.relative_to(ROOT)
+        for p in (ROOT / "sidecar" / "work").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
     }
     extra = committed_files - {p.relative_to(tmp_path) for p in fresh}
     assert not stale, f"generated code is stale, run `make proto`: {stale}"

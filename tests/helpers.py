@@ -1,0 +1,42 @@
+"""Shared test helpers: waiting on conditions with deadlines (never sleeping to synchronise)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]] | Callable[[], T],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str = "condition not met",
+) -> T:
+    """Call `probe` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        result = probe()
+        last = await result if asyncio.iscoroutine(result) else result  # type: ignore[assignment]
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} within {timeout}s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+async def stays(
+    probe: Callable[[], Awaitable[bool]] | Callable[[], bool], *, seconds: float, interval: float = 0.05
+) -> None:
+    """Assert that `probe` stays truthy for a whole observation window (to prove an absence)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = probe()
+        ok = await result if asyncio.iscoroutine(result) else result
+        assert ok, "condition stopped holding during the observation window"
+        await asyncio.sleep(interval)
