@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from ..telemetry import tracing_enabled
 from ..work.v1 import work_service_pb2 as pb
 from ..work.v1 import work_service_pb2_grpc as pb_grpc
 from ..workapi import WorkApiClient
@@ -98,7 +99,15 @@ class Sidecar:
             leaser=self.leaser,
             poller=self.poller,
         )
-        interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if tracing_enabled():
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+            health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+            only_work = filters.negate(filters.service_name(health))
+            interceptors.append(aio_server_interceptor(filter_=only_work))  # type: ignore[no-untyped-call]
+        if config.auth_token:
+            interceptors.append(BearerTokenInterceptor(config.auth_token))
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
         pb_grpc.add_WorkServiceServicer_to_server(self.service, self.server)
         self.health = HealthServicer()

@@ -1,0 +1,262 @@
+"""`work-sidecar exec`: run a command once per assigned item, supervised in the foreground.
+
+    work-sidecar exec --sidecar unix:///run/work-sidecar/sidecar.sock --max-in-flight 2 -- ./handle-session.sh
+
+Parity with `ant beta:worker poll --on-work SCRIPT`: the child gets `ANTHROPIC_WORK_ID`,
+`ANTHROPIC_ENVIRONMENT_ID`, `ANTHROPIC_SESSION_ID`, the item's session credential
+(`ANTHROPIC_SESSION_TOKEN`, plus `ANTHROPIC_BASE_URL` when the secret names one) and the work object as
+JSON on stdin (its `secret` is null, as in a GET). Unlike a script that backgrounds the sandbox, the
+adapter keeps the child in the foreground and the lease alive while it runs:
+
+- the child exits → the item is stopped (a graceful stop, confirmed), and its exit code is reported;
+- StopRequested → SIGTERM to the child (its exit then stops the item);
+- LeaseLost → SIGTERM, then SIGKILL after `--kill-grace`; the item is not stopped (it is not ours);
+- SIGTERM/SIGINT to the adapter → forwarded to every child; interrupted items are *not* stopped: the
+  adapter disconnects and the sidecar releases them to the queue, so no work is lost. Exit 143 / 130.
+
+The child runs in its own process group; signals go to the whole group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ._logging import configure_logging
+from .work.v1 import work_service_pb2 as pb
+from .work.v1 import work_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("sidecar.exec")
+
+WORK_STATE_NAMES = {v: k.removeprefix("WORK_STATE_").lower() for k, v in pb.WorkState.items()}
+
+
+def work_json(work: pb.Work) -> dict[str, Any]:
+    """The Work API's JSON shape of an item (secret null)."""
+
+    def when(ts: Timestamp, present: bool) -> str | None:
+        return ts.ToDatetime().isoformat() + "Z" if present else None
+
+    return {
+        "type": "work",
+        "id": work.id,
+        "environment_id": work.environment_id,
+        "data": {"type": work.data.type, "id": work.data.id},
+        "state": work.raw_state or WORK_STATE_NAMES.get(work.state, "unspecified"),
+        "metadata": dict(work.metadata),
+        **{
+            name: when(getattr(work, name), work.HasField(name))
+            for name in (
+                "created_at", "acknowledged_at", "started_at", "latest_heartbeat_at", "stop_requested_at", "stopped_at",
+            )
+        },
+        "secret": None,
+    }  # fmt: skip
+
+
+def child_environment(item: pb.WorkAssigned, sidecar: str, base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    env.update(
+        ANTHROPIC_WORK_ID=item.work.id,
+        ANTHROPIC_ENVIRONMENT_ID=item.work.environment_id,
+        ANTHROPIC_SESSION_ID=item.work.data.id,
+        WORK_SIDECAR_ADDR=sidecar,
+        WORK_SIDECAR_LEASE_TOKEN=item.lease_token,
+    )
+    if item.session_credentials.sessions_token:
+        env["ANTHROPIC_SESSION_TOKEN"] = item.session_credentials.sessions_token
+    if item.session_credentials.api_base_url:
+        env["ANTHROPIC_BASE_URL"] = item.session_credentials.api_base_url
+    if item.traceparent:
+        env["TRACEPARENT"] = item.traceparent
+    env.pop("WORK_SIDECAR_API_KEY", None)  # the environment key stays with the sidecar
+    return env
+
+
+@dataclass(eq=False)
+class Child:
+    item: pb.WorkAssigned
+    process: asyncio.subprocess.Process
+    lost: bool = False
+    interrupted: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def work_id(self) -> str:
+        return self.item.work.id
+
+    def signal(self, signum: int) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signum)
+
+
+class ExecAdapter:
+    def __init__(self, args: argparse.Namespace, command: list[str]) -> None:
+        self.args = args
+        self.command = command
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {args.auth_token}"),) if args.auth_token else ()
+        )
+        self.children: dict[str, Child] = {}
+        self.exit_codes: list[int] = []
+        self.signalled: int | None = None
+        self.completed = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop_watching = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum, stop_watching)
+        async with grpc.aio.insecure_channel(self.args.sidecar) as channel:
+            self.stub = pb_grpc.WorkServiceStub(channel)
+            sandbox_id = self.args.sandbox_id or f"exec:{socket.gethostname()}:{os.getpid()}"
+            call = self.stub.WatchWork(
+                pb.WatchWorkRequest(max_in_flight=self.args.max_in_flight, sandbox_id=sandbox_id),
+                metadata=self.metadata,
+            )
+            watcher = asyncio.ensure_future(self._watch(call, stop_watching))
+            await stop_watching.wait()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await watcher
+        if self.signalled is not None:
+            return 128 + self.signalled
+        if self.args.once and self.exit_codes:
+            return self.exit_codes[-1]
+        return 0
+
+    def _on_signal(self, signum: int, stop_watching: asyncio.Event) -> None:
+        log.info("signal received: forwarding to children", extra={"signal": signal.Signals(signum).name})
+        self.signalled = signum
+        for child in self.children.values():
+            child.interrupted = True
+            child.signal(signum)
+            self._spawn(self._kill_after_grace(child))
+        stop_watching.set()
+
+    async def _watch(self, call: Any, stop_watching: asyncio.Event) -> None:
+        try:
+            async for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "work_assigned":
+                    if self.signalled is not None:
+                        continue  # the sidecar releases it when we disconnect
+                    self._spawn(self._run_item(event.work_assigned, stop_watching))
+                elif kind == "stop_requested":
+                    if child := self.children.get(event.stop_requested.work_id):
+                        log.info("stop requested: SIGTERM to the child", extra={"work_id": child.work_id})
+                        child.signal(signal.SIGTERM)
+                elif kind == "lease_lost":
+                    if child := self.children.get(event.lease_lost.work_id):
+                        child.lost = True
+                        reason = pb.LeaseLostReason.Name(event.lease_lost.reason)
+                        log.warning(
+                            "lease lost: stopping the child", extra={"work_id": child.work_id, "reason": reason}
+                        )
+                        child.signal(signal.SIGTERM)
+                        self._spawn(self._kill_after_grace(child))
+                elif kind == "draining":
+                    log.info("the sidecar is draining: finishing the running items")
+                    if not self.children:
+                        stop_watching.set()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.error("WatchWork failed", extra={"code": exc.code().name, "error": exc.details()})
+                self.exit_codes.append(1)
+        finally:
+            if not self._tasks:
+                stop_watching.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _kill_after_grace(self, child: Child) -> None:
+        try:
+            await asyncio.wait_for(child.done.wait(), self.args.kill_grace)
+        except TimeoutError:
+            log.warning("child did not exit in time: SIGKILL", extra={"work_id": child.work_id})
+            child.signal(signal.SIGKILL)
+
+    async def _run_item(self, item: pb.WorkAssigned, stop_watching: asyncio.Event) -> None:
+        env = child_environment(item, self.args.sidecar, dict(os.environ))
+        process = await asyncio.create_subprocess_exec(
+            *self.command, stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True
+        )
+        child = Child(item, process)
+        self.children[child.work_id] = child
+        log.info("child started", extra={"work_id": child.work_id, "pid": process.pid})
+        assert process.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            process.stdin.write(json.dumps(work_json(item.work)).encode() + b"\n")
+            await process.stdin.drain()
+            process.stdin.close()
+        code = await process.wait()
+        child.done.set()
+        del self.children[child.work_id]
+        self.exit_codes.append(code)
+        log.info("child exited", extra={"work_id": child.work_id, "exit_code": code})
+        print(f"[work-sidecar exec] {child.work_id}: exit code {code}", file=sys.stderr, flush=True)
+        if child.lost:
+            pass  # not ours any more: no stop
+        elif child.interrupted:
+            log.info("interrupted: leaving the item to be released to the queue", extra={"work_id": child.work_id})
+        else:
+            await self._stop(child)
+        self.completed += 1
+        if self.args.once or (self.signalled is not None and not self.children):
+            stop_watching.set()
+
+    async def _stop(self, child: Child) -> None:
+        request = pb.StopWorkRequest(work_id=child.work_id, lease_token=child.item.lease_token)
+        try:
+            response = await self.stub.StopWork(request, metadata=self.metadata)
+            if response.work.state == pb.WORK_STATE_STOPPING:  # a graceful stop was requested: confirm it
+                response = await self.stub.StopWork(request, metadata=self.metadata)
+            log.info("item stopped", extra={"work_id": child.work_id, "state": WORK_STATE_NAMES[response.work.state]})
+        except grpc.aio.AioRpcError as exc:
+            log.error("stop failed", extra={"work_id": child.work_id, "code": exc.code().name, "error": exc.details()})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        split = argv.index("--")
+        own, command = argv[:split], argv[split + 1 :]
+    else:
+        own, command = argv, []
+    parser = argparse.ArgumentParser(prog="work-sidecar exec", description=__doc__.splitlines()[0])
+    parser.add_argument("--sidecar", default=os.environ.get("WORK_SIDECAR_ADDR"), help="unix:///path or host:port")
+    parser.add_argument("--max-in-flight", type=int, default=1)
+    parser.add_argument("--sandbox-id", default="")
+    parser.add_argument("--auth-token", default=os.environ.get("WORK_SIDECAR_AUTH_TOKEN"))
+    parser.add_argument("--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    parser.add_argument("--once", action="store_true", help="exit after one item, with the child's exit code")
+    parser.add_argument("--log-format", default="auto", choices=("auto", "json", "text"))
+    args = parser.parse_args(own)
+    if not args.sidecar:
+        parser.error("--sidecar is required")
+    if not command:
+        parser.error("give the command after --: work-sidecar exec --sidecar ADDR -- COMMAND ARGS...")
+    if args.max_in_flight < 1:
+        parser.error("--max-in-flight must be at least 1")
+    configure_logging(fmt=args.log_format, secrets=[args.auth_token])
+    return asyncio.run(ExecAdapter(args, command).run())

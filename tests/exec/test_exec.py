@@ -1,0 +1,130 @@
+"""`work-sidecar exec` against a real sidecar: the child's exit ends the item, stop requests and lease
+losses reach the child as signals, and an adapter killed by SIGTERM stops its child without losing the
+item (it returns to the queue instead of being stopped)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.core.conftest import Api, SidecarFactory
+from tests.helpers import eventually
+
+BIN = Path(sys.executable).parent
+
+CHILD = r"""
+import json, os, signal, sys, time
+work = json.load(sys.stdin)
+out = {"work": work, "env": {k: v for k, v in os.environ.items() if k.startswith(("ANTHROPIC_", "WORK_SIDECAR_"))}}
+open(sys.argv[1], "w").write(json.dumps(out))
+mode = sys.argv[2]
+if mode == "exit":
+    sys.exit(int(sys.argv[3]))
+def on_term(*_):
+    open(sys.argv[1] + ".term", "w").write("term")
+    sys.exit(0 if mode == "wait" else 0)
+if mode == "ignore-term":
+    signal.signal(signal.SIGTERM, lambda *_: open(sys.argv[1] + ".term", "w").write("ignored"))
+else:
+    signal.signal(signal.SIGTERM, on_term)
+while True:
+    time.sleep(0.05)
+"""
+
+
+async def _adapter(address: str, tmp: Path, mode: str, *extra: str) -> tuple[asyncio.subprocess.Process, Path]:
+    script = tmp / "child.py"
+    script.write_text(CHILD)
+    report = tmp / "report.json"
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "work-sidecar"), "exec", "--sidecar", address, "--kill-grace", "1", *extra,
+        "--", sys.executable, str(script), str(report), mode, *(["3"] if mode == "exit" else []),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    return process, report
+
+
+def _report(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+async def test_child_exit_ends_the_item(api: Api, start_sidecar: SidecarFactory, tmp_path: Path) -> None:
+    running = await start_sidecar()
+    [queued] = await api.enqueue(1)
+    adapter, report = await _adapter(running.address, tmp_path, "exit", "--once")
+    assert await asyncio.wait_for(adapter.wait(), 20) == 3, "--once exits with the child's exit code"
+    seen = _report(report)
+    assert seen["work"]["id"] == queued["id"] and seen["work"]["secret"] is None
+    env = seen["env"]
+    assert env["ANTHROPIC_WORK_ID"] == queued["id"]
+    assert env["ANTHROPIC_ENVIRONMENT_ID"] == api.environment_id
+    assert env["ANTHROPIC_SESSION_ID"] == queued["data"]["id"]
+    assert env["ANTHROPIC_SESSION_TOKEN"].startswith("sk-ant-req-")
+    assert "WORK_SIDECAR_API_KEY" not in env
+    assert await api.state(queued["id"]) == "stopped"
+    assert adapter.stderr is not None
+    assert b"exit code 3" in await adapter.stderr.read()
+
+
+async def test_normal_exit_zero(api: Api, start_sidecar: SidecarFactory, tmp_path: Path) -> None:
+    running = await start_sidecar()
+    script = tmp_path / "ok.sh"
+    script.write_text('#!/bin/sh\ncat > "$0.stdin"\necho "$ANTHROPIC_WORK_ID" > "$0.id"\n')
+    script.chmod(0o755)
+    [queued] = await api.enqueue(1)
+    adapter = await asyncio.create_subprocess_exec(
+        str(BIN / "work-sidecar"), "exec", "--sidecar", running.address, "--once", "--", str(script),
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await asyncio.wait_for(adapter.wait(), 20) == 0
+    assert (tmp_path / "ok.sh.id").read_text().strip() == queued["id"]
+    assert json.loads((tmp_path / "ok.sh.stdin").read_text())["id"] == queued["id"]
+    assert await api.state(queued["id"]) == "stopped"
+
+
+async def test_stop_requested_sends_sigterm(api: Api, start_sidecar: SidecarFactory, tmp_path: Path) -> None:
+    running = await start_sidecar()
+    [queued] = await api.enqueue(1)
+    adapter, report = await _adapter(running.address, tmp_path, "wait", "--once")
+    await eventually(report.exists, timeout=20, message="child started")
+    await api.platform_stop(queued["id"], force=False)
+    assert await asyncio.wait_for(adapter.wait(), 20) == 0
+    assert Path(str(report) + ".term").read_text() == "term"
+    assert await api.state(queued["id"]) == "stopped", "the child's exit confirmed the stop"
+
+
+async def test_lease_lost_terms_then_kills(api: Api, start_sidecar: SidecarFactory, tmp_path: Path) -> None:
+    running = await start_sidecar()
+    [queued] = await api.enqueue(1)
+    adapter, report = await _adapter(running.address, tmp_path, "ignore-term", "--once")
+    await eventually(report.exists, timeout=20, message="child started")
+    await api.steal(queued["id"])
+    code = await asyncio.wait_for(adapter.wait(), 20)
+    assert code == -signal.SIGKILL, "SIGKILL after the grace period"
+    assert Path(str(report) + ".term").read_text() == "ignored", "SIGTERM came first"
+    assert not await api.requests("stop", queued["id"]), "a lost lease is not stopped"
+
+
+async def test_adapter_sigterm_stops_child_and_keeps_the_item(
+    api: Api, start_sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    running = await start_sidecar()
+    [queued] = await api.enqueue(1)
+    adapter, report = await _adapter(running.address, tmp_path, "wait")
+    await eventually(report.exists, timeout=20, message="child started")
+    adapter.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(adapter.wait(), 20) == 128 + signal.SIGTERM
+    assert Path(str(report) + ".term").read_text() == "term", "the signal was forwarded to the child"
+    assert not await api.requests("stop", queued["id"]), "an interrupted item is not stopped"
+    await eventually(lambda: _is(api, queued["id"], "queued"), timeout=15, message="the item returns to the queue")
+    assert os.path.exists(report)
+
+
+async def _is(api: Api, work_id: str, state: str) -> bool:
+    return await api.state(work_id) == state
