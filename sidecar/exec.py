@@ -209,7 +209,8 @@ class ExecAdapter:
             process.stdin.write(json.dumps(work_json(item.work)).encode() + b"\n")
             await process.stdin.drain()
             process.stdin.close()
-        code = await process.wait()
+        returned = await process.wait()
+        code = returned if returned >= 0 else 128 - returned  # killed by signal N: 128 + N, as shells do
         child.done.set()
         del self.children[child.work_id]
         self.exit_codes.append(code)

@@ -269,14 +269,15 @@ class Leaser:
             lease.renewed(result.last_heartbeat, result.ttl_seconds, sent)
             if lease.span is not None:
                 lease.span.add_event("heartbeat", {"work.state": result.state, "lease.ttl_seconds": result.ttl_seconds})
+            if result.state == "stopped":  # stopped by someone else (before lease_extended: it is false then)
+                telemetry.heartbeats.add(1, {"result": "stopped"})
+                self.end(lease, pb.LEASE_STATE_STOPPED, pb.LEASE_LOST_REASON_STOPPED, "the item was stopped")
+                return
             if not result.lease_extended:
                 telemetry.heartbeats.add(1, {"result": "not_extended"})
                 self.lose(lease, pb.LEASE_LOST_REASON_NOT_EXTENDED, "the Work API did not extend the lease")
                 return
             telemetry.heartbeats.add(1, {"result": "ok"})
-            if result.state == "stopped":
-                self.end(lease, pb.LEASE_STATE_STOPPED, pb.LEASE_LOST_REASON_STOPPED, "the item was stopped")
-                return
             if result.state == "stopping":
                 self.stop_requested(lease)
             self._schedule(lease, time.monotonic() + heartbeat_interval(lease.ttl_seconds))

@@ -106,11 +106,24 @@ class Poller:
                         "draining: not acking a polled item; the Work API will reclaim it", extra={"work_id": work.id}
                     )
                     return
+                returned_at = time.monotonic()
+                if work.data.is_healthcheck:
+                    self._spawn(self._finish_healthcheck(work))
+                    continue
+                # Reserve the slot now, before this loop polls again, so a full sandbox never causes an
+                # extra poll whose item nobody could take.
+                watcher = self._dispatcher.reserve()
+                if watcher is None:
+                    log.info(
+                        "no watcher has a free slot: not acking; the Work API will reclaim the item",
+                        extra={"work_id": work.id},
+                    )
+                    continue
                 if self._pollers < self._config.max_pollers and (
-                    self._dispatcher.free_capacity() > self._polls_in_flight + 1
+                    self._dispatcher.free_capacity() > self._polls_in_flight
                 ):
                     self._spawn(self._poll_loop(primary=False))
-                self._spawn(self.hand_over(work, returned_at=time.monotonic()))
+                self._spawn(self.hand_over(work, watcher, returned_at=returned_at))
         finally:
             self._pollers -= 1
 
@@ -133,18 +146,9 @@ class Poller:
 
     # -- hand-over ----------------------------------------------------------------------------------
 
-    async def hand_over(self, work: Work, *, returned_at: float) -> None:
+    async def hand_over(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
+        """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it."""
         span = telemetry.start_work_span(work, self._client.provider.name)
-        if work.data.is_healthcheck:
-            await self._finish_healthcheck(work, span)
-            return
-        watcher = self._dispatcher.reserve()
-        if watcher is None:
-            log.info(
-                "no watcher has a free slot: not acking; the Work API will reclaim the item", extra={"work_id": work.id}
-            )
-            telemetry.end_unassigned_span(span, "not_acked", "no_capacity")
-            return
         try:
             lease = await self._claim(work, span)
         except BaseException:
@@ -264,7 +268,8 @@ class Poller:
         telemetry.end_unassigned_span(span, "not_taken", reason)
         return None
 
-    async def _finish_healthcheck(self, work: Work, span: Span) -> None:
+    async def _finish_healthcheck(self, work: Work) -> None:
+        span = telemetry.start_work_span(work, self._client.provider.name)
         with telemetry.use(span):
             try:
                 await self._client.ack(work.id)

@@ -29,7 +29,7 @@ async def _spawn_sidecar(api: Api, socket: str, *extra: str) -> asyncio.subproce
     return await asyncio.create_subprocess_exec(
         str(BIN / "work-sidecar"), "serve",
         "--api-url", api.url, "--environment-id", ENV, "--listen", f"unix://{socket}",
-        "--ttl", "2", "--release-ttl", "1", *extra,
+        "--ttl", "2", "--release-ttl", "1", "--reattach-grace", "1", "--liveness-window", "1", *extra,
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
 
