@@ -28,9 +28,11 @@ venv: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
+LINT_PATHS := $(wildcard sidecar tests tools examples bench)
+
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar tests tools examples bench
-	$(BIN)/ruff format --check sidecar tests tools examples bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
@@ -311,7 +311,10 @@ def _int_param(query: dict[str, str], name: str) -> int | None:
 
 
 async def _json_body(request: Request, *, allow_empty: bool) -> Any:
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise DropConnection from None
     if not raw.strip():
         if allow_empty:
             return None
