@@ -59,6 +59,18 @@ async def work_on(stub: pb_grpc.WorkServiceStub, item: pb.WorkAssigned, seconds:
         say(f"stop {work.id} failed: {exc.code().name}: {exc.details()}")
 
 
+async def _events(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[pb.WatchWorkResponse]:
+    """The watch's events until the stream ends or we cancel it."""
+    try:
+        async for event in call:
+            yield event
+    except asyncio.CancelledError:
+        return
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.CANCELLED:
+            raise
+
+
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sidecar", default="unix:///tmp/work-sidecar.sock")
@@ -74,7 +86,14 @@ async def main(argv: list[str] | None = None) -> int:
         tasks: set[asyncio.Task[None]] = set()
         stops: dict[str, asyncio.Event] = {}
         seen = 0
-        async for event in call:
+
+        async def finish_then_leave() -> None:
+            # Keep the watch open until the last item is stopped: the open stream is what keeps the
+            # leases of this sandbox alive, and it carries StopRequested / LeaseLost for them.
+            await asyncio.gather(*tasks)
+            call.cancel()
+
+        async for event in _events(call):
             kind = event.WhichOneof("event")
             if kind == "work_assigned":
                 seen += 1
@@ -84,8 +103,8 @@ async def main(argv: list[str] | None = None) -> int:
                 )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                if args.items and seen >= args.items:
-                    break
+                if args.items and seen == args.items:
+                    leaving = asyncio.ensure_future(finish_then_leave())
             elif kind == "stop_requested":
                 say(f"stop requested for {event.stop_requested.work_id}")
                 if found := stops.get(event.stop_requested.work_id):
@@ -95,9 +114,8 @@ async def main(argv: list[str] | None = None) -> int:
                 say(f"lease lost for {lost.work_id}: {pb.LeaseLostReason.Name(lost.reason)} ({lost.message})")
             elif kind == "draining":
                 say("the sidecar is draining: no new work will come")
-        call.cancel()
-        if tasks:
-            await asyncio.gather(*tasks)
+        if args.items and seen >= args.items:
+            await leaving
     say(f"done: {seen} item(s)")
     return 0
 

@@ -91,11 +91,10 @@ class Leaser:
         telemetry.items_completed.add(1, {"final_state": outcome, "reason": reason_name})
         telemetry.item_duration.record(time.monotonic() - lease.assigned_at, {"final_state": outcome})
         telemetry.end_work_span(lease, outcome)
-        log.log(
-            logging.INFO if state == pb.LEASE_STATE_STOPPED else logging.WARNING,
-            "lease ended",
-            extra={"work_id": lease.work_id, "state": outcome, "reason": reason_name, "detail": message},
-        )
+        fields = {"work_id": lease.work_id, "state": outcome}
+        if reason != pb.LEASE_LOST_REASON_UNSPECIFIED:
+            fields.update(reason=reason_name, detail=message)
+        log.log(logging.INFO if state == pb.LEASE_STATE_STOPPED else logging.WARNING, "lease ended", extra=fields)
         if len(self._table) == 0:
             self._all_ended.set()
         return True
