@@ -115,7 +115,8 @@ class LeaseTable:
     def authorize(self, work_id: str, token: str) -> Lease | None:
         """The lease (live or ended) if `token` is its token; None otherwise (unknown id or wrong token)."""
         lease = self._live.get(work_id) or self._ended.get(work_id)
-        if lease is None or not token or not hmac.compare_digest(lease.token, token):
+        # Compare bytes: compare_digest refuses non-ASCII str, and a sandbox may send anything.
+        if lease is None or not token or not hmac.compare_digest(lease.token.encode(), token.encode()):
             return None
         return lease
 

@@ -145,6 +145,8 @@ class WorkService(pb_grpc.WorkServiceServicer):
                 outbound.put_nowait(None)
             except SidecarRpcError as exc:
                 outbound.put_nowait(exc)
+            except Exception:  # the client went away mid-stream: end ours too
+                outbound.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
         try:

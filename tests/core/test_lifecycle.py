@@ -202,6 +202,7 @@ async def test_wrong_lease_token_is_permission_denied(api: Api, start_sidecar: S
             pb.UpdateWorkMetadataRequest(work_id=work_id, lease_token=item.lease_token[:-1] + "x", set={"a": "b"})
         ),
         running.stub.GetWork(pb.GetWorkRequest(work_id="work_unknown", lease_token=item.lease_token)),
+        running.stub.GetWork(pb.GetWorkRequest(work_id=work_id, lease_token="jeton-\u00e9\u2603")),
     ]
     for call in calls:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
