@@ -1,89 +1,179 @@
-"""Fault injection: latency, error statuses with retry headers, dropped connections, for the next K
-requests of an operation (optionally of one environment)."""
+"""Fault injection, per operation (optionally per environment), for the next K requests or until cleared.
+
+A fault adds latency, answers an error status (with optional `retry-after`, `retry-after-ms`, `x-should-retry`),
+or drops the connection without a response. For one request, the first matching latency-only fault and the first
+matching status/drop fault each apply (and each lose one use), so latency and errors can be combined.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ._errors import ApiError
 
 OPERATIONS = ("poll", "ack", "heartbeat", "stop", "get", "update", "list", "stats")
+_FIELDS = {
+    "operation",
+    "environment_id",
+    "count",
+    "status",
+    "error_type",
+    "message",
+    "retry_after",
+    "retry_after_ms",
+    "should_retry",
+    "drop",
+    "latency_ms",
+}
+_ids = itertools.count(1)
 
 
 @dataclass
 class Fault:
+    id: int
     operation: str
-    count: int = 1
+    """An operation name, or `*` for every operation."""
     environment_id: str | None = None
+    count: int | None = 1
+    """Uses left; None: until cleared."""
     status: int | None = None
+    error_type: str | None = None
+    message: str | None = None
     retry_after: str | None = None
     retry_after_ms: str | None = None
     should_retry: bool | None = None
     drop: bool = False
     latency_ms: int = 0
 
+    @property
+    def is_latency_only(self) -> bool:
+        return self.status is None and not self.drop
+
     @classmethod
     def from_json(cls, body: Any) -> Fault:
         if not isinstance(body, dict):
             raise ApiError(400, "a fault is a JSON object")
+        unknown = set(body) - _FIELDS
+        if unknown:
+            raise ApiError(400, f"unknown fault fields: {', '.join(sorted(unknown))}")
         operation = body.get("operation")
-        if operation not in OPERATIONS:
-            raise ApiError(400, f"operation must be one of {', '.join(OPERATIONS)}")
-        status = body.get("status")
-        if status is not None and (not isinstance(status, int) or not 400 <= status <= 599):
-            raise ApiError(400, "status must be an HTTP error status (400..599)")
+        if operation != "*" and operation not in OPERATIONS:
+            raise ApiError(400, f"operation must be * or one of {', '.join(OPERATIONS)}")
         count = body.get("count", 1)
-        if not isinstance(count, int) or count < 1:
-            raise ApiError(400, "count must be a positive integer")
-        fault = cls(
-            operation=operation,
-            count=count,
-            environment_id=body.get("environment_id"),
-            status=status,
-            retry_after=None if body.get("retry_after") is None else str(body["retry_after"]),
-            retry_after_ms=None if body.get("retry_after_ms") is None else str(body["retry_after_ms"]),
-            should_retry=body.get("should_retry"),
-            drop=bool(body.get("drop", False)),
-            latency_ms=int(body.get("latency_ms", 0)),
-        )
-        if fault.status is None and not fault.drop and not fault.latency_ms:
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            raise ApiError(400, "count must be a positive integer (or null: until cleared)")
+        status = body.get("status")
+        if status is not None and (not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599):
+            raise ApiError(400, "status must be an HTTP error status (400..599)")
+        latency = body.get("latency_ms", 0)
+        if not isinstance(latency, int) or isinstance(latency, bool) or not 0 <= latency <= 600_000:
+            raise ApiError(400, "latency_ms must be an integer from 0 to 600000")
+        drop = body.get("drop", False)
+        should_retry = body.get("should_retry")
+        if not isinstance(drop, bool) or (should_retry is not None and not isinstance(should_retry, bool)):
+            raise ApiError(400, "drop and should_retry are booleans")
+        environment_id = body.get("environment_id")
+        for name in ("environment_id", "error_type", "message"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise ApiError(400, f"{name} must be a string")
+        if status is not None and drop:
+            raise ApiError(400, "a fault either answers a status or drops the connection, not both")
+        if status is None and not drop and not latency:
             raise ApiError(400, "a fault needs a status, drop or latency_ms")
-        return fault
+        return cls(
+            id=next(_ids),
+            operation=operation,
+            environment_id=environment_id,
+            count=count,
+            status=status,
+            error_type=body.get("error_type"),
+            message=body.get("message"),
+            retry_after=_header_value(body.get("retry_after"), "retry_after"),
+            retry_after_ms=_header_value(body.get("retry_after_ms"), "retry_after_ms"),
+            should_retry=should_retry,
+            drop=drop,
+            latency_ms=latency,
+        )
 
-    def headers(self) -> dict[str, str]:
-        headers = {}
+    def matches(self, operation: str, environment_id: str | None) -> bool:
+        return (self.operation == "*" or self.operation == operation) and self.environment_id in (
+            None,
+            environment_id,
+        )
+
+    def error(self) -> ApiError:
+        assert self.status is not None
+        headers: dict[str, str] = {}
         if self.retry_after is not None:
             headers["retry-after"] = self.retry_after
         if self.retry_after_ms is not None:
             headers["retry-after-ms"] = self.retry_after_ms
         if self.should_retry is not None:
             headers["x-should-retry"] = "true" if self.should_retry else "false"
-        return headers
+        return ApiError(
+            self.status,
+            self.message or f"injected fault: HTTP {self.status}",
+            error_type=self.error_type,
+            headers=headers,
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
+
+
+def _header_value(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ApiError(400, f"{name} must be a string or a number")
+    return str(value)
 
 
 class Faults:
     def __init__(self) -> None:
         self._faults: list[Fault] = []
 
-    def add(self, fault: Fault) -> None:
+    def __bool__(self) -> bool:
+        return bool(self._faults)
+
+    def add(self, fault: Fault) -> Fault:
         self._faults.append(fault)
+        return fault
+
+    def remove(self, fault_id: int) -> bool:
+        before = len(self._faults)
+        self._faults = [f for f in self._faults if f.id != fault_id]
+        return len(self._faults) != before
 
     def clear(self) -> None:
         self._faults.clear()
 
-    def take(self, operation: str, environment_id: str) -> Fault | None:
-        """The first fault matching this request, with one use consumed."""
-        for fault in self._faults:
-            if fault.operation == operation and fault.environment_id in (None, environment_id):
+    def take(self, operation: str, environment_id: str | None) -> tuple[int, Fault | None]:
+        """(added latency in ms, the status/drop fault) for one request; each applied fault loses one use."""
+        latency = 0
+        action: Fault | None = None
+        found_latency = False
+        for fault in list(self._faults):
+            if not fault.matches(operation, environment_id):
+                continue
+            if fault.is_latency_only:
+                if found_latency:
+                    continue
+                found_latency = True
+            elif action is not None:
+                continue
+            else:
+                action = fault
+            latency += fault.latency_ms
+            if fault.count is not None:
                 fault.count -= 1
                 if fault.count <= 0:
                     self._faults.remove(fault)
-                return fault
-        return None
+            if found_latency and action is not None:
+                break
+        return latency, action
 
     def listing(self) -> list[dict[str, Any]]:
         return [f.to_json() for f in self._faults]

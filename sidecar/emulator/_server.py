@@ -1,117 +1,238 @@
-"""Serving the emulator: in the running event loop, in a thread, or as `work-sidecar emulator`."""
+"""Serving the emulator: `Emulator.serve()` on the running event loop, or `EmulatorThread` for synchronous code."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import logging
-import os
-import signal
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
 
 import uvicorn
 
 from ._app import EmulatorApp
+from ._errors import ApiError
+from ._faults import Fault
 from ._settings import EmulatorSettings
-from ._store import Item
 
-log = logging.getLogger("sidecar.emulator")
+T = TypeVar("T")
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the host process owns SIGTERM/SIGINT."""
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's event loop when it is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional on some platforms
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+
+def _http_implementation() -> str:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return "h11"
+    return "httptools"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Emulator:
-    """An in-memory Work API. `async with emulator.serve() as url:` runs it on the current loop."""
+    """An in-memory Work API serving both flavours. It owns the store and the ASGI app (`.app`).
+
+    `async with emulator.serve() as url:` serves it on the running event loop. The methods below act on the store
+    directly; call them from the loop the emulator serves on (from another thread, use `EmulatorThread.call`).
+    Lookups of unknown environments or items raise `ApiError` (status 404).
+    """
 
     def __init__(self, settings: EmulatorSettings) -> None:
         self.app = EmulatorApp(settings)
+        self.url: str | None = None
+        """The base URL while serving."""
+
+    # -- settings -----------------------------------------------------------------------------------------
 
     @property
     def settings(self) -> EmulatorSettings:
         return self.app.settings
 
-    @property
-    def requests(self) -> list[dict[str, Any]]:
-        return list(self.app.requests)
+    def update_settings(self, **changes: Any) -> EmulatorSettings:
+        """Replace some settings (validated as a whole); takes effect for the next request."""
+        settings = dataclasses.replace(self.app.settings, **changes)
+        self.app.replace_settings(settings)
+        return settings
 
-    def update_settings(self, **changes: Any) -> None:
-        self.app.update_settings(dataclasses.replace(self.app.settings, **changes))
+    # -- state --------------------------------------------------------------------------------------------
 
     def enqueue(
         self, environment_id: str, count: int = 1, data_type: str = "session", metadata: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
+        """Queue `count` new items (waking waiting polls); their work objects."""
+        if count < 1:
+            raise ValueError("count must be positive")
         return [item.to_json() for item in self.app.store.enqueue(environment_id, count, data_type, metadata)]
 
     def get_item(self, environment_id: str, work_id: str) -> dict[str, Any]:
-        return self.app.store.item(environment_id, work_id).internal()
+        """The emulator's internal view of an item: the work object (without `secret`) plus `last_heartbeat`,
+        `ttl_seconds`, `lease_expires_at`, `lease_expires_in_seconds`, `holder`, `polled_by`, `acked_by`, `queue`,
+        `deliveries`, `heartbeats`, `requeues`, `has_secret`."""
+        return self.app.store.internal(self.app.store.item(environment_id, work_id))
 
-    def items(self, environment_id: str) -> list[Item]:
-        return self.app.store.listing(environment_id)
+    def items(self, environment_id: str) -> list[dict[str, Any]]:
+        """Internal views of every item of an environment, oldest first."""
+        store = self.app.store
+        return [store.internal(item) for item in store.environment(environment_id, create=False).items.values()]
 
-    def steal_lease(self, environment_id: str, work_id: str) -> None:
-        self.app.store.steal(environment_id, work_id)
+    def steal_lease(self, environment_id: str, work_id: str) -> dict[str, Any]:
+        """Lease theft: `last_heartbeat` changes as if another worker heartbeated, so the holder's next
+        compare-and-swap fails with 412."""
+        return self.app.store.internal(self.app.store.steal(environment_id, work_id))
+
+    def expire_lease(self, environment_id: str, work_id: str) -> dict[str, Any]:
+        """Let an item's lease run out now (as if no heartbeat came for its TTL)."""
+        return self.app.store.internal(self.app.store.expire(environment_id, work_id))
+
+    def set_environment(
+        self, environment_id: str, *, self_hosted: bool | None = None, permitted: bool | None = None
+    ) -> dict[str, Any]:
+        """Create or change an environment: `self_hosted=False` makes every Work API call on it a 400,
+        `permitted=False` a 403."""
+        env = self.app.store.environment(environment_id, create=True)
+        if self_hosted is not None:
+            env.self_hosted = self_hosted
+        if permitted is not None:
+            env.permitted = permitted
+        return env.view()
+
+    def queue_stats(self, environment_id: str) -> dict[str, Any]:
+        """What the Work API's stats endpoint answers for this environment."""
+        return self.app.store.stats(environment_id)
+
+    # -- faults -------------------------------------------------------------------------------------------
+
+    def inject_fault(self, operation: str, **spec: Any) -> dict[str, Any]:
+        """Add a fault (same fields as `POST /_emulator/faults`): `count` (default 1; None: until cleared),
+        `environment_id`, `status` (+ `retry_after`, `retry_after_ms`, `should_retry`, `error_type`, `message`),
+        `drop` (close the connection without a response), `latency_ms`. Raises `ApiError` (400) when invalid."""
+        return self.app.faults.add(Fault.from_json({"operation": operation, **spec})).to_json()
+
+    def clear_faults(self) -> None:
+        self.app.faults.clear()
+
+    # -- the request log ----------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Every Work API request still in the log, in arrival order (`status` is None while in flight)."""
+        return self.app.log.since(0)
+
+    def requests_since(self, seq: int) -> list[dict[str, Any]]:
+        return self.app.log.since(seq)
+
+    def clear_requests(self) -> None:
+        self.app.log.clear()
+
+    def request_counts(self) -> dict[str, dict[str, int]]:
+        """Requests per operation and status (`{"heartbeat": {"200": 10, "412": 1}}`)."""
+        counts: dict[str, dict[str, int]] = {}
+        for (operation, status), count in self.app.log.counts.items():
+            counts.setdefault(operation, {})[str(status)] = count
+        return counts
 
     def reset(self) -> None:
-        self.app.store.reset()
-        self.app.faults.clear()
-        self.app.requests.clear()
+        """Forget every environment, item, fault and logged request (settings stay)."""
+        self.app.reset()
+
+    # -- serving ------------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
-        bound = sock.getsockname()[1]
-        url = f"http://{host}:{bound}"
-        self.app.store.base_url = url
+        """Serve on the running event loop (no thread) until the block exits; yields the base URL.
+        Port 0 picks a free port."""
+        if self.url is not None:
+            raise RuntimeError("the emulator is already serving")
+        sock = _bind(host, port)
+        bound_port = sock.getsockname()[1]
+        url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
         config = uvicorn.Config(
-            self.app, lifespan="off", access_log=False, log_level="warning", timeout_keep_alive=75, backlog=2048
+            self.app,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            log_level="warning",
+            http=_http_implementation(),
+            timeout_keep_alive=75,
+            backlog=2048,
         )
-        server = _Server(config)
-        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        store = self.app.store
+        store.base_url = url
+        store.bind(asyncio.get_running_loop())
         try:
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("the emulator stopped while starting")
-                await asyncio.sleep(0.005)
-            yield url
+            await server.startup(sockets=[sock])
+            ticker = asyncio.ensure_future(server.main_loop())  # uvicorn's once-a-second Date header refresh
+            self.url = url
+            try:
+                yield url
+            finally:
+                self.url = None
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+                await self._shutdown(server)
         finally:
-            server.should_exit = True
-            self.app.store.reset()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            store.unbind()
             sock.close()
+
+    async def _shutdown(self, server: uvicorn.Server) -> None:
+        for listener in getattr(server, "servers", []):
+            listener.close()
+        for connection in list(server.server_state.connections):
+            connection.shutdown()  # idle keep-alive connections close now, busy ones after their response
+        self.app.store.unbind()  # waiting long polls answer null at once
+        tasks = set(server.server_state.tasks)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=5)
+            for task in late:
+                task.cancel()
 
 
 class EmulatorThread:
-    """Runs an emulator on its own event loop in a daemon thread (for synchronous tests)."""
+    """An emulator on its own event loop in a daemon thread, for synchronous code:
+
+    with EmulatorThread(EmulatorSettings(key="k")) as running:   # or: as (url, emulator)
+        httpx.get(f"{running.url}/_emulator/stats")
+        running.call(running.emulator.enqueue, "env_1")
+    """
 
     def __init__(self, settings: EmulatorSettings, host: str = "127.0.0.1", port: int = 0) -> None:
         self.emulator = Emulator(settings)
+        self.url = ""
         self._host, self._port = host, port
         self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.url = ""
+        self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="work-api-emulator", daemon=True)
 
     def _run(self) -> None:
-        async def main() -> None:
+        async def serve() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             async with self.emulator.serve(self._host, self._port) as url:
@@ -120,55 +241,41 @@ class EmulatorThread:
                 await self._stop.wait()
 
         try:
-            asyncio.run(main())
-        except BaseException as exc:  # reported to the starting thread
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                runner.run(serve())
+        except BaseException as exc:  # reported to the thread that waits in __enter__
             self._error = exc
+        finally:
             self._ready.set()
 
     def __enter__(self) -> EmulatorThread:
         self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise RuntimeError("the emulator failed to start") from self._error
+        self._ready.wait()
+        if self._error is not None or not self.url:
+            raise RuntimeError("the emulator did not start") from self._error
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+    def __iter__(self) -> Iterator[Any]:
+        """`with EmulatorThread(...) as (url, emulator):`"""
+        return iter((self.url, self.emulator))
+
+    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `function(*args, **kwargs)` on the emulator's loop and return its result."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the emulator is not running")
+
+        async def run() -> T:
+            return function(*args, **kwargs)
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=30)
+
+    def __exit__(self, *exc_info: object) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+        self._thread.join(timeout=30)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="work-sidecar emulator", description="A local Work API emulator.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8787)
-    parser.add_argument(
-        "--key", default=os.environ.get("WORK_SIDECAR_EMULATOR_KEY"), help="[env WORK_SIDECAR_EMULATOR_KEY]"
-    )
-    parser.add_argument("--management-key", default=os.environ.get("WORK_SIDECAR_EMULATOR_MANAGEMENT_KEY"))
-    parser.add_argument("--min-ttl", type=int, default=10)
-    parser.add_argument("--max-ttl", type=int, default=600)
-    parser.add_argument("--id-style", choices=("anthropic", "qoder"), default="anthropic")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    if not args.key:
-        parser.error("--key (or WORK_SIDECAR_EMULATOR_KEY) is required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = EmulatorSettings(
-        key=args.key,
-        management_key=args.management_key,
-        min_ttl_seconds=args.min_ttl,
-        max_ttl_seconds=args.max_ttl,
-        id_style=args.id_style,
-    )
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        async with Emulator(settings).serve(args.host, args.port) as url:
-            log.info("Work API emulator listening on %s (both flavours; admin API under /_emulator/)", url)
-            await stop.wait()
-
-    asyncio.run(run())
-    return 0
+__all__ = ["ApiError", "Emulator", "EmulatorThread", "loop_factory"]
