@@ -136,6 +136,12 @@ class Running:
         call = self.stub.WatchWork(pb.WatchWorkRequest(max_in_flight=max_in_flight, sandbox_id=sandbox_id))
         return Watch(call).start()
 
+    async def take_one(self, api: Api, max_in_flight: int = 1) -> tuple[Watch, pb.WorkAssigned]:
+        """Open a watch, queue one item, and wait until it is assigned."""
+        watch = self.watch(max_in_flight=max_in_flight)
+        await api.enqueue(1)
+        return watch, await watch.assigned()
+
     async def stop(self, item: pb.WorkAssigned, force: bool = True) -> pb.StopWorkResponse:
         return await self.stub.StopWork(
             pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=force)

@@ -34,9 +34,7 @@ async def _keepalive(running: Running, item: pb.WorkAssigned, pings: asyncio.Que
 
 async def test_stop_requested_then_stop_confirms(api: Api, start_sidecar: SidecarFactory, provider: str) -> None:
     running = await start_sidecar(provider)
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     await api.platform_stop(item.work.id, force=False, provider=provider)
     event = await watch.next("stop_requested", timeout=5)
     assert event.stop_requested.work_id == item.work.id
@@ -51,9 +49,7 @@ async def test_stop_requested_then_stop_confirms(api: Api, start_sidecar: Sideca
 
 async def test_platform_force_stop_is_lease_lost_stopped(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar()
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     await api.platform_stop(item.work.id, force=True)
     event = await watch.next("lease_lost", timeout=5)
     assert event.lease_lost.reason == pb.LEASE_LOST_REASON_STOPPED
@@ -62,9 +58,7 @@ async def test_platform_force_stop_is_lease_lost_stopped(api: Api, start_sidecar
 
 async def test_stolen_lease_is_lost_within_one_interval(api: Api, start_sidecar: SidecarFactory, provider: str) -> None:
     running = await start_sidecar(provider)  # TTL 2 s: heartbeat every 1 s
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     pings: asyncio.Queue[bool] = asyncio.Queue()
     statuses = _keepalive(running, item, pings)
     pings.put_nowait(True)
@@ -87,9 +81,7 @@ async def test_stolen_lease_is_lost_within_one_interval(api: Api, start_sidecar:
 
 async def test_outage_shorter_than_ttl_keeps_the_lease(api: Api, start_sidecar: SidecarFactory, provider: str) -> None:
     running = await start_sidecar(provider, ttl_seconds=4)  # heartbeat every 2 s, fence after 4 s
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     before = len(await api.requests("heartbeat", item.work.id))
     await api.fault(operation="heartbeat", status=503, count=2)
 
@@ -107,9 +99,7 @@ async def test_outage_shorter_than_ttl_keeps_the_lease(api: Api, start_sidecar: 
 
 async def test_outage_longer_than_ttl_self_fences(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar(ttl_seconds=2)
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     await api.fault(operation="heartbeat", drop=True, count=1000)
     started = time.monotonic()
     event = await watch.next("lease_lost", timeout=6)
@@ -122,9 +112,7 @@ async def test_outage_longer_than_ttl_self_fences(api: Api, start_sidecar: Sidec
 
 async def test_sandbox_gone_item_returns_to_queue(api: Api, start_sidecar: SidecarFactory, provider: str) -> None:
     running = await start_sidecar(provider)
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     watch.cancel()  # the sandbox disappears mid-work
     states: list[str] = []
 
@@ -143,9 +131,7 @@ async def test_sandbox_gone_item_returns_to_queue(api: Api, start_sidecar: Sidec
 
 async def test_reattach_with_keepalive_keeps_the_lease(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar(reattach_grace=1.0, liveness_window=1.0)
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     pings: asyncio.Queue[bool] = asyncio.Queue()
     statuses = _keepalive(running, item, pings)
     watch.cancel()
@@ -165,9 +151,7 @@ async def test_reattach_with_keepalive_keeps_the_lease(api: Api, start_sidecar: 
 
 async def test_keepalive_without_watch_expires_after_window(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar(reattach_grace=0.5, liveness_window=0.5)
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     pings: asyncio.Queue[bool] = asyncio.Queue()
     statuses = _keepalive(running, item, pings)
     pings.put_nowait(True)
@@ -180,9 +164,7 @@ async def test_keepalive_without_watch_expires_after_window(api: Api, start_side
 
 async def test_state_stays_consistent_while_idle(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar()
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
 
     async def active() -> bool:
         return await api.state(item.work.id) == "active"

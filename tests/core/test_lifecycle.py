@@ -191,9 +191,7 @@ async def _equals(value: object, expected: object) -> bool:
 
 async def test_wrong_lease_token_is_permission_denied(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar()
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     work_id = item.work.id
     calls = [
         running.stub.StopWork(pb.StopWorkRequest(work_id=work_id, lease_token="wrong", force=True)),
@@ -221,9 +219,7 @@ async def test_wrong_lease_token_is_permission_denied(api: Api, start_sidecar: S
 
 async def test_bad_arguments_are_invalid_argument(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar()
-    watch = running.watch()
-    await api.enqueue(1)
-    item = await watch.assigned()
+    watch, item = await running.take_one(api)
     bad = [
         running.stub.UpdateWorkMetadata(
             pb.UpdateWorkMetadataRequest(

@@ -4,6 +4,7 @@ exits at once; a sandbox killed mid-work does not strand its item."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -81,14 +82,21 @@ async def test_sigterm_drains_without_losing_or_duplicating(
     assert stats["depth"] >= 1, "the item queued during the drain was not taken"
 
 
-async def test_drain_timeout_releases_unfinished_work(api: Api, short_dir: str) -> None:
-    socket = f"{short_dir}/t.sock"
-    proc = await _spawn_sidecar(api, socket, "--drain-timeout", "1")
+@contextlib.asynccontextmanager
+async def _holding_one_item(
+    api: Api, socket: str, *flags: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Watch, pb.WorkAssigned]]:
+    """A sidecar process whose only watcher holds one item."""
+    proc = await _spawn_sidecar(api, socket, *flags)
     async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
         await eventually(lambda: _healthy(channel), timeout=20)
         watch = Watch(pb_grpc.WorkServiceStub(channel).WatchWork(pb.WatchWorkRequest())).start()
         await api.enqueue(1)
-        item = await watch.assigned()
+        yield proc, watch, await watch.assigned()
+
+
+async def test_drain_timeout_releases_unfinished_work(api: Api, short_dir: str) -> None:
+    async with _holding_one_item(api, f"{short_dir}/t.sock", "--drain-timeout", "1") as (proc, watch, item):
         proc.send_signal(signal.SIGTERM)
         lost = await watch.next("lease_lost", timeout=10)
         assert lost.lease_lost.reason == pb.LEASE_LOST_REASON_DRAINED
@@ -97,13 +105,7 @@ async def test_drain_timeout_releases_unfinished_work(api: Api, short_dir: str) 
 
 
 async def test_second_sigterm_exits_at_once(api: Api, short_dir: str) -> None:
-    socket = f"{short_dir}/s.sock"
-    proc = await _spawn_sidecar(api, socket, "--drain-timeout", "60")
-    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        await eventually(lambda: _healthy(channel), timeout=20)
-        watch = Watch(pb_grpc.WorkServiceStub(channel).WatchWork(pb.WatchWorkRequest())).start()
-        await api.enqueue(1)
-        await watch.assigned()
+    async with _holding_one_item(api, f"{short_dir}/s.sock", "--drain-timeout", "60") as (proc, watch, _):
         proc.send_signal(signal.SIGTERM)
         await watch.next("draining", timeout=5)
         proc.send_signal(signal.SIGTERM)
