@@ -65,6 +65,7 @@ class Poller:
         self._leaser = leaser
         self._table = table
         self._polls_in_flight = 0
+        self.peak_polls_in_flight = 0
         self._pollers = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -129,6 +130,7 @@ class Poller:
 
     async def _poll_once(self) -> Work | None:
         self._polls_in_flight += 1
+        self.peak_polls_in_flight = max(self.peak_polls_in_flight, self._polls_in_flight)
         try:
             work = await self._client.poll(
                 block_ms=self._config.poll_block_ms, reclaim_older_than_ms=self._config.reclaim_older_than_ms

@@ -241,3 +241,36 @@ async def test_bad_arguments_are_invalid_argument(api: Api, start_sidecar: Sidec
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     watch.cancel()
+
+
+async def test_watchers_are_served_fairly(api: Api, start_sidecar: SidecarFactory) -> None:
+    running = await start_sidecar()
+    watches = [running.watch(max_in_flight=5, sandbox_id=f"sb-{i}") for i in range(3)]
+    await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 15)
+    await api.enqueue(6)
+    counts = []
+    for watch in watches:
+        got = [await watch.assigned() for _ in range(2)]
+        counts.append(len(got))
+    assert counts == [2, 2, 2], "six items over three equal watchers: two each"
+    assert all(w.events.empty() for w in watches)
+    for watch in watches:
+        watch.cancel()
+
+
+async def test_polls_scale_up_while_items_flow_and_back_to_one(api: Api, start_sidecar: SidecarFactory) -> None:
+    running = await start_sidecar(max_pollers=3)
+    watch = running.watch(max_in_flight=60)
+    await eventually(lambda: running.sidecar.poller.polls_in_flight == 1, message="one idle long poll")
+    await api.enqueue(60)
+    items = [await watch.assigned() for _ in range(60)]
+    assert len({i.work.id for i in items}) == 60
+    peak = running.sidecar.poller.peak_polls_in_flight
+    assert 1 < peak <= 3, f"parallel polls while items flow, bounded by max_pollers (peak {peak})"
+
+    async def one_poll() -> bool:
+        return running.sidecar.poller.polls_in_flight <= 1
+
+    await eventually(one_poll, message="back to one poll when the queue is empty")
+    await stays(one_poll, seconds=2.0, interval=0.01)
+    watch.cancel()
