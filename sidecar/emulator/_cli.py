@@ -81,11 +81,8 @@ async def serve_until_signalled(emulator: Emulator, host: str, port: int) -> Non
     try:
         async with emulator.serve(host, port) as url:
             log.info(
-                "Work API emulator on %s: Anthropic %s/v1/environments/{id}/work, Qoder %s/api/v1/cloud/environments/"
-                "{id}/work, admin %s/_emulator/",
-                url,
-                url,
-                url,
+                "Work API emulator listening on %s (Anthropic /v1/environments/{id}/work, "
+                "Qoder /api/v1/cloud/environments/{id}/work, admin /_emulator/)",
                 url,
             )
             await stop.wait()
