@@ -192,8 +192,9 @@ def admin_router(app: EmulatorApp) -> Router:
     ]
 
     async def not_found(scope: Any, receive: Any, send: Any) -> None:
+        rid = request_id()
         error = ApiError(404, f"no admin endpoint {scope['method']} {scope['path']}")
-        await _Json(error.body(request_id()), 404)(scope, receive, send)
+        await _Json(error.body(rid), 404, headers={"request-id": rid})(scope, receive, send)
 
     return Router(
         routes=[Route(path, _endpoint(handler), methods=methods) for path, handler, methods in routes],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,15 +69,16 @@ class Api:
         *,
         environment_id: str = ENV,
         worker: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str | None] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        sent = dict(flavour.headers)
+        """A Work API call with the flavour's headers; `headers` adds to them (a None value removes one)."""
+        sent: dict[str, str | None] = dict(flavour.headers)
         if worker is not None:
             sent[flavour.worker_header] = worker
         sent.update(headers or {})
-        sent = {k: v for k, v in sent.items() if v is not None}
-        return await self.http.request(method, flavour.prefix(environment_id) + suffix, headers=sent, **kwargs)
+        present = {k: v for k, v in sent.items() if v is not None}
+        return await self.http.request(method, flavour.prefix(environment_id) + suffix, headers=present, **kwargs)
 
     async def enqueue(
         self, count: int = 1, data_type: str = "session", environment_id: str = ENV, **extra: Any
