@@ -143,6 +143,10 @@ def admin_router(app: EmulatorApp) -> Router:
             }
         )
 
+    async def clear_stats(request: Request) -> Response:
+        app.log.clear_counts()
+        return await stats(request)
+
     async def faults(request: Request) -> Response:
         if request.method == "POST":
             fault = app.faults.add(Fault.from_json(await _body(request)))
@@ -185,6 +189,7 @@ def admin_router(app: EmulatorApp) -> Router:
         ("/_emulator/requests", requests, ["GET"]),
         ("/_emulator/requests", clear_requests, ["DELETE"]),
         ("/_emulator/stats", stats, ["GET"]),
+        ("/_emulator/stats", clear_stats, ["DELETE"]),
         ("/_emulator/faults", faults, ["GET", "POST", "DELETE"]),
         ("/_emulator/faults/{fault_id:int}", fault, ["DELETE"]),
         ("/_emulator/settings", settings, ["GET", "PATCH"]),

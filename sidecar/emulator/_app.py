@@ -127,7 +127,10 @@ class RequestLog:
         return [dict(e) for e in islice(self.entries, max(0, seq - first), None)]
 
     def clear(self) -> None:
+        """Forget the logged requests (the counts stay: `clear_counts`)."""
         self.entries.clear()
+
+    def clear_counts(self) -> None:
         self.counts.clear()
 
 
@@ -155,6 +158,7 @@ class EmulatorApp:
         self.store.reset()
         self.faults.clear()
         self.log.clear()
+        self.log.clear_counts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -146,7 +146,11 @@ class Emulator:
         return self.app.log.since(seq)
 
     def clear_requests(self) -> None:
+        """Forget the logged requests (not the counts of `request_counts`)."""
         self.app.log.clear()
+
+    def clear_request_counts(self) -> None:
+        self.app.log.clear_counts()
 
     def request_counts(self) -> dict[str, dict[str, int]]:
         """Requests per operation and status (`{"heartbeat": {"200": 10, "412": 1}}`)."""

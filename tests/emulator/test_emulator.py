@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from sidecar.emulator import Emulator, EmulatorSettings
+from tests.helpers import eventually
 
 KEY = "sk-emulator-test-key"
 ENV = "env_emulator"
@@ -60,7 +61,11 @@ async def test_long_poll_returns_null_after_block_ms(http: httpx.AsyncClient) ->
 
 async def test_long_poll_wakes_at_once(http: httpx.AsyncClient) -> None:
     poll = asyncio.ensure_future(http.get(f"{Q}/poll", params={"block_ms": 999}, headers=Q_HEADERS))
-    await asyncio.sleep(0.05)  # the poll is waiting server-side
+
+    async def waiting() -> bool:  # the poll is parked server-side
+        return bool((await http.get(f"/_emulator/environments/{ENV}")).json().get("waiting_polls") == 1)
+
+    await eventually(waiting, timeout=5, interval=0.005)
     started = time.monotonic()
     [item] = await _enqueue(http)
     response = await poll
@@ -102,7 +107,14 @@ async def test_acked_never_heartbeated_stays_starting(http: httpx.AsyncClient) -
     [item] = await _enqueue(http)
     await http.get(f"{A}/poll", headers=A_HEADERS)
     await http.post(f"{A}/{item['id']}/ack", headers=A_HEADERS)
-    await asyncio.sleep(1.2)  # observation window longer than the minimum TTL
+    await _enqueue(http)
+    witness, _ = await _claim(http, ttl=1)  # a 1 s lease that does run out meanwhile
+
+    async def witness_requeued() -> bool:
+        view = (await http.get(f"/_emulator/environments/{ENV}/work/{witness}")).json()
+        return bool(view["state"] == "queued")
+
+    await eventually(witness_requeued, timeout=5, interval=0.02)
     view = (await http.get(f"/_emulator/environments/{ENV}/work/{item['id']}")).json()
     assert view["state"] == "starting", "the real API strands it too; the sidecar must never do this"
 
