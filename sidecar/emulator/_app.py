@@ -16,9 +16,10 @@ import time
 from collections import Counter, deque
 from collections.abc import MutableMapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
@@ -124,7 +125,10 @@ class RequestLog:
         if not self.entries:
             return []
         first = self.entries[0]["seq"]
-        return [dict(e) for e in islice(self.entries, max(0, seq - first), None)]
+        return [
+            {**entry, "at": rfc3339(datetime.fromtimestamp(entry["at"], UTC))}
+            for entry in islice(self.entries, max(0, seq - first), None)
+        ]
 
     def clear(self) -> None:
         """Forget the logged requests (the counts stay: `clear_counts`)."""
@@ -186,7 +190,7 @@ class EmulatorApp:
             if name in _HEADERS:
                 headers[name] = value.decode("latin-1")
         raw_query: bytes = scope.get("query_string", b"")
-        query = dict(parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True)) if raw_query else {}
+        query = _parse_query(raw_query) if raw_query else {}
         found = route(method, path)
         flavour = found.flavour if isinstance(found, Route) else ("qoder" if path.startswith("/api/") else "anthropic")
         client_request_id = headers.get(b"x-request-id")
@@ -198,7 +202,7 @@ class EmulatorApp:
                 "path": path,
                 "query": query,
                 "status": None,
-                "at": rfc3339(utcnow()),
+                "at": time.time(),  # formatted when read
                 "operation": found.operation if isinstance(found, Route) else "unknown",
                 "flavour": flavour,
                 "environment_id": found.environment_id if isinstance(found, Route) else None,
@@ -400,6 +404,19 @@ class EmulatorApp:
             result["last_id"] = items[-1].id if items else None
             result["has_more"] = has_more
         return result
+
+
+def _parse_query(raw: bytes) -> dict[str, str]:
+    """The query string as a dict (the last value of a repeated name wins), blank values kept."""
+    query = {}
+    for pair in raw.decode("latin-1").split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        if "%" in pair or "+" in pair:
+            name, value = unquote_plus(name), unquote_plus(value)
+        query[name] = value
+    return query
 
 
 def _int_param(query: dict[str, str], name: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import secrets
 import time
@@ -12,16 +13,29 @@ _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 ONE_MICROSECOND = timedelta(microseconds=1)
 
 
+def _base58(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 58)
+        digits.append(_BASE58[digit])
+    return "".join(digits)
+
+
 def new_id(prefix: str, style: str) -> str:
     """`anthropic`: `work_011CZkZ9X2dpNyB7HsEFoRfW`; `qoder`: prefix + 32 lowercase hex (time-ordered, like
     `work_019f3be4fd2475d9a784bf2c739e1194`)."""
     if style == "qoder":
         return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
-    return f"{prefix}_011C" + "".join(secrets.choice(_BASE58) for _ in range(20))
+    return f"{prefix}_011C" + _base58(int.from_bytes(secrets.token_bytes(15)), 20)
+
+
+_REQUEST_STEM = "req_011C" + _base58(int.from_bytes(secrets.token_bytes(9)), 12)
+_request_numbers = itertools.count(1)
 
 
 def request_id() -> str:
-    return "req_011C" + "".join(secrets.choice(_BASE58) for _ in range(20))
+    """`req_011C…`, unique per process (a random stem and a counter: cheap enough for every request)."""
+    return _REQUEST_STEM + _base58(next(_request_numbers), 8)[::-1]
 
 
 def utcnow() -> datetime:

@@ -183,6 +183,7 @@ class Emulator:
             http=_http_implementation(),
             timeout_keep_alive=75,
             server_header=False,
+            proxy_headers=False,
             backlog=2048,
         )
         config.load()
