@@ -8,7 +8,8 @@
                 if item.lost.is_set(): ...             # stop at once: the item is not yours any more
 
 On leaving the `async with`, the item is stopped with `force=True` (as the official workers do when their
-work ends), unless its lease was lost (then it is not ours to stop) or it was stopped already.
+work ends), unless its lease was lost (then it is not ours to stop) or it was stopped already. A stop that
+fails for another reason raises the `grpc.aio.AioRpcError`.
 """
 
 from __future__ import annotations
@@ -72,9 +73,15 @@ class Assignment:
             self._keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await self._keepalive
-        if not self.lost.is_set() and not self.stopped.is_set():
-            with contextlib.suppress(grpc.aio.AioRpcError):
+        try:
+            if not self.lost.is_set() and not self.stopped.is_set():
                 await self.stop(force=True)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise  # the item was not stopped: the caller must know (it returns to the queue at its TTL)
+            self.lost.set()  # lost between the last status and the stop: not ours to stop any more
+        finally:
+            self._client._items.pop(self.work.id, None)
 
     async def _keep_alive(self) -> None:
         interval = self._client.keepalive_interval

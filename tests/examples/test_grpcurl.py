@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tests.core.conftest import Api, SidecarFactory, api, short_dir, start_sidecar  # noqa: F401 - fixtures
+from tests.core.conftest import Api, SidecarFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples/grpcurl/walkthrough.sh"
@@ -24,7 +24,7 @@ def _grpcurl() -> str:
     return found
 
 
-async def test_walkthrough_takes_an_item_to_stopped(api: Api, start_sidecar: SidecarFactory) -> None:  # noqa: F811
+async def test_walkthrough_takes_an_item_to_stopped(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar(use_tcp=True)
     env = os.environ | {
         "SIDECAR": running.address,

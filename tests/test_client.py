@@ -1,0 +1,89 @@
+"""`sidecar.client` (the Python sandbox helper) against a real sidecar and emulator, both flavours where it matters.
+
+Guarantees checked: leaving an item's `async with` stops it (nothing stranded); a stop request and a lost lease
+reach the Assignment's events; a lost item is not stopped by the client; finished items are forgotten."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from sidecar.client import Assignment, SidecarClient
+from sidecar.work.v1 import work_service_pb2 as pb
+from tests.core.conftest import Api, SidecarFactory
+from tests.helpers import eventually
+
+
+async def _first(assignments: AsyncIterator[Assignment]) -> Assignment:
+    async with asyncio.timeout(10):
+        return await anext(assignments)
+
+
+async def test_leaving_the_block_stops_the_item(api: Api, start_sidecar: SidecarFactory, provider: str) -> None:
+    running = await start_sidecar(provider)
+    async with SidecarClient(running.address, sandbox_id="sb-client", keepalive_interval=0.2) as client:
+        assignments = client.assignments(max_in_flight=1)
+        pending = asyncio.ensure_future(_first(assignments))
+        await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 1)
+        (queued,) = await api.enqueue(1)
+        item = await pending
+        assert item.work_id == queued["id"] and item.lease_token
+        assert bool(item.secret) == (provider == "anthropic"), "Anthropic items carry a secret, Qoder items none"
+        assert item.lease_token not in repr(item) and (not item.secret or item.secret not in repr(item))
+        async with item:
+            got = await item.get()
+            assert got.work.id == queued["id"]
+            updated = await item.update_metadata({"step": "one"})
+            assert updated.metadata["step"] == "one"
+        assert item.stopped.is_set()
+        assert await api.state(queued["id"]) == "stopped"
+        assert [r["status"] for r in await api.requests("stop", queued["id"])] == [200]
+        assert not client._items, "a finished item is forgotten"
+        await assignments.aclose()
+
+
+async def test_stop_request_and_lost_lease_reach_the_item(api: Api, start_sidecar: SidecarFactory) -> None:
+    running = await start_sidecar()
+    async with SidecarClient(running.address, keepalive_interval=0.2) as client:
+        assignments = client.assignments(max_in_flight=2)
+        pending = asyncio.ensure_future(_first(assignments))
+        await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 2)
+        await api.enqueue(2)
+        first = await pending
+        second = await _first(assignments)
+
+        async with first:
+            await api.platform_stop(first.work_id, force=False)
+            async with asyncio.timeout(5):
+                await first.stop_requested.wait()
+        assert await api.state(first.work_id) == "stopped", "a graceful stop is confirmed on leaving the block"
+
+        async with second:
+            await api.steal(second.work_id)
+            async with asyncio.timeout(5):
+                await second.lost.wait()
+            assert second.lost_reason == pb.LEASE_LOST_REASON_PRECONDITION_FAILED
+        assert not [r for r in await api.requests("stop", second.work_id) if r["status"] == 200], (
+            "a lost item is not ours to stop"
+        )
+        await assignments.aclose()
+
+
+async def test_a_failed_stop_is_raised(api: Api, start_sidecar: SidecarFactory) -> None:
+    running = await start_sidecar()
+    async with SidecarClient(running.address, keepalive_interval=0.2) as client:
+        assignments = client.assignments()
+        pending = asyncio.ensure_future(_first(assignments))
+        await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 1)
+        await api.enqueue(1)
+        item = await pending
+        await api.fault(operation="stop", count=100, status=500)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async with item:
+                pass
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        await api.clear_faults()
+        await assignments.aclose()
