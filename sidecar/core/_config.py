@@ -33,6 +33,9 @@ class SidecarConfig:
     max_pollers: int = 4
     """Upper bound of parallel long polls while items keep coming (one when the queue is empty)."""
     reclaim_older_than_ms: int | None = None
+    unclaimed_wait: float = 2.0
+    """An item polled while no sandbox had a free slot (one left as the poll returned) waits this long for a
+    slot before it is left unacked for the Work API to reclaim (0: leave it at once)."""
     first_heartbeat_timeout: float = 30.0
     """How long the claiming heartbeat (NO_HEARTBEAT, right after ack) may keep retrying."""
     heartbeat_concurrency: int = 256
@@ -64,7 +67,7 @@ class SidecarConfig:
             raise ValueError("poll block must be 1..999 ms")
         if self.ttl_seconds <= 0:
             raise ValueError("--ttl must be positive")
-        for name in ("drain_timeout", "liveness_window", "reattach_grace", "first_heartbeat_timeout"):
+        for name in ("drain_timeout", "liveness_window", "reattach_grace", "first_heartbeat_timeout", "unclaimed_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must not be negative")
         if self.max_pollers < 1 or self.heartbeat_concurrency < 1:

@@ -6,7 +6,8 @@
   free, extra pollers join (up to `max_pollers`, never more polls than free slots); a poller that comes
   back empty leaves, so it falls back to one when the queue is empty.
 - An item is acked only after a watcher with a free slot has been chosen and reserved; if none is left
-  when the poll returns (a sandbox went away meanwhile) it is not acked, and the Work API reclaims it.
+  when the poll returns (a sandbox went away meanwhile), the item waits `unclaimed_wait` for a slot (a
+  sandbox that reconnects at once gets it), and is then left unacked for the Work API to reclaim.
 - Right after the ack the claiming heartbeat (`NO_HEARTBEAT`) is sent, before any slow step, so no item
   is left `starting`; only then is `WorkAssigned` queued for the sandbox.
 - If the chosen watcher closed during ack and claim, the item goes to another watcher with a free slot,
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -67,6 +69,7 @@ class Poller:
         self._polls_in_flight = 0
         self.peak_polls_in_flight = 0
         self._pollers = 0
+        self._poll_returned = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -92,7 +95,7 @@ class Poller:
         try:
             while not self._dispatcher.draining:
                 if primary:
-                    await self._dispatcher.wait_for_capacity()
+                    await self._wait_for_unpolled_capacity()
                     if self._dispatcher.draining:
                         return
                 elif self._dispatcher.free_capacity() <= self._polls_in_flight:
@@ -113,7 +116,7 @@ class Poller:
                     continue
                 # Reserve the slot now, before this loop polls again, so a full sandbox never causes an
                 # extra poll whose item nobody could take.
-                watcher = self._dispatcher.reserve()
+                watcher = self._dispatcher.reserve() or await self._wait_for_slot()
                 if watcher is None:
                     log.info(
                         "no watcher has a free slot: not acking; the Work API will reclaim the item",
@@ -127,6 +130,29 @@ class Poller:
                 self._spawn(self.hand_over(work, watcher, returned_at=returned_at))
         finally:
             self._pollers -= 1
+
+    async def _wait_for_unpolled_capacity(self) -> None:
+        """Wait until a free slot is not already covered by a poll in flight: a poll that returns an item nobody
+        has a slot for leaves that item unacked until the Work API reclaims it (seconds later)."""
+        dispatcher = self._dispatcher
+        while not dispatcher.draining:
+            free = dispatcher.free_capacity()
+            if free == 0:
+                await dispatcher.wait_for_capacity()
+            elif free <= self._polls_in_flight:
+                self._poll_returned.clear()
+                await self._poll_returned.wait()
+            else:
+                return
+
+    async def _wait_for_slot(self) -> Watcher | None:
+        """The poll returned an item but every slot is gone (a sandbox left while the poll was open): wait up to
+        `unclaimed_wait` for one (a sandbox that reconnects, say), polling nothing meanwhile."""
+        if self._config.unclaimed_wait > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.unclaimed_wait):
+                    await self._dispatcher.wait_for_capacity()
+        return self._dispatcher.reserve()
 
     async def _poll_once(self) -> Work | None:
         self._polls_in_flight += 1
@@ -143,6 +169,7 @@ class Poller:
             return None
         finally:
             self._polls_in_flight -= 1
+            self._poll_returned.set()
         telemetry.polls.add(1, {"result": "empty" if work is None else "item"})
         return work
 

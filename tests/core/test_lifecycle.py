@@ -170,6 +170,37 @@ async def test_full_watchers_do_not_take_more(api: Api, start_sidecar: SidecarFa
     watch.cancel()
 
 
+@pytest.mark.parametrize("unclaimed_wait", [10.0, 0.0])
+async def test_item_polled_after_its_sandbox_left(
+    api: Api, start_sidecar: SidecarFactory, unclaimed_wait: float
+) -> None:
+    """Guarantee: an item whose only sandbox left while the poll was open is never acked without a slot (no
+    stranded item); a sandbox that reconnects within --unclaimed-wait gets it at once, not after a reclaim."""
+    running = await start_sidecar(unclaimed_wait=unclaimed_wait)
+    (queued,) = await api.enqueue(1)
+    await api.fault(operation="poll", count=1, latency_ms=1500)  # the poll is open while the sandbox leaves
+    first = running.watch()
+    await eventually(lambda: running.sidecar.poller.polls_in_flight == 1)
+    first.cancel()
+    await first.ended.wait()
+    await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 0)
+    await eventually(lambda: running.sidecar.poller.polls_in_flight == 0, message="the open poll returns the item")
+    assert (await api.item(queued["id"]))["polled_by"], "the poll took the item"
+
+    async def no_acks() -> bool:
+        return not await api.requests("ack")
+
+    if unclaimed_wait:
+        second = running.watch()
+        assert (await second.assigned(timeout=5)).work.id == queued["id"]
+        assert len(await api.requests("ack")) == 1
+        assert len(await api.requests("poll")) == 1, "handed over from the held poll, not polled again"
+        second.cancel()
+    else:
+        await stays(no_acks, seconds=1.0)
+        assert await api.state(queued["id"]) == "queued", "left unacked for the Work API to reclaim"
+
+
 async def test_healthcheck_items_never_reach_sandboxes(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar()
     watch = running.watch(max_in_flight=2)
