@@ -1,0 +1,318 @@
+"""deploy/kubernetes: schema-valid offline (kubernetes-validate's bundled JSON schemas, strict), the
+native-sidecar pattern and its rules hold, every variable is a real `work-sidecar serve` flag, and the
+sidecar container's env + probe commands really serve, pass and drain as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from kubernetes_validate import utils as kv
+
+from sidecar.work.v1 import work_service_pb2 as pb
+from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
+from tests.core.conftest import ENV, KEY, Api, Watch
+from tests.helpers import eventually
+
+from ._dockerfile import parse as parse_dockerfile
+from ._harness import (
+    BIN,
+    ROOT,
+    AddressMap,
+    base_environment,
+    free_port,
+    run_as_kwargs,
+    run_command,
+    serve_default,
+    serve_process,
+    until_command_succeeds,
+)
+
+MANIFESTS = ROOT / "deploy" / "kubernetes"
+OLDEST_NATIVE_SIDECARS = "1.29.0"  # SidecarContainers on by default (beta) since 1.29, GA in 1.33
+SIDECAR_IMAGE = "work-sidecar"
+HEALTH_GRPC_TIMEOUT = 3.0  # `work-sidecar health --timeout` default
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.fixture(scope="module")
+def deployment() -> dict[str, Any]:
+    [doc] = _documents(MANIFESTS / "deployment.yaml")
+    assert doc["kind"] == "Deployment"
+    return doc
+
+
+@pytest.fixture(scope="module")
+def pod(deployment: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def sidecar(pod: dict[str, Any]) -> dict[str, Any]:
+    [container] = [c for c in pod.get("initContainers", []) if c["image"].split(":")[0].endswith(SIDECAR_IMAGE)]
+    return dict(container)
+
+
+@pytest.fixture(scope="module")
+def serve_help() -> set[str]:
+    """The variable names `work-sidecar serve --help` documents (the public contract)."""
+    result = subprocess.run(
+        [str(BIN / "work-sidecar"), "serve", "--help"], capture_output=True, text=True, timeout=30, check=True,
+        env={**base_environment(), "COLUMNS": "200"},
+    )  # fmt: skip
+    names = set(re.findall(r"\[env (WORK_SIDECAR_\w+)\]", result.stdout))
+    assert len(names) > 10
+    return names
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def _literal_env(container: dict[str, Any]) -> dict[str, str]:
+    return {name: str(entry["value"]) for name, entry in _env(container).items() if "value" in entry}
+
+
+def _drain_timeout(sidecar: dict[str, Any]) -> float:
+    literal = _literal_env(sidecar).get("WORK_SIDECAR_DRAIN_TIMEOUT")
+    return float(literal if literal is not None else str(serve_default("WORK_SIDECAR_DRAIN_TIMEOUT")))
+
+
+def _listen(sidecar: dict[str, Any]) -> list[str]:
+    return [a.strip() for a in _literal_env(sidecar)["WORK_SIDECAR_LISTEN"].split(",") if a.strip()]
+
+
+def _mount_of(container: dict[str, Any], path: str) -> dict[str, Any] | None:
+    for mount in container.get("volumeMounts", []):
+        if path == mount["mountPath"] or path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            return dict(mount)
+    return None
+
+
+# -- schema ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [OLDEST_NATIVE_SIDECARS, kv.latest_version()])
+@pytest.mark.parametrize("name", ["deployment.yaml", "secret.example.yaml"])
+def test_manifest_is_valid_against_the_kubernetes_schema(name: str, version: str) -> None:
+    for document in _documents(MANIFESTS / name):
+        kv.validate(document, version, strict=True)  # raises ValidationError
+
+
+def test_the_schema_check_can_fail(deployment: dict[str, Any]) -> None:
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["initContainers"][0]["restartPolicyy"] = "Always"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, kv.latest_version(), strict=True)
+
+
+def test_kustomization_builds_offline() -> None:
+    """`kubectl kustomize` (client only, no cluster) renders the same, schema-valid Deployment."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    documents = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    assert [doc["kind"] for doc in documents] == ["Deployment"], "the Secret is created out of band, not applied"
+    for document in documents:
+        kv.validate(document, kv.latest_version(), strict=True)
+
+
+# -- the native sidecar pattern ------------------------------------------------------------------------------
+
+
+def test_sidecar_is_a_native_sidecar(pod: dict[str, Any], sidecar: dict[str, Any]) -> None:
+    assert sidecar["restartPolicy"] == "Always", "an init container with restartPolicy: Always"
+    assert pod["containers"], "beside at least one sandbox container"
+    assert all(c["image"].split(":")[0] != sidecar["image"].split(":")[0] for c in pod["containers"])
+
+
+def test_socket_is_shared_through_an_empty_dir(pod: dict[str, Any], sidecar: dict[str, Any]) -> None:
+    [socket] = [a for a in _listen(sidecar) if a.startswith("unix://")]
+    path = socket.removeprefix("unix://")
+    mount = _mount_of(sidecar, path)
+    assert mount is not None, "the socket lives in a mounted volume"
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume
+    for container in pod["containers"]:
+        address = _literal_env(container).get("WORK_SIDECAR_ADDR", "")
+        assert address.startswith("unix://"), f"{container['name']}: told where the socket is"
+        theirs = _mount_of(container, address.removeprefix("unix://"))
+        assert theirs is not None and theirs["name"] == mount["name"], f"{container['name']}: mounts the socket"
+        assert address.removeprefix("unix://").removeprefix(theirs["mountPath"]) == path.removeprefix(
+            mount["mountPath"]
+        ), "the same socket file seen from both containers"
+
+
+def test_sandbox_containers_run_as_the_socket_owner(pod: dict[str, Any]) -> None:
+    """The sidecar creates its socket 0600: only the same UID can connect. That UID is the image's USER."""
+    user = parse_dockerfile(ROOT / "Dockerfile").final.last("USER")
+    assert user is not None
+    uid, _, gid = user.value.partition(":")
+    pod_context = pod.get("securityContext", {})
+    assert pod_context.get("runAsNonRoot") is True
+    for container in [*pod["initContainers"], *pod["containers"]]:
+        context = {**pod_context, **container.get("securityContext", {})}
+        assert str(context.get("runAsUser")) == uid, container["name"]
+        assert str(context.get("runAsGroup")) == (gid or uid), container["name"]
+
+
+def test_probes_check_grpc_health(sidecar: dict[str, Any]) -> None:
+    listen = _listen(sidecar)
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = sidecar.get(kind)
+        assert probe, f"{kind} is set"
+        if "grpc" in probe:  # a kubelet gRPC probe connects to the pod IP: a non-loopback TCP listener
+            ports = [int(a.rpartition(":")[2]) for a in listen if a.split(":")[0] in ("0.0.0.0", "[::]")]
+            assert probe["grpc"]["port"] in ports, f"{kind}: the sidecar listens on that port on all interfaces"
+        else:
+            command = probe["exec"]["command"]
+            assert command[:2] == ["work-sidecar", "health"], f"{kind}: gRPC health through the CLI"
+            assert command[command.index("--sidecar") + 1] in listen, f"{kind}: an address the sidecar listens on"
+            assert probe.get("timeoutSeconds", 1) > HEALTH_GRPC_TIMEOUT, f"{kind}: outlasts the gRPC deadline"
+    liveness = sidecar["livenessProbe"]
+    assert liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3) > _drain_timeout(sidecar), (
+        "NOT_SERVING during a whole drain must not get the sidecar killed (a second SIGTERM exits at once)"
+    )
+
+
+def test_grace_period_outlasts_the_drain(pod: dict[str, Any], sidecar: dict[str, Any]) -> None:
+    assert pod["terminationGracePeriodSeconds"] > _drain_timeout(sidecar)
+
+
+def test_api_key_comes_from_the_secret(pod: dict[str, Any], sidecar: dict[str, Any]) -> None:
+    key = _env(sidecar)["WORK_SIDECAR_API_KEY"]
+    assert "value" not in key
+    reference = key["valueFrom"]["secretKeyRef"]
+    [secret] = _documents(MANIFESTS / "secret.example.yaml")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == reference["name"]
+    assert reference["key"] in secret.get("stringData", {}) | secret.get("data", {})
+    for container in [*pod["initContainers"], *pod["containers"]]:
+        literal = _literal_env(container)
+        assert not {"WORK_SIDECAR_API_KEY", "WORK_SIDECAR_AUTH_TOKEN"} & set(literal), "no plain-text secret"
+        for value in literal.values():
+            assert not re.search(r"sk-ant-|sk-[A-Za-z0-9_-]{20,}", value), "no key-like literal"
+    deployment_text = (MANIFESTS / "deployment.yaml").read_text()
+    assert "sk-" not in deployment_text
+
+
+def test_locked_down_containers(pod: dict[str, Any]) -> None:
+    for container in [*pod["initContainers"], *pod["containers"]]:
+        context = container.get("securityContext", {})
+        assert context.get("allowPrivilegeEscalation") is False, container["name"]
+        assert context.get("readOnlyRootFilesystem") is True, container["name"]
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], container["name"]
+        resources = container.get("resources", {})
+        assert resources.get("requests", {}).get("memory") and resources.get("limits", {}).get("memory")
+        assert resources["requests"].get("cpu"), container["name"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+
+
+def test_env_names_are_real_flags(pod: dict[str, Any], sidecar: dict[str, Any], serve_help: set[str]) -> None:
+    names = set(_env(sidecar))
+    assert names <= serve_help, f"not `work-sidecar serve` variables: {names - serve_help}"
+    exec_source = (ROOT / "sidecar" / "exec.py").read_text()
+    for container in pod["containers"]:
+        for name in (n for n in _env(container) if n.startswith("WORK_SIDECAR_")):
+            assert f'"{name}"' in exec_source, f"{container['name']}: {name} is read by `work-sidecar exec`"
+
+
+# -- the sidecar container's configuration, run -------------------------------------------------------------
+
+
+def _resolve_env(container: dict[str, Any], secret: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """The container's env as the kubelet would resolve it (secretKeyRef from the Secret, fieldRef)."""
+    resolved: dict[str, str] = {}
+    for name, entry in _env(container).items():
+        if "value" in entry:
+            resolved[name] = str(entry["value"])
+        elif "secretKeyRef" in entry["valueFrom"]:
+            resolved[name] = secret[entry["valueFrom"]["secretKeyRef"]["key"]]
+        else:
+            assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", entry
+            resolved[name] = pod_name
+    return resolved
+
+
+async def test_sidecar_container_serves_passes_probes_and_drains(
+    pod: dict[str, Any], sidecar: dict[str, Any], api: Api, short_dir: str
+) -> None:
+    addresses = AddressMap(short_dir)
+    pod_name = "sandbox-worker-7d9f8c6b5-x2k4q"
+    env = base_environment() | _resolve_env(sidecar, {"api-key": KEY}, pod_name=pod_name)
+    env |= {"WORK_SIDECAR_API_URL": api.url, "WORK_SIDECAR_ENVIRONMENT_ID": ENV}  # the test's Work API
+    env["WORK_SIDECAR_LISTEN"] = addresses.listen(env["WORK_SIDECAR_LISTEN"])
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    context = {**pod.get("securityContext", {}), **sidecar.get("securityContext", {})}
+    run_as = run_as_kwargs(f"{context['runAsUser']}:{context['runAsGroup']}", short_dir)
+    argv = [*(sidecar.get("command") or ["work-sidecar"]), *(sidecar.get("args") or ["serve"])]  # image defaults
+    startup = sidecar["startupProbe"]
+    async with serve_process(argv, env, run_as) as served:
+        await until_command_succeeds(
+            addresses.argv(startup["exec"]["command"]), env, command_timeout=startup["timeoutSeconds"],
+            deadline=startup["periodSeconds"] * startup["failureThreshold"], interval=0.2, served=served,
+            run_as=run_as,
+        )  # fmt: skip
+        for kind in ("readinessProbe", "livenessProbe"):
+            probe = sidecar[kind]
+            code, output = await run_command(
+                addresses.argv(probe["exec"]["command"]), env, probe["timeoutSeconds"], run_as
+            )
+            assert (code, output) == (0, "SERVING"), kind
+
+        socket = next(a for a in env["WORK_SIDECAR_LISTEN"].split(",") if a.startswith("unix://"))
+        async with grpc.aio.insecure_channel(socket) as channel:  # a sandbox with a free slot: polling starts
+            watch = Watch(pb_grpc.WorkServiceStub(channel).WatchWork(pb.WatchWorkRequest(max_in_flight=1))).start()
+
+            async def polled_as_the_pod() -> bool:
+                return pod_name in {r.get("worker_id") for r in await api.requests("poll")}
+
+            polled: bool = await eventually(
+                polled_as_the_pod, timeout=10, message="WORK_SIDECAR_WORKER_ID (fieldRef) is the worker"
+            )
+            assert polled
+            watch.cancel()
+        sent = time.monotonic()
+        served.process.terminate()  # what the kubelet sends (the image's STOPSIGNAL)
+        code = await asyncio.wait_for(served.process.wait(), _drain_timeout(sidecar))
+        assert code == 0, served.stderr_lines[-10:]
+        assert time.monotonic() - sent < pod["terminationGracePeriodSeconds"]
+
+
+async def test_health_stays_open_behind_an_auth_token(api: Api) -> None:
+    """What native `grpc:` probes would need: listening on 0.0.0.0 requires --auth-token, and with one the
+    health service still answers a caller without a token (the kubelet sends none) while WorkService refuses."""
+    port = free_port()
+    env = base_environment() | {
+        "PATH": f"{BIN}:{base_environment()['PATH']}",
+        "WORK_SIDECAR_API_URL": api.url, "WORK_SIDECAR_API_KEY": KEY, "WORK_SIDECAR_ENVIRONMENT_ID": ENV,
+        "WORK_SIDECAR_LISTEN": f"0.0.0.0:{port}",
+    }  # fmt: skip
+    code, output = await run_command(["work-sidecar", "serve"], env, timeout=30)
+    assert code != 0 and "--auth-token" in output, "no token: refuses to listen beyond loopback"
+    env["WORK_SIDECAR_AUTH_TOKEN"] = "probe-test-token-0123456789"
+    async with serve_process(["work-sidecar", "serve"], env) as served:
+        health = ["work-sidecar", "health", "--sidecar", f"127.0.0.1:{port}"]
+        assert await until_command_succeeds(health, env, command_timeout=5, deadline=20, interval=0.2, served=served)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.WorkServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await stub.GetQueueStats(pb.GetQueueStatsRequest(), timeout=5)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            metadata = (("authorization", f"Bearer {env['WORK_SIDECAR_AUTH_TOKEN']}"),)
+            await stub.GetQueueStats(pb.GetQueueStatsRequest(), metadata=metadata, timeout=5)
