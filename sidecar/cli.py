@@ -42,6 +42,7 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--environment-id", "the environment to serve (default with the emulator: env_local)"),
     Flag("--api-key", "Work API key (prefer the environment variable); generated for the emulator"),
     Flag("--listen", "unix:///path or host:port, repeatable (env: comma-separated)", repeatable=True),
+    Flag("--socket-mode", "permissions of Unix sockets: 0600 (this user) or 0660 (also its group)", default="0600"),
     Flag("--drain-timeout", "seconds to let leases finish after SIGTERM", type=float, default=30.0),
     Flag("--ttl", "lease TTL in seconds asked for with every heartbeat", type=int, default=60),
     Flag("--liveness-window", "a lease without a WatchWork stream needs a KeepAlive ping this often (s)",
@@ -97,6 +98,13 @@ def _resolve(ns: argparse.Namespace, flags: Sequence[Flag], environ: dict[str, s
     return values
 
 
+def _octal(raw: str, name: str) -> int:
+    try:
+        return int(raw, 8)
+    except ValueError:
+        raise SystemExit(f"work-sidecar: {name} takes an octal mode such as 0600, not {raw!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="work-sidecar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +135,7 @@ def serve_config(values: dict[str, Any]) -> Any:
         provider=values["provider"],
         api_url=values["api_url"] or None,
         listen=tuple(values["listen"] or ("127.0.0.1:50051",)),
+        socket_mode=_octal(values["socket_mode"], "--socket-mode"),
         drain_timeout=values["drain_timeout"],
         ttl_seconds=values["ttl"],
         liveness_window=values["liveness_window"],

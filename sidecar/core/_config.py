@@ -20,6 +20,8 @@ class SidecarConfig:
     api_url: str | None = None
     """None: start the embedded Work API emulator and use it."""
     listen: tuple[str, ...] = ("127.0.0.1:50051",)
+    socket_mode: int = 0o600
+    """Permissions of the Unix sockets: 0o600 (only this user may connect) or 0o660 (its group too)."""
     drain_timeout: float = 30.0
     ttl_seconds: int = 60
     """The lease TTL asked for with every heartbeat (the Work API clamps it)."""
@@ -63,6 +65,11 @@ class SidecarConfig:
                     f"listening on {address} (not loopback) needs --auth-token: "
                     "any process that reaches that port could otherwise take work"
                 )
+        if self.socket_mode not in (0o600, 0o660):
+            raise ValueError(
+                f"socket mode {self.socket_mode:#o}: use 0600 or 0660 (any local user who can open the socket "
+                "can take work: for more, listen on TCP with --auth-token)"
+            )
         if not 1 <= self.poll_block_ms <= 999:
             raise ValueError("poll block must be 1..999 ms")
         if self.ttl_seconds <= 0:

@@ -117,13 +117,13 @@ class Sidecar:
             self.server,
         )
         unix_paths = self._bind()
-        old_umask = os.umask(0o177)  # sockets are created 0600: only this user may connect
+        old_umask = os.umask(0o177)  # sockets are created 0600 (never, even briefly, open to others) ...
         try:
             await self.server.start()
         finally:
             os.umask(old_umask)
         for path in unix_paths:
-            os.chmod(path, 0o600)
+            os.chmod(path, config.socket_mode)  # ... then given --socket-mode (0600, or 0660 for the group)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         telemetry.register_gauges(

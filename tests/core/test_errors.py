@@ -83,11 +83,21 @@ async def test_unix_socket_is_private_and_tcp_works(api: Api, start_sidecar: Sid
     unix = running.sidecar.addresses[0]
     mode = stat.S_IMODE(os.stat(unix.removeprefix("unix://")).st_mode)
     assert mode == 0o600
+    shared = await start_sidecar(socket_mode=0o660)  # for a sandbox that shares only the group (fsGroup)
+    assert stat.S_IMODE(os.stat(shared.sidecar.addresses[0].removeprefix("unix://")).st_mode) == 0o660
     tcp = running.sidecar.addresses[1]
     assert tcp.startswith("127.0.0.1:") and not tcp.endswith(":0")
     async with grpc.aio.insecure_channel(tcp) as channel:
         stats = await pb_grpc.WorkServiceStub(channel).GetQueueStats(pb.GetQueueStatsRequest())
     assert stats.sidecar.provider == "anthropic"
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o644, 0o700])
+def test_socket_mode_is_owner_or_group_only(mode: int) -> None:
+    from sidecar.core import SidecarConfig
+
+    with pytest.raises(ValueError, match="use 0600 or 0660"):
+        SidecarConfig(environment_id="env_x", api_key="k", socket_mode=mode)
 
 
 def test_non_loopback_tcp_needs_a_token() -> None:
