@@ -156,10 +156,12 @@ class SidecarClient:
         if self._own_channel:
             await self.channel.close()
 
-    async def assignments(self, *, max_in_flight: int = 1) -> AsyncIterator[Assignment]:
-        """Yield each assigned item; stop requests and lease losses are applied to their Assignment."""
+    async def assignments(self, *, max_in_flight: int = 1, max_items: int = 0) -> AsyncIterator[Assignment]:
+        """Yield each assigned item; stop requests and lease losses are applied to their Assignment.
+        `max_items` > 0: the sidecar gives this watch no more than that many items in all."""
         call = self.stub.WatchWork(
-            pb.WatchWorkRequest(max_in_flight=max_in_flight, sandbox_id=self.sandbox_id), metadata=self.metadata
+            pb.WatchWorkRequest(max_in_flight=max_in_flight, sandbox_id=self.sandbox_id, max_items=max_items),
+            metadata=self.metadata,
         )
         try:
             async for event in call:

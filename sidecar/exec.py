@@ -126,7 +126,11 @@ class ExecAdapter:
             self.stub = pb_grpc.WorkServiceStub(channel)
             sandbox_id = self.args.sandbox_id or f"exec:{socket.gethostname()}:{os.getpid()}"
             call = self.stub.WatchWork(
-                pb.WatchWorkRequest(max_in_flight=self.args.max_in_flight, sandbox_id=sandbox_id),
+                pb.WatchWorkRequest(
+                    max_in_flight=self.args.max_in_flight,
+                    sandbox_id=sandbox_id,
+                    max_items=1 if self.args.once else 0,  # --once is never handed a second item as it leaves
+                ),
                 metadata=self.metadata,
             )
             watcher = asyncio.ensure_future(self._watch(call, stop_watching))

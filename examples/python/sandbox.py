@@ -82,7 +82,13 @@ async def main(argv: list[str] | None = None) -> int:
     async with grpc.aio.insecure_channel(args.sidecar) as channel:
         stub = pb_grpc.WorkServiceStub(channel)
         say(f"watching {args.sidecar} as {args.sandbox_id} (max_in_flight={args.max_in_flight})")
-        call = stub.WatchWork(pb.WatchWorkRequest(max_in_flight=args.max_in_flight, sandbox_id=args.sandbox_id))
+        call = stub.WatchWork(
+            pb.WatchWorkRequest(
+                max_in_flight=args.max_in_flight,
+                sandbox_id=args.sandbox_id,
+                max_items=args.items,  # never handed an item more than it will take before it leaves
+            )
+        )
         tasks: set[asyncio.Task[None]] = set()
         stops: dict[str, asyncio.Event] = {}
         seen = 0

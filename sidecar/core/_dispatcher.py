@@ -1,6 +1,7 @@
 """Watchers (open WatchWork streams), their capacity, and fair choice among them.
 
-Capacity is the sum over open watchers of `max_in_flight - held - reserved`. A watcher is *reserved*
+Capacity is the sum over open watchers of `max_in_flight - held - reserved` (for a watcher with `max_items`,
+no more than `max_items - given - reserved`). A watcher is *reserved*
 for an item from the moment the poller picks it until the item is assigned or dropped, so parallel
 polls never promise the same slot twice. Choice is fair: the least loaded watcher (held/max) wins,
 ties go to the one that waited longest since its last assignment.
@@ -28,10 +29,18 @@ class Watcher:
     reserved: int = 0
     closed: bool = False
     last_assigned: int = 0
+    max_items: int = 0
+    """Items this watcher is given in all (0: no limit)."""
+    given: int = 0
 
     @property
     def free(self) -> int:
-        return 0 if self.closed else max(0, self.max_in_flight - len(self.held) - self.reserved)
+        if self.closed:
+            return 0
+        free = self.max_in_flight - len(self.held) - self.reserved
+        if self.max_items:
+            free = min(free, self.max_items - self.given - self.reserved)
+        return max(0, free)
 
     @property
     def load(self) -> float:
@@ -48,8 +57,10 @@ class Dispatcher:
 
     # -- watchers -----------------------------------------------------------------------------------
 
-    def add_watcher(self, sandbox_id: str, max_in_flight: int) -> Watcher:
-        watcher = Watcher(id=next(self._ids), sandbox_id=sandbox_id, max_in_flight=max(1, max_in_flight))
+    def add_watcher(self, sandbox_id: str, max_in_flight: int, max_items: int = 0) -> Watcher:
+        watcher = Watcher(
+            id=next(self._ids), sandbox_id=sandbox_id, max_in_flight=max(1, max_in_flight), max_items=max_items
+        )
         self._watchers[watcher.id] = watcher
         self._update()
         return watcher
@@ -107,6 +118,7 @@ class Dispatcher:
         """Turn the watcher's reservation into a held lease and queue the assignment."""
         watcher.reserved = max(0, watcher.reserved - 1)
         watcher.held.add(work_id)
+        watcher.given += 1
         watcher.queue.put_nowait(pb.WatchWorkResponse(work_assigned=message))
         self._update()
 

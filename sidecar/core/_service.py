@@ -109,8 +109,11 @@ class WorkService(pb_grpc.WorkServiceServicer):
                 ),
             )
         sandbox_id = request.sandbox_id or context.peer() or "sandbox"
-        watcher = self._dispatcher.add_watcher(sandbox_id, request.max_in_flight or 1)
-        log.info("watcher connected", extra={"sandbox_id": sandbox_id, "max_in_flight": watcher.max_in_flight})
+        watcher = self._dispatcher.add_watcher(sandbox_id, request.max_in_flight or 1, request.max_items)
+        log.info(
+            "watcher connected",
+            extra={"sandbox_id": sandbox_id, "max_in_flight": watcher.max_in_flight, "max_items": request.max_items},
+        )
         try:
             while True:
                 message = await watcher.queue.get()

@@ -18,7 +18,7 @@ from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import WorkSecret
 from tests.helpers import eventually, stays
 
-from .conftest import Api, SidecarFactory
+from .conftest import Api, SidecarFactory, Watch
 
 
 def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
@@ -167,6 +167,28 @@ async def test_full_watchers_do_not_take_more(api: Api, start_sidecar: SidecarFa
     await running.stop(first)
     second = await watch.assigned()
     assert second.work.id != first.work.id
+    watch.cancel()
+
+
+async def test_max_items_bounds_what_a_watch_is_given(api: Api, start_sidecar: SidecarFactory) -> None:
+    """Guarantee: a one-shot sandbox (max_items) is never handed an item it will not take as it leaves."""
+    running = await start_sidecar()
+    call = running.stub.WatchWork(pb.WatchWorkRequest(max_in_flight=2, max_items=3, sandbox_id="bounded"))
+    watch = Watch(call).start()
+    await api.enqueue(5)
+    first, second = await watch.assigned(), await watch.assigned()
+    await running.stop(first)
+    third = await watch.assigned()
+    await asyncio.gather(running.stop(second), running.stop(third))
+    assert running.sidecar.dispatcher.free_capacity() == 0, "three given: the open watch takes no more"
+    await eventually(lambda: running.sidecar.poller.polls_in_flight == 0)
+    polls = len(await api.requests("poll"))
+
+    async def nothing_more() -> bool:
+        return watch.events.empty() and len(await api.requests("poll")) == polls
+
+    await stays(nothing_more, seconds=1.5)
+    assert len(await api.requests("ack")) == 3
     watch.cancel()
 
 

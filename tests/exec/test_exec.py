@@ -77,7 +77,7 @@ async def test_normal_exit_zero(api: Api, start_sidecar: SidecarFactory, tmp_pat
     script = tmp_path / "ok.sh"
     script.write_text('#!/bin/sh\ncat > "$0.stdin"\necho "$ANTHROPIC_WORK_ID" > "$0.id"\n')
     script.chmod(0o755)
-    [queued] = await api.enqueue(1)
+    queued, waiting = await api.enqueue(2)
     adapter = await asyncio.create_subprocess_exec(
         str(BIN / "work-sidecar"), "exec", "--sidecar", running.address, "--once", "--", str(script),
         stderr=asyncio.subprocess.DEVNULL,
@@ -86,6 +86,9 @@ async def test_normal_exit_zero(api: Api, start_sidecar: SidecarFactory, tmp_pat
     assert (tmp_path / "ok.sh.id").read_text().strip() == queued["id"]
     assert json.loads((tmp_path / "ok.sh.stdin").read_text())["id"] == queued["id"]
     assert await api.state(queued["id"]) == "stopped"
+    # --once asks for one item in all: the next one is not handed over (and stranded) as the adapter leaves
+    assert await api.state(waiting["id"]) == "queued"
+    assert len(await api.requests("ack")) == 1
 
 
 async def test_stop_requested_sends_sigterm(api: Api, start_sidecar: SidecarFactory, tmp_path: Path) -> None:

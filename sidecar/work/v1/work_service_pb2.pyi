@@ -372,19 +372,26 @@ class WatchWorkRequest(_message.Message):
 
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
     max_in_flight: _builtins.int
     """How many items this sandbox works on at once; 0 means 1."""
     sandbox_id: _builtins.str
     """A name for the sandbox, shown in logs, traces and metrics."""
+    max_items: _builtins.int
+    """How many items this watch is given in all; 0 means no limit. Once they have been given, the watch takes
+    no more, while its open stream still keeps their leases alive. A sandbox that handles one item and
+    exits sets 1, so it is never handed a second item as it finishes the first and leaves.
+    """
     def __init__(
         self,
         *,
         max_in_flight: _builtins.int = ...,
         sandbox_id: _builtins.str = ...,
+        max_items: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_in_flight", b"max_in_flight", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_in_flight", b"max_in_flight", "max_items", b"max_items", "sandbox_id", b"sandbox_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
