@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcp", default="127.0.0.1:50051")
     parser.add_argument("--emulator-port", type=int, default=8787)
     args = parser.parse_args(argv)
+    # Ctrl-C, and SIGTERM (a supervisor, `timeout`, `kill`), both end in the `finally` below, which drains the
+    # sidecar: never leave it running. SIGINT is restored too, for shells that start background jobs ignoring it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     unix = f"unix://{args.socket}"
     banner("starting work-sidecar on the embedded Work API emulator")

@@ -172,7 +172,7 @@ class Leaser:
             return
         if lease.orphaned_since is None:
             lease.orphaned_since = now
-            log.warning(
+            log.info(  # routine (a sandbox that closes its watch and keeps the lease with KeepAlive); a release warns
                 "sandbox gone; waiting for it to re-attach",
                 extra={"work_id": lease.work_id, "grace_seconds": self._config.reattach_grace},
             )
