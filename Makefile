@@ -37,8 +37,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# buf lint + format; and, once a v* tag exists, buf breaking against the latest one (FILE rules, buf.yaml).
 buf-lint:
-	@if command -v buf >/dev/null 2>&1; then echo "==> buf lint"; buf lint && buf format --diff --exit-code; \
+	@if command -v buf >/dev/null 2>&1; then \
+	  echo "==> buf lint" && buf lint && \
+	  echo "==> buf format --diff --exit-code" && buf format --diff --exit-code && \
+	  tag=$$(git tag --list 'v*' --sort=-version:refname 2>/dev/null | head -n 1) && \
+	  if [ -n "$$tag" ]; then \
+	    echo "==> buf breaking against $$tag"; buf breaking --against ".git#tag=$$tag,subdir=proto"; \
+	  else echo "==> buf breaking skipped: no v* git tag to compare against yet"; fi; \
 	elif [ -n "$$WORK_SIDECAR_REQUIRE_POLYGLOT" ]; then echo "buf is missing (run make polyglot-deps)"; exit 1; \
 	else echo "==> buf lint skipped: buf is not installed (make polyglot-deps installs it)"; fi
 

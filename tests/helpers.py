@@ -7,6 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 T = TypeVar("T")
 
 
@@ -40,3 +43,17 @@ async def stays(
         ok = await result if asyncio.iscoroutine(result) else result
         assert ok, "condition stopped holding during the observation window"
         await asyncio.sleep(interval)
+
+
+async def serving(target: str | grpc.aio.Channel, service: str = "") -> bool:
+    """Whether gRPC health at `target` (an address or an open channel) answers SERVING; False on any RPC error.
+    A probe for `eventually`."""
+    if isinstance(target, str):
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await serving(channel, service)
+    try:
+        request = health_pb2.HealthCheckRequest(service=service)
+        answer = await health_pb2_grpc.HealthStub(target).Check(request, timeout=1)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)

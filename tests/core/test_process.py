@@ -14,11 +14,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
-from tests.helpers import eventually
+from tests.helpers import eventually, serving
 
 from .conftest import ENV, KEY, Api, Watch
 
@@ -35,20 +34,12 @@ async def _spawn_sidecar(api: Api, socket: str, *extra: str) -> asyncio.subproce
     )  # fmt: skip
 
 
-async def _healthy(channel: grpc.aio.Channel) -> bool:
-    try:
-        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-    except grpc.aio.AioRpcError:
-        return False
-    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 @pytest.fixture
 async def process(api: Api, short_dir: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, grpc.aio.Channel]]:
     socket = f"{short_dir}/p.sock"
     proc = await _spawn_sidecar(api, socket, "--drain-timeout", "10")
     channel = grpc.aio.insecure_channel(f"unix://{socket}")
-    await eventually(lambda: _healthy(channel), timeout=20, message="sidecar process healthy")
+    await eventually(lambda: serving(channel), timeout=20, message="sidecar process healthy")
     yield proc, channel
     await channel.close()
     if proc.returncode is None:
@@ -68,7 +59,7 @@ async def test_sigterm_drains_without_losing_or_duplicating(
     proc.send_signal(signal.SIGTERM)
     draining = await watch.next("draining", timeout=5)
     assert draining.draining.deadline.seconds > 0
-    assert not await _healthy(channel), "health turns NOT_SERVING while draining"
+    assert not await serving(channel), "health turns NOT_SERVING while draining"
     for item in items:  # in-flight work finishes normally during the drain
         stopped = await stub.StopWork(
             pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True)
@@ -89,7 +80,7 @@ async def _holding_one_item(
     """A sidecar process whose only watcher holds one item."""
     proc = await _spawn_sidecar(api, socket, *flags)
     async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        await eventually(lambda: _healthy(channel), timeout=20)
+        await eventually(lambda: serving(channel), timeout=20)
         watch = Watch(pb_grpc.WorkServiceStub(channel).WatchWork(pb.WatchWorkRequest())).start()
         await api.enqueue(1)
         yield proc, watch, await watch.assigned()

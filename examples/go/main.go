@@ -1,0 +1,359 @@
+// Command sandbox is an example work-sidecar sandbox in Go, using only the stubs that protoc-gen-go and
+// protoc-gen-go-grpc generate from proto/sidecar/work/v1/work_service.proto (build.sh generates them; they
+// are not committed). It does what every sandbox does:
+//
+//	WatchWork(max_in_flight) -> on WorkAssigned: KeepAlive pings {work_id, lease_token} every few seconds,
+//	"work" (GetWork + UpdateWorkMetadata to show the API), then StopWork(force=true).
+//	StopRequested finishes an item early; LeaseLost abandons it at once (no StopWork: it is not ours any more);
+//	Draining means no new work will come.
+//
+// Usage:
+//
+//	sandbox unix:///tmp/work-sidecar.sock [-once] [-max-in-flight 2] [-work-seconds 2]
+//	WORK_SIDECAR_ADDRESS=127.0.0.1:50051 sandbox
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	workv1 "worksidecar/gen/go/sidecar/work/v1"
+)
+
+type options struct {
+	address     string
+	once        bool
+	maxInFlight uint
+	sandboxID   string
+	work        time.Duration
+	ping        time.Duration
+}
+
+func say(format string, args ...interface{}) {
+	fmt.Printf("[sandbox] "+format+"\n", args...)
+}
+
+func clock(ts *timestamppb.Timestamp) string {
+	if ts == nil || ts.GetSeconds() == 0 {
+		return "-"
+	}
+	return ts.AsTime().UTC().Format("15:04:05")
+}
+
+// dial connects to "unix:///path" (a Unix socket) or "host:port". The dialer is explicit so that it works
+// with every grpc-go version, also those without a built-in unix resolver.
+func dial(address string) (*grpc.ClientConn, error) {
+	if strings.HasPrefix(address, "unix:") {
+		path := strings.TrimPrefix(strings.TrimPrefix(address, "unix:"), "//")
+		dialer := func(ctx context.Context, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}
+		return grpc.Dial("passthrough:///unix", grpc.WithInsecure(), grpc.WithContextDialer(dialer))
+	}
+	return grpc.Dial(address, grpc.WithInsecure())
+}
+
+// item is one assigned work item: finish ends the work early (StopRequested, LeaseLost).
+type item struct {
+	finish   context.CancelFunc
+	mu       sync.Mutex
+	lost     bool
+	finished context.Context
+}
+
+func (it *item) markLost() {
+	it.mu.Lock()
+	it.lost = true
+	it.mu.Unlock()
+	it.finish()
+}
+
+func (it *item) isLost() bool {
+	it.mu.Lock()
+	defer it.mu.Unlock()
+	return it.lost
+}
+
+// workOn keeps an item's lease alive, works on it, and stops it (unless its lease was lost).
+func workOn(client workv1.WorkServiceClient, assigned *workv1.WorkAssigned, it *item, opts options) {
+	work := assigned.GetWork()
+	token := assigned.GetLeaseToken()
+	say("assigned %s (session %s), lease token of %d chars, lease %s ttl %ds",
+		work.GetId(), work.GetData().GetId(), len(token), assigned.GetLease().GetState(), assigned.GetLease().GetTtlSeconds())
+	if assigned.GetSessionCredentials().GetSessionsToken() != "" {
+		say("  got the session credential for this item (not printed: it is a secret)")
+	}
+
+	// KeepAlive: one bidi stream for this lease; each ping is answered with the lease status, and changes
+	// are pushed at once (LEASE_STATE_STOP_REQUESTED, LEASE_STATE_LOST).
+	kaCtx, kaCancel := context.WithCancel(context.Background())
+	defer kaCancel()
+	keepAlive, err := client.KeepAlive(kaCtx)
+	if err != nil {
+		say("  keepalive %s failed: %v", work.GetId(), err)
+	} else {
+		go func() {
+			for {
+				response, err := keepAlive.Recv()
+				if err != nil {
+					if status.Code(err) != codes.Canceled && !errors.Is(err, io.EOF) {
+						say("  keepalive %s failed: %v", work.GetId(), err)
+					}
+					return
+				}
+				lease := response.GetLease()
+				say("  keepalive %s: %s ttl=%ds expires=%s",
+					lease.GetWorkId(), lease.GetState(), lease.GetTtlSeconds(), clock(lease.GetExpiresAt()))
+				switch lease.GetState() {
+				case workv1.LeaseState_LEASE_STATE_LOST:
+					it.markLost()
+				case workv1.LeaseState_LEASE_STATE_STOP_REQUESTED:
+					it.finish()
+				}
+			}
+		}()
+		go func() {
+			ticker := time.NewTicker(opts.ping)
+			defer ticker.Stop()
+			for {
+				if err := keepAlive.Send(&workv1.KeepAliveRequest{WorkId: work.GetId(), LeaseToken: token}); err != nil {
+					return
+				}
+				select {
+				case <-kaCtx.Done():
+					return
+				case <-ticker.C:
+				}
+			}
+		}()
+	}
+
+	// The "work": read the item, tag it, wait (or until a stop request or a lost lease ends it early).
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	current, err := client.GetWork(ctx, &workv1.GetWorkRequest{WorkId: work.GetId(), LeaseToken: token})
+	if err == nil {
+		say("  GetWork %s: %s, lease %s", work.GetId(), current.GetWork().GetState(), current.GetLease().GetState())
+		var updated *workv1.UpdateWorkMetadataResponse
+		updated, err = client.UpdateWorkMetadata(ctx, &workv1.UpdateWorkMetadataRequest{
+			WorkId:     work.GetId(),
+			LeaseToken: token,
+			Set:        map[string]string{"handled_by": opts.sandboxID, "language": "go"},
+		})
+		if err == nil {
+			say("  UpdateWorkMetadata %s: metadata %v", work.GetId(), updated.GetWork().GetMetadata())
+		}
+	}
+	cancel()
+	if err != nil {
+		say("  work on %s failed: %v", work.GetId(), err)
+	} else {
+		select {
+		case <-time.After(opts.work):
+		case <-it.finished.Done():
+		}
+	}
+	kaCancel()
+
+	if it.isLost() {
+		say("abandoned %s: the lease is lost, not stopping it (it is not ours any more)", work.GetId())
+		return
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stopped, err := client.StopWork(ctx, &workv1.StopWorkRequest{WorkId: work.GetId(), LeaseToken: token, Force: true})
+	if err != nil {
+		say("stop %s failed: %v", work.GetId(), err)
+		return
+	}
+	say("stopped %s: state %s", work.GetId(), stopped.GetWork().GetState())
+}
+
+// run watches until the watch ends, the sidecar drains, or (with once) the first item is done.
+func run(opts options) error {
+	conn, err := dial(opts.address)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	client := workv1.NewWorkServiceClient(conn)
+
+	watchCtx, cancelWatch := context.WithCancel(context.Background())
+	defer cancelWatch()
+	say("watching %s as %s (max_in_flight=%d)", opts.address, opts.sandboxID, opts.maxInFlight)
+	watch, err := client.WatchWork(watchCtx, &workv1.WatchWorkRequest{
+		MaxInFlight: uint32(opts.maxInFlight),
+		SandboxId:   opts.sandboxID,
+	})
+	if err != nil {
+		return err
+	}
+
+	var (
+		mu      sync.Mutex
+		items   = map[string]*item{}
+		running sync.WaitGroup
+		handled int
+		leaving bool
+	)
+	// On Draining, keep the watch open until the last item is stopped: the open stream keeps this sandbox's
+	// leases alive and carries StopRequested / LeaseLost for them.
+	leave := func() {
+		mu.Lock()
+		already := leaving
+		leaving = true
+		mu.Unlock()
+		if !already {
+			go func() {
+				running.Wait()
+				cancelWatch()
+			}()
+		}
+	}
+	lookup := func(workID string) *item {
+		mu.Lock()
+		defer mu.Unlock()
+		return items[workID]
+	}
+
+	for {
+		event, err := watch.Recv()
+		if err != nil {
+			running.Wait()
+			mu.Lock()
+			left := leaving
+			count := handled
+			mu.Unlock()
+			if errors.Is(err, io.EOF) || (left && status.Code(err) == codes.Canceled) {
+				say("done: %d item(s)", count)
+				return nil
+			}
+			return err
+		}
+		switch ev := event.GetEvent().(type) {
+		case *workv1.WatchWorkResponse_WorkAssigned:
+			assigned := ev.WorkAssigned
+			finished, finish := context.WithCancel(context.Background())
+			it := &item{finish: finish, finished: finished}
+			workID := assigned.GetWork().GetId()
+			mu.Lock()
+			items[workID] = it
+			mu.Unlock()
+			running.Add(1)
+			go func() {
+				defer running.Done()
+				workOn(client, assigned, it, opts)
+				finish()
+				mu.Lock()
+				delete(items, workID)
+				handled++
+				mu.Unlock()
+			}()
+			if opts.once {
+				// Close the watch now, not after the item: a watch still open when the item is stopped has
+				// a free slot again, and the sidecar would hand it a second item just before we leave. The
+				// lease lives on the KeepAlive pings alone from here (they also bring STOP_REQUESTED, LOST).
+				mu.Lock()
+				leaving = true
+				mu.Unlock()
+				cancelWatch()
+			}
+		case *workv1.WatchWorkResponse_StopRequested:
+			workID := ev.StopRequested.GetWorkId()
+			say("stop requested for %s", workID)
+			if it := lookup(workID); it != nil {
+				it.finish()
+			}
+		case *workv1.WatchWorkResponse_LeaseLost:
+			lost := ev.LeaseLost
+			say("lease lost for %s: %s (%s)", lost.GetWorkId(), lost.GetReason(), lost.GetMessage())
+			if it := lookup(lost.GetWorkId()); it != nil {
+				it.markLost()
+			}
+		case *workv1.WatchWorkResponse_Draining:
+			say("the sidecar is draining (deadline %s): no new work will come", clock(ev.Draining.GetDeadline()))
+			leave()
+		default:
+			say("unknown event %T", ev)
+		}
+	}
+}
+
+func parseOptions(args []string) (options, error) {
+	flags := flag.NewFlagSet("sandbox", flag.ContinueOnError)
+	once := flags.Bool("once", false, "exit after one item")
+	maxInFlight := flags.Uint("max-in-flight", 0, "items worked on at once (default 1 with -once, else 2)")
+	sandboxID := flags.String("sandbox-id", "example-go", "the name the sidecar shows for this sandbox")
+	work := flags.Float64("work-seconds", 2, "how long the \"work\" on one item takes")
+	ping := flags.Float64("ping-seconds", 3, "seconds between KeepAlive pings")
+	// The address may come before or after the flags.
+	if err := flags.Parse(args); err != nil {
+		return options{}, err
+	}
+	address := ""
+	if flags.NArg() > 0 {
+		address = flags.Arg(0)
+		if err := flags.Parse(flags.Args()[1:]); err != nil {
+			return options{}, err
+		}
+		if flags.NArg() > 0 {
+			return options{}, fmt.Errorf("unexpected arguments: %v", flags.Args())
+		}
+	}
+	if address == "" {
+		address = os.Getenv("WORK_SIDECAR_ADDRESS")
+	}
+	if address == "" {
+		address = "unix:///tmp/work-sidecar.sock"
+	}
+	if *maxInFlight == 0 {
+		*maxInFlight = 2
+		if *once {
+			*maxInFlight = 1
+		}
+	}
+	return options{
+		address:     address,
+		once:        *once,
+		maxInFlight: *maxInFlight,
+		sandboxID:   *sandboxID,
+		work:        time.Duration(*work * float64(time.Second)),
+		ping:        time.Duration(*ping * float64(time.Second)),
+	}, nil
+}
+
+func main() {
+	opts, err := parseOptions(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		sig := <-signals
+		os.Exit(128 + int(sig.(syscall.Signal)))
+	}()
+	if err := run(opts); err != nil {
+		say("watch failed: %v", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,52 @@
+package main
+
+import (
+	"testing"
+	"time"
+)
+
+func TestAddressBeforeOrAfterFlags(t *testing.T) {
+	for _, args := range [][]string{
+		{"unix:///tmp/s.sock", "-once", "-work-seconds", "0.5"},
+		{"-once", "-work-seconds", "0.5", "unix:///tmp/s.sock"},
+	} {
+		opts, err := parseOptions(args)
+		if err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		if opts.address != "unix:///tmp/s.sock" || !opts.once || opts.work != 500*time.Millisecond {
+			t.Errorf("%v: got %+v", args, opts)
+		}
+		if opts.maxInFlight != 1 {
+			t.Errorf("%v: -once without -max-in-flight takes one item at a time, got %d", args, opts.maxInFlight)
+		}
+	}
+}
+
+func TestAddressFromTheEnvironment(t *testing.T) {
+	t.Setenv("WORK_SIDECAR_ADDRESS", "127.0.0.1:50051")
+	opts, err := parseOptions([]string{"-max-in-flight", "3"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.address != "127.0.0.1:50051" || opts.maxInFlight != 3 || opts.once {
+		t.Errorf("got %+v", opts)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	t.Setenv("WORK_SIDECAR_ADDRESS", "")
+	opts, err := parseOptions(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.address != "unix:///tmp/work-sidecar.sock" || opts.maxInFlight != 2 || opts.ping != 3*time.Second {
+		t.Errorf("got %+v", opts)
+	}
+}
+
+func TestExtraArgumentsAreRejected(t *testing.T) {
+	if _, err := parseOptions([]string{"a:1", "b:2"}); err == nil {
+		t.Error("two addresses were accepted")
+	}
+}

@@ -1,0 +1,258 @@
+#!/usr/bin/env node
+// An example work-sidecar sandbox in Node.js: plain @grpc/grpc-js, with the .proto loaded at run time by
+// @grpc/proto-loader (no generated code). It does what every sandbox does:
+//
+//   WatchWork(max_in_flight) -> on WorkAssigned: KeepAlive pings {work_id, lease_token} every few seconds,
+//   "work" (GetWork + UpdateWorkMetadata to show the API), then StopWork(force=true).
+//   StopRequested finishes an item early; LeaseLost abandons it at once (no StopWork: it is not ours any more);
+//   Draining means no new work will come.
+//
+//   node sandbox.js unix:///tmp/work-sidecar.sock [--once] [--max-in-flight 2] [--work-seconds 2]
+//   WORK_SIDECAR_ADDRESS=127.0.0.1:50051 node sandbox.js
+'use strict';
+
+const path = require('node:path');
+const { parseArgs } = require('node:util');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'proto');
+const PROTO_FILE = 'sidecar/work/v1/work_service.proto';
+
+/** Loads sidecar.work.v1 from the .proto at run time. */
+function loadApi() {
+  const definition = protoLoader.loadSync(PROTO_FILE, {
+    includeDirs: [PROTO_ROOT],
+    keepCase: true, // field names as in the .proto: work_id, lease_token, ...
+    longs: String,
+    enums: String, // enum values by name: 'LEASE_STATE_ACTIVE', ...
+    defaults: true,
+    oneofs: true, // WatchWorkResponse.event names the field that is set
+  });
+  return grpc.loadPackageDefinition(definition).sidecar.work.v1;
+}
+
+function say(text) {
+  process.stdout.write(`[sandbox] ${text}\n`);
+}
+
+function time(timestamp) {
+  if (!timestamp || !timestamp.seconds) return '-';
+  return new Date(Number(timestamp.seconds) * 1000).toISOString().slice(11, 19);
+}
+
+/** Promisifies a unary call of the client. */
+function unary(client, method, request) {
+  return new Promise((resolve, reject) => {
+    client[method](request, (error, response) => (error ? reject(error) : resolve(response)));
+  });
+}
+
+/** Resolves after `ms`, or as soon as `signal` aborts. */
+function pause(ms, signal) {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(done, ms);
+    signal.addEventListener('abort', done, { once: true });
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', done);
+      resolve();
+    }
+  });
+}
+
+/**
+ * One assigned item: keep its lease alive, work, stop it. `item.finish` (an AbortController) is aborted by
+ * StopRequested / LeaseLost; `item.lost` says the lease is gone.
+ */
+async function workOn(client, assigned, item, options) {
+  const work = assigned.work;
+  const token = assigned.lease_token;
+  say(
+    `assigned ${work.id} (session ${work.data ? work.data.id : '-'}), lease token of ${token.length} chars, ` +
+      `lease ${assigned.lease.state} ttl ${assigned.lease.ttl_seconds}s`,
+  );
+  if (assigned.session_credentials && assigned.session_credentials.sessions_token) {
+    say('  got the session credential for this item (not printed: it is a secret)');
+  }
+
+  // KeepAlive: one bidi stream for this lease; each ping is answered with the lease status, and changes are
+  // pushed at once (LEASE_STATE_STOP_REQUESTED, LEASE_STATE_LOST).
+  const keepAlive = client.KeepAlive();
+  keepAlive.on('data', ({ lease }) => {
+    say(`  keepalive ${lease.work_id}: ${lease.state} ttl=${lease.ttl_seconds}s expires=${time(lease.expires_at)}`);
+    if (lease.state === 'LEASE_STATE_LOST') {
+      item.lost = true;
+      item.finish.abort();
+    } else if (lease.state === 'LEASE_STATE_STOP_REQUESTED') {
+      item.finish.abort();
+    }
+  });
+  keepAlive.on('error', (error) => {
+    if (error.code !== grpc.status.CANCELLED) say(`  keepalive ${work.id} failed: ${error.message}`);
+  });
+  const ping = () => keepAlive.write({ work_id: work.id, lease_token: token });
+  ping();
+  const pinger = setInterval(ping, options.pingSeconds * 1000);
+
+  try {
+    // The "work": read the item, tag it, wait (or until a stop request or a lost lease ends it early).
+    const current = await unary(client, 'GetWork', { work_id: work.id, lease_token: token });
+    say(`  GetWork ${work.id}: ${current.work.state}, lease ${current.lease.state}`);
+    const updated = await unary(client, 'UpdateWorkMetadata', {
+      work_id: work.id,
+      lease_token: token,
+      set: { handled_by: options.sandboxId, language: 'node' },
+    });
+    say(`  UpdateWorkMetadata ${work.id}: metadata ${JSON.stringify(updated.work.metadata)}`);
+    await pause(options.workSeconds * 1000, item.finish.signal);
+  } catch (error) {
+    say(`  work on ${work.id} failed: ${error.message}`);
+  } finally {
+    clearInterval(pinger);
+    keepAlive.end();
+    keepAlive.cancel();
+  }
+
+  if (item.lost) {
+    say(`abandoned ${work.id}: the lease is lost, not stopping it (it is not ours any more)`);
+    return;
+  }
+  try {
+    const stopped = await unary(client, 'StopWork', { work_id: work.id, lease_token: token, force: true });
+    say(`stopped ${work.id}: state ${stopped.work.state}`);
+  } catch (error) {
+    say(`stop ${work.id} failed: ${error.message}`);
+  }
+}
+
+/** Runs the sandbox until the watch ends, the sidecar drains, or (with `once`) the first item is done. */
+function run(options) {
+  const api = loadApi();
+  const client = new api.WorkService(options.address, grpc.credentials.createInsecure());
+  const items = new Map(); // work id -> { finish: AbortController, lost: boolean, done: Promise }
+  let handled = 0;
+  let leaving = false;
+
+  return new Promise((resolve, reject) => {
+    say(`watching ${options.address} as ${options.sandboxId} (max_in_flight=${options.maxInFlight})`);
+    const watch = client.WatchWork({ max_in_flight: options.maxInFlight, sandbox_id: options.sandboxId });
+
+    // On Draining, keep the watch open until the last item is stopped: the open stream keeps this sandbox's
+    // leases alive and carries StopRequested / LeaseLost for them.
+    const settle = async () => {
+      while (items.size > 0) await Promise.all([...items.values()].map((item) => item.done));
+    };
+    const leave = async () => {
+      if (leaving) return;
+      leaving = true;
+      await settle();
+      watch.cancel();
+    };
+    let finished = false;
+    const finish = async (error) => {
+      if (finished) return;
+      finished = true;
+      await settle();
+      client.close();
+      if (error) return reject(error);
+      say(`done: ${handled} item(s)`);
+      resolve(handled);
+    };
+
+    watch.on('data', (event) => {
+      switch (event.event) {
+        case 'work_assigned': {
+          const assigned = event.work_assigned;
+          const item = { finish: new AbortController(), lost: false, done: null };
+          items.set(assigned.work.id, item);
+          item.done = workOn(client, assigned, item, options).finally(() => {
+            items.delete(assigned.work.id);
+            handled += 1;
+          });
+          if (options.once) {
+            // Close the watch now, not after the item: a watch still open when the item is stopped has a free
+            // slot again, and the sidecar would hand it a second item just before we leave. The lease lives on
+            // the KeepAlive pings alone from here (they also bring STOP_REQUESTED and LOST).
+            leaving = true;
+            watch.cancel();
+          }
+          break;
+        }
+        case 'stop_requested': {
+          const workId = event.stop_requested.work_id;
+          say(`stop requested for ${workId}`);
+          const item = items.get(workId);
+          if (item) item.finish.abort();
+          break;
+        }
+        case 'lease_lost': {
+          const lost = event.lease_lost;
+          say(`lease lost for ${lost.work_id}: ${lost.reason} (${lost.message})`);
+          const item = items.get(lost.work_id);
+          if (item) {
+            item.lost = true;
+            item.finish.abort();
+          }
+          break;
+        }
+        case 'draining':
+          say(`the sidecar is draining (deadline ${time(event.draining.deadline)}): no new work will come`);
+          leave();
+          break;
+        default:
+          say(`unknown event ${event.event}`);
+      }
+    });
+    // The watch ends: we cancelled it (leaving), the sidecar closed it, or it failed.
+    watch.on('error', (error) => finish(error.code === grpc.status.CANCELLED && leaving ? null : error));
+    watch.on('status', (status) => {
+      if (status.code === grpc.status.OK) finish(null);
+    });
+  });
+}
+
+function parseOptions(argv, env) {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      once: { type: 'boolean', default: false },
+      'max-in-flight': { type: 'string' },
+      'sandbox-id': { type: 'string', default: 'example-node' },
+      'work-seconds': { type: 'string', default: '2' },
+      'ping-seconds': { type: 'string', default: '3' },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  return {
+    help: values.help,
+    address: positionals[0] || env.WORK_SIDECAR_ADDRESS || 'unix:///tmp/work-sidecar.sock',
+    once: values.once,
+    maxInFlight: Number(values['max-in-flight'] || (values.once ? 1 : 2)),
+    sandboxId: values['sandbox-id'],
+    workSeconds: Number(values['work-seconds']),
+    pingSeconds: Number(values['ping-seconds']),
+  };
+}
+
+if (require.main === module) {
+  const options = parseOptions(process.argv.slice(2), process.env);
+  if (options.help) {
+    say('usage: node sandbox.js [unix:///path | host:port] [--once] [--max-in-flight N] [--sandbox-id ID]');
+    say('       [--work-seconds S] [--ping-seconds S]   (address default: $WORK_SIDECAR_ADDRESS)');
+    process.exit(0);
+  }
+  process.on('SIGINT', () => process.exit(130));
+  process.on('SIGTERM', () => process.exit(143));
+  run(options).then(
+    () => process.exit(0),
+    (error) => {
+      say(`watch failed: ${error.message}`);
+      process.exit(1);
+    },
+  );
+}
+
+module.exports = { loadApi, parseOptions, run };
