@@ -48,7 +48,12 @@ class Leaser:
         self._heap: list[tuple[float, int, Lease]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._limit = asyncio.Semaphore(config.heartbeat_concurrency)
+        # Never more heartbeats in flight than the HTTP pool has connections (minus the pollers'): the rest wait
+        # here, in O(1), and not in httpcore's pool queue, which rescans every queued request against every
+        # connection on each request and response (a backlog there grows its own cost until leases expire).
+        self._limit = asyncio.Semaphore(
+            max(1, min(config.heartbeat_concurrency, config.max_connections - config.max_pollers))
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._all_ended = asyncio.Event()
         self._all_ended.set()

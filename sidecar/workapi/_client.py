@@ -50,6 +50,10 @@ class Timeouts:
         return httpx.Timeout(connect=self.connect, read=read or self.read, write=self.write, pool=self.pool)
 
 
+KEEPALIVE_CONNECTIONS = 16
+"""Idle keep-alive connections kept to the Work API (bursts open more, up to max_connections)."""
+
+
 class WorkApiClient:
     """Talks to one environment's Work API.
 
@@ -87,7 +91,11 @@ class WorkApiClient:
             base_url=self.base_url,
             headers=headers,
             timeout=self.timeouts.httpx(),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # Few idle connections kept: httpcore checks every pooled connection (a socket poll each) on every
+            # request and response, so a pool grown to 100 by a burst of heartbeats made each later one cost ~100.
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=min(max_connections, KEEPALIVE_CONNECTIONS)
+            ),
             transport=transport,
             follow_redirects=False,
         )
