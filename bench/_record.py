@@ -1,0 +1,48 @@
+"""What both sides record per item, so every figure reads them the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.assigned: dict[str, float] = {}
+        """work id → time.monotonic() when the sandbox got it (sidecar: WorkAssigned; SDK: the handler ran)."""
+        self.stopped: dict[str, float] = {}
+        """work id → time.monotonic() when its stop answered."""
+        self.lost_ids: set[str] = set()
+        """Items whose lease was lost (sidecar: LeaseLost; SDK: its heartbeat loop gave the lease up)."""
+        self.stop_errors = 0
+        self.changed = asyncio.Event()
+
+    def note_assigned(self, work_id: str) -> None:
+        self.assigned[work_id] = time.monotonic()
+        self.changed.set()
+
+    def note_stopped(self, work_id: str) -> None:
+        self.stopped[work_id] = time.monotonic()
+        self.changed.set()
+
+    @property
+    def lost(self) -> int:
+        return len(self.lost_ids)
+
+    def note_lost(self, work_id: str) -> None:
+        self.lost_ids.add(work_id)
+        self.changed.set()
+
+    async def wait(self, condition: Callable[[], bool], within: float) -> bool:
+        """Wait until `condition()` is true (re-checked on every event); False on timeout."""
+        deadline = time.monotonic() + within
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
+        return True

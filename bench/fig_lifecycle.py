@@ -1,0 +1,92 @@
+"""Figures 3 and 5: Work API requests per completed item, and full-lifecycle throughput at saturation.
+
+Saturation (short items): `throughput_items` items are queued first, then N sandboxes / SDK workers start and stop
+each item as soon as it is theirs (sidecar: poll → ack → claiming heartbeat → WorkAssigned → StopWork(force);
+SDK: poll → ack → first heartbeat → handler returns → stop(force)). Items per second from the start of the
+sandboxes to the last stop; requests per item from the emulator's log over the same window.
+
+Long items: `long_n` items held `long_hold` seconds each at TTL `long_ttl` (full run: 10 items, 300 s, TTL 60,
+so ten renewals each), counted the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from ._procs import Child, EmulatorProcess, LogEntry, count_operations, sidecar
+from ._record import Recorder
+from .baseline import sdk_fleet
+from .sandboxes import fleet
+
+OPERATIONS = ("poll", "ack", "heartbeat", "stop")
+
+
+def _per_item(entries: list[LogEntry], env: str, until: float, done: int) -> dict[str, Any]:
+    counts = count_operations((e for e in entries if e.at <= until), env)
+    per = {op: counts.get(op, 0) / done for op in OPERATIONS} if done else dict.fromkeys(OPERATIONS, 0.0)
+    others = sum(v for k, v in counts.items() if k not in OPERATIONS)
+    per["other"] = others / done if done else 0.0
+    return {"total": sum(per.values()), "by_operation": per, "requests": sum(counts.values()), "items": done}
+
+
+async def _run(
+    emulator: EmulatorProcess,
+    env: str,
+    items: int,
+    limit: float,
+    start: Callable[[], AbstractAsyncContextManager[Recorder]],
+    watched: Child | None,
+) -> dict[str, Any]:
+    await emulator.enqueue(env, items)
+    seq = await emulator.next_seq()
+    cpu = watched.cpu_seconds() if watched else 0.0
+    emulator_cpu = emulator.child.cpu_seconds()
+    started = time.monotonic()
+    async with start() as recorder:
+        await recorder.wait(lambda: len(recorder.stopped) >= items, within=limit)
+        finished = max(recorder.stopped.values(), default=time.monotonic())
+        wall_end = time.time() - (time.monotonic() - finished)
+        elapsed = max(finished - started, 1e-6)
+        done = len(recorder.stopped)
+        result = {
+            "items": items,
+            "completed": done,
+            "seconds": round(elapsed, 3),
+            "items_per_second": done / elapsed,
+            "lost": recorder.lost,
+            "stop_errors": recorder.stop_errors,
+            "emulator_cores": (emulator.child.cpu_seconds() - emulator_cpu) / elapsed,
+        }
+        if watched is not None:
+            result["sidecar_cores"] = (watched.cpu_seconds() - cpu) / elapsed
+    entries, _ = await emulator.requests(seq)
+    result["requests_per_item"] = _per_item(entries, env, wall_end, done)
+    return result
+
+
+async def saturate_sidecar(emulator: EmulatorProcess, n: int, items: int, limit: float) -> dict[str, Any]:
+    env = f"env_saturate_sidecar_{n}"
+    async with sidecar(emulator, env) as running:
+        return await _run(emulator, env, items, limit, lambda: fleet(running.target, n), running.child)
+
+
+async def saturate_sdk(emulator: EmulatorProcess, n: int, items: int, limit: float) -> dict[str, Any]:
+    env = f"env_saturate_sdk_{n}"
+    return await _run(emulator, env, items, limit, lambda: sdk_fleet(emulator.url, env, n), None)
+
+
+async def long_sidecar(emulator: EmulatorProcess, n: int, hold: float, ttl: int) -> dict[str, Any]:
+    env = f"env_long_sidecar_{n}"
+    async with sidecar(emulator, env, ttl=ttl) as running:
+        result = await _run(emulator, env, n, hold + 120, lambda: fleet(running.target, n, hold=hold), running.child)
+    return {**result, "hold_seconds": hold, "ttl_seconds": ttl}
+
+
+async def long_sdk(emulator: EmulatorProcess, n: int, hold: float, ttl: int) -> dict[str, Any]:
+    """The SDK asks for no TTL: the emulator is started with `--default-ttl` = `ttl`."""
+    env = f"env_long_sdk_{n}"
+    result = await _run(emulator, env, n, hold + 120, lambda: sdk_fleet(emulator.url, env, n, hold=hold), None)
+    return {**result, "hold_seconds": hold, "ttl_seconds": ttl}

@@ -1,0 +1,247 @@
+"""Targets (met / missed), and the results as JSON, a Markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+SIDES = (("sidecar", "work-sidecar"), ("sdk", "official SDK worker"))
+COLORS = {"sidecar": "#2b6cb0", "sdk": "#dd6b20"}
+DPI = 100
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+# -- targets --------------------------------------------------------------------------------------------
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    figures = results["figures"]
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, target: str, value: str, met: bool | None) -> None:
+        out.append({"name": name, "target": target, "value": value, "met": met})
+
+    idle = figures["idle_requests_per_minute"]["sidecar"]
+    rates = [run["per_minute"] for run in idle.values()]
+    add(
+        "idle Work API requests/min, sidecar",
+        "≤ ~61/min per environment, independent of N (spread ≤ 10 %)",
+        " / ".join(f"N={n}: {run['per_minute']:.1f}" for n, run in idle.items()),
+        bool(rates) and max(rates) <= 61.5 and (max(rates) - min(rates)) <= 0.1 * max(rates),
+    )
+    dispatch = figures["dispatch_latency"]["sidecar"]
+    key = "10" if "10" in dispatch else max(dispatch, key=int)
+    run = dispatch[key]
+    add(
+        f"dispatch latency at N={key}, sidecar",
+        "p50 ≤ 5 ms and p99 ≤ 25 ms",
+        f"p50 {_fmt(run['p50_ms'])} ms, p99 {_fmt(run['p99_ms'])} ms",
+        run["p50_ms"] is not None and run["p50_ms"] <= 5 and run["p99_ms"] <= 25,
+    )
+    holds = figures["leases_held"]
+    biggest = holds[max(holds, key=int)]
+    add(
+        f"{biggest['leases']:,} concurrent leases at TTL {biggest['ttl_seconds']}",
+        "0 lost, ≤ 0.5 core, ≤ 8 KB RSS per lease",
+        f"{biggest['lost']} lost, {biggest['sidecar_cores']:.2f} core, {biggest['rss_per_lease_kb']:.1f} KB/lease",
+        biggest["lost"] == 0 and biggest["sidecar_cores"] <= 0.5 and biggest["rss_per_lease_kb"] <= 8,
+    )
+    throughput = figures["throughput"]["sidecar"]
+    best_n = max(throughput, key=lambda n: throughput[n]["items_per_second"])
+    best = throughput[best_n]["items_per_second"]
+    add("full-lifecycle throughput, sidecar", "≥ 300 items/s", f"{best:.0f} items/s (N={best_n})", best >= 300)
+    rss = figures["sidecar_rss_idle"]["rss_mb"]
+    add("sidecar RSS idle", "≤ 60 MB", f"{rss:.1f} MB", rss <= 60)
+    return out
+
+
+# -- Markdown -------------------------------------------------------------------------------------------
+
+
+def markdown(results: dict[str, Any]) -> str:
+    f = results["figures"]
+    meta = results["meta"]
+    ns = [str(n) for n in meta["ns"]]
+    lines = [
+        f"Run `{meta['preset']}` on {meta['started']} ({meta['cpus']} CPUs, Python {meta['python']}, "
+        f"anthropic {meta['anthropic']}), {meta['duration_seconds'] / 60:.1f} min. "
+        "N = sandboxes on one sidecar (work-sidecar) or SDK workers, one per sandbox (official SDK worker).",
+        "",
+        "| figure | N | work-sidecar | official SDK worker |",
+        "|---|---:|---:|---:|",
+    ]
+
+    def row(label: str, values: dict[str, str]) -> None:
+        for n in ns:
+            lines.append(f"| {label} | {n} | {values.get('sidecar:' + n, '-')} | {values.get('sdk:' + n, '-')} |")
+
+    def collect(figure: dict[str, Any], render: Any) -> dict[str, str]:
+        return {f"{side}:{n}": render(run) for side, _ in SIDES for n, run in figure.get(side, {}).items()}
+
+    row("idle Work API requests / min", collect(f["idle_requests_per_minute"], lambda r: _fmt(r["per_minute"])))
+    row(
+        "dispatch latency p50 / p99 / max (ms)",
+        collect(f["dispatch_latency"], lambda r: f"{_fmt(r['p50_ms'])} / {_fmt(r['p99_ms'])} / {_fmt(r['max_ms'])}"),
+    )
+    row(
+        "requests per item, short items (poll+ack+hb+stop)",
+        collect(f["requests_per_item"]["short"], lambda r: _per_item(r)),
+    )
+    row("throughput, full lifecycle (items/s)", collect(f["throughput"], lambda r: _fmt(r["items_per_second"])))
+    long = f["requests_per_item"]["long"]
+    first = next(iter(long.values()))
+    lines.append(
+        f"| requests per item, {_duration(first['hold_seconds'])} items at TTL {first['ttl_seconds']} "
+        f"| {first['items']} | {_per_item(long.get('sidecar'))} | {_per_item(long.get('sdk'))} |"
+    )
+    lines += [
+        "",
+        "| leases held by one sidecar | lost | heartbeat lateness p50 / p99 / max (ms) | sidecar CPU (cores) "
+        "| RSS idle → held (MB) | RSS per lease (KB) | fill (items/s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in f["leases_held"].values():
+        lines.append(
+            f"| {run['leases']:,} x TTL {run['ttl_seconds']} s for {run['window_seconds']:g} s | {run['lost']} "
+            f"| {_fmt(run['lateness_p50_ms'])} / {_fmt(run['lateness_p99_ms'])} / {_fmt(run['lateness_max_ms'])} "
+            f"| {run['sidecar_cores']:.2f} | {run['idle_rss_mb']:.1f} → {run['rss_mb']:.1f} "
+            f"| {run['rss_per_lease_kb']:.1f} | {run['fill_items_per_second']:.0f} |"
+        )
+    emu = f["emulator_heartbeat_capacity"]
+    lines += [
+        "",
+        f"Sidecar RSS idle: **{f['sidecar_rss_idle']['rss_mb']:.1f} MB**. "
+        f"Emulator heartbeat capacity: **{emu['heartbeats_per_second']:,.0f} heartbeats/s** "
+        f"({emu['connections']} connections, {emu['leases']} leases, emulator at {emu['emulator_cores']:.2f} core).",
+        "",
+        "| target (work-sidecar) | measured | |",
+        "|---|---|---|",
+    ]
+    for target in results["targets"]:
+        verdict = "met" if target["met"] else "**missed**"
+        lines.append(f"| {target['name']}: {target['target']} | {target['value']} | {verdict} |")
+    lines += ["", *[f"- {note}" for note in results["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g}-min" if seconds >= 60 else f"{seconds:g}-s"
+
+
+def _per_item(run: dict[str, Any] | None) -> str:
+    if not run:
+        return "-"
+    per = run.get("requests_per_item", run)
+    ops = per["by_operation"]
+    parts = "+".join(_fmt(ops[op], 2 if ops[op] % 1 else 0) for op in ("poll", "ack", "heartbeat", "stop"))
+    return f"{per['total']:.2f} ({parts})"
+
+
+# -- plots ----------------------------------------------------------------------------------------------
+
+
+def _grouped(ax: Any, figure: dict[str, Any], ns: list[str], value: Any, label: str, log: bool = False) -> None:
+    width = 0.38
+    for offset, (side, name) in zip((-width / 2, width / 2), SIDES, strict=True):
+        values = [value(figure[side][n]) if n in figure.get(side, {}) else 0 for n in ns]
+        bars = ax.bar([i + offset for i in range(len(ns))], values, width, label=name, color=COLORS[side])
+        ax.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=7, padding=1)
+    ax.set_xticks(range(len(ns)), [f"N={n}" for n in ns])
+    ax.set_ylabel(label)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    f = results["figures"]
+    ns = [str(n) for n in results["meta"]["ns"]]
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    _grouped(ax, f["idle_requests_per_minute"], ns, lambda r: r["per_minute"], "requests / min (log)", log=True)
+    ax.set_title("Idle Work API requests per minute (no work queued)", fontsize=10)
+    save(fig, "idle_requests.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    _grouped(axes[0], f["dispatch_latency"], ns, lambda r: r["p50_ms"] or 0, "p50 (ms, log)", log=True)
+    axes[0].set_title("Dispatch latency p50", fontsize=10)
+    _grouped(axes[1], f["dispatch_latency"], ns, lambda r: r["p99_ms"] or 0, "p99 (ms, log)", log=True)
+    axes[1].set_title("Dispatch latency p99", fontsize=10)
+    save(fig, "dispatch_latency.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    _grouped(ax, f["throughput"], ns, lambda r: r["items_per_second"], "items / s")
+    ax.axhline(300, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_title("Full-lifecycle throughput at saturation", fontsize=10)
+    save(fig, "throughput.png")
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    columns = [(f"short N={n}", side, f["requests_per_item"]["short"][side].get(n)) for n in ns for side, _ in SIDES]
+    columns += [("long", side, f["requests_per_item"]["long"].get(side)) for side, _ in SIDES]
+    bottoms = [0.0] * len(columns)
+    palette = {"poll": "#90cdf4", "ack": "#9ae6b4", "heartbeat": "#f6ad55", "stop": "#fc8181", "other": "#cbd5e0"}
+    for op, color in palette.items():
+        heights = []
+        for _, _, run in columns:
+            per = (run or {}).get("requests_per_item", run or {})
+            heights.append(per.get("by_operation", {}).get(op, 0.0))
+        ax.bar(range(len(columns)), heights, bottom=bottoms, color=color, label=op)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    ax.set_xticks(
+        range(len(columns)),
+        [f"{label}\n{'sidecar' if side == 'sidecar' else 'SDK'}" for label, side, _ in columns],
+        fontsize=7,
+    )
+    ax.set_ylabel("Work API requests per item")
+    ax.set_title("Requests per completed item", fontsize=10)
+    ax.legend(fontsize=7, ncol=5)
+    save(fig, "requests_per_item.png")
+
+    holds = list(f["leases_held"].values())
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    labels = [f"{h['leases']:,}" for h in holds]
+    for ax, key, title in (
+        (axes[0], "lateness_p99_ms", "heartbeat lateness p99 (ms)"),
+        (axes[1], "sidecar_cores", "sidecar CPU (cores)"),
+        (axes[2], "rss_per_lease_kb", "RSS per lease (KB)"),
+    ):
+        values = [h[key] or 0 for h in holds]
+        bars = ax.bar(labels, values, color=COLORS["sidecar"])
+        ax.bar_label(bars, labels=[_fmt(v, 2) for v in values], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("leases held")
+    axes[1].axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    axes[2].axhline(8, color="grey", linestyle="--", linewidth=0.8)
+    save(fig, "leases_held.png")
+    return written
+
+
+def write(results: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    results["targets"] = targets(results)
+    (out / "latest.json").write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    (out / "latest.md").write_text(markdown(results))
+    return [out / "latest.json", out / "latest.md", *plots(results, out)]

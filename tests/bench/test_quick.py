@@ -1,0 +1,70 @@
+"""The benchmark harness runs end to end on tiny sizes (`python -m bench --smoke`), so it cannot rot.
+
+It asserts structure only (every figure present, with numbers, and the files written), never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+
+def _numbers(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for child in value.values() for leaf in _numbers(child)]
+    if isinstance(value, list):
+        return [leaf for child in value for leaf in _numbers(child)]
+    return [value]
+
+
+@pytest.mark.timeout(180)
+def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--no-progress", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    figures = results["figures"]
+    ns = [str(n) for n in results["meta"]["ns"]]
+    for name in ("idle_requests_per_minute", "dispatch_latency", "throughput"):
+        for side in ("sidecar", "sdk"):
+            assert sorted(figures[name][side]) == sorted(ns), (name, side)
+    for side in ("sidecar", "sdk"):
+        for n in ns:
+            assert isinstance(figures["idle_requests_per_minute"][side][n]["per_minute"], numbers.Real)
+            dispatch = figures["dispatch_latency"][side][n]
+            assert all(isinstance(dispatch[k], numbers.Real) for k in ("p50_ms", "p99_ms", "max_ms"))
+            assert isinstance(figures["throughput"][side][n]["items_per_second"], numbers.Real)
+            assert isinstance(figures["requests_per_item"]["short"][side][n]["total"], numbers.Real)
+        assert isinstance(figures["requests_per_item"]["long"][side]["requests_per_item"]["total"], numbers.Real)
+    assert figures["leases_held"], "no lease hold ran"
+    for held in figures["leases_held"].values():
+        for key in ("lost", "lateness_p99_ms", "sidecar_cores", "rss_per_lease_kb", "idle_rss_mb"):
+            assert isinstance(held[key], numbers.Real), key
+    assert isinstance(figures["sidecar_rss_idle"]["rss_mb"], numbers.Real)
+    assert isinstance(figures["emulator_heartbeat_capacity"]["heartbeats_per_second"], numbers.Real)
+    assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
+    assert all(leaf is not None for leaf in _numbers(figures)), "a figure has no value"
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "| figure | N | work-sidecar | official SDK worker |" in markdown
+    for png in ("idle_requests.png", "dispatch_latency.png", "throughput.png", "requests_per_item.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    assert (tmp_path / "leases_held.png").stat().st_size > 1000
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
+    assert not leftovers, f"the harness left processes behind: {leftovers}"
