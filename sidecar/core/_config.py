@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ..workapi import PROVIDERS
+from ..workapi import HTTP_BACKENDS, PROVIDERS
 
 LOG_FORMATS = ("auto", "json", "text")
 
@@ -50,6 +50,8 @@ class SidecarConfig:
     emulator_port: int = 8787
     metrics_listen: str | None = None
     max_connections: int = 100
+    http_backend: str = "aiohttp"
+    """The HTTP transport under httpx for Work API requests: aiohttp (default, cheaper) or httpx's own."""
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -79,6 +81,8 @@ class SidecarConfig:
                 raise ValueError(f"{name.replace('_', '-')} must not be negative")
         if self.max_pollers < 1 or self.heartbeat_concurrency < 1:
             raise ValueError("max pollers and heartbeat concurrency must be at least 1")
+        if self.http_backend not in HTTP_BACKENDS:
+            raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
 

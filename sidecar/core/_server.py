@@ -84,6 +84,7 @@ class Sidecar:
                 base_url=self.api_url,
                 worker_id=config.worker_id,
                 max_connections=config.max_connections,
+                http_backend=config.http_backend,
             )
             self._exit.push_async_callback(self._client.aclose)
         client = self._client

@@ -23,10 +23,12 @@ from ._models import NO_HEARTBEAT, HeartbeatResult, LeaseSnapshot, QueueStats, W
 from ._providers import ANTHROPIC, PROVIDERS, QODER, CredentialStyle, Provider, get_provider
 from ._retry import CONFLICT_IS_TRANSIENT, RetryPolicies, RetryPolicy, is_retryable
 from ._secret import SecretDecodeError, SessionCredentials, WorkSecret
+from ._transport import HTTP_BACKENDS
 
 __all__ = [
     "ANTHROPIC",
     "CONFLICT_IS_TRANSIENT",
+    "HTTP_BACKENDS",
     "NO_HEARTBEAT",
     "PROVIDERS",
     "QODER",

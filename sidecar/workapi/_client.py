@@ -27,6 +27,7 @@ from ._errors import (
 from ._models import NO_HEARTBEAT, HeartbeatResult, ModelError, QueueStats, Work, WorkPage
 from ._providers import CredentialStyle, Provider, get_provider
 from ._retry import RetryPolicies, backoff_wait, is_retryable
+from ._transport import describe_failure, make_transport
 
 __all__ = ["Timeouts", "WorkApiClient"]
 
@@ -72,6 +73,7 @@ class WorkApiClient:
         timeouts: Timeouts | None = None,
         retry: RetryPolicies | None = None,
         max_connections: int = 100,
+        http_backend: str = "aiohttp",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.provider = get_provider(provider)
@@ -87,16 +89,17 @@ class WorkApiClient:
             headers["authorization"] = f"Bearer {api_key}"
         else:
             headers["x-api-key"] = api_key
+        # Few idle connections kept: httpcore checks every pooled connection (a socket poll each) on every
+        # request and response, so a pool grown to 100 by a burst of heartbeats made each later one cost ~100.
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=min(max_connections, KEEPALIVE_CONNECTIONS)
+        )
+        self.http_backend = http_backend if transport is None else "custom"
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=self.timeouts.httpx(),
-            # Few idle connections kept: httpcore checks every pooled connection (a socket poll each) on every
-            # request and response, so a pool grown to 100 by a burst of heartbeats made each later one cost ~100.
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=min(max_connections, KEEPALIVE_CONNECTIONS)
-            ),
-            transport=transport,
+            transport=transport or make_transport(http_backend, limits),
             follow_redirects=False,
         )
 
@@ -304,12 +307,12 @@ class WorkApiClient:
                     json=json,
                     timeout=self.timeouts.httpx(read=read_timeout),
                 )
-            except httpx.TimeoutException as exc:
-                span.failed(type(exc).__name__)
-                raise RequestTimeout(f"{operation} timed out ({type(exc).__name__})", operation=operation) from None
             except httpx.TransportError as exc:
-                span.failed(type(exc).__name__)
-                raise TransportError(f"{operation} failed: {type(exc).__name__}: {exc}", operation=operation) from None
+                timed_out, name = describe_failure(exc)
+                span.failed(name)
+                if timed_out:
+                    raise RequestTimeout(f"{operation} timed out ({name})", operation=operation) from None
+                raise TransportError(f"{operation} failed: {name}: {exc}", operation=operation) from None
             finally:
                 _telemetry.record_latency(operation, time.monotonic() - started)
             request_id = response.headers.get("request-id")

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from sidecar.emulator import Emulator, EmulatorSettings
-from sidecar.workapi import RetryPolicies, RetryPolicy, WorkApiClient
+from sidecar.workapi import HTTP_BACKENDS, RetryPolicies, RetryPolicy, WorkApiClient
 
 KEY = "sk-ant-oat01-test-environment-key"
 MANAGEMENT_KEY = "sk-ant-api03-test-management-key"
@@ -31,8 +31,16 @@ ClientFactory = Callable[..., Awaitable[WorkApiClient]]
 FAST = RetryPolicies(default=RetryPolicy(initial_backoff=0.05, max_backoff=0.2, deadline=5.0), per_operation={})
 
 
+@pytest.fixture(params=HTTP_BACKENDS)
+def http_backend(request: pytest.FixtureRequest) -> str:
+    """Every client test runs over both transports: errors, retries and timeouts must not depend on the one used."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def make_client(emulator: tuple[Emulator, str, httpx.AsyncClient]) -> AsyncIterator[ClientFactory]:
+async def make_client(
+    emulator: tuple[Emulator, str, httpx.AsyncClient], http_backend: str
+) -> AsyncIterator[ClientFactory]:
     _, url, _ = emulator
     clients: list[WorkApiClient] = []
 
@@ -43,6 +51,7 @@ async def make_client(emulator: tuple[Emulator, str, httpx.AsyncClient]) -> Asyn
             "environment_id": ENV,
             "base_url": url,
             "retry": FAST,
+            "http_backend": http_backend,
         }
         options.update(overrides)
         client = WorkApiClient(**options)

@@ -11,6 +11,7 @@ import pytest
 
 from sidecar.emulator import Emulator
 from sidecar.workapi import (
+    HTTP_BACKENDS,
     NO_HEARTBEAT,
     AuthenticationError,
     BadRequestError,
@@ -18,9 +19,11 @@ from sidecar.workapi import (
     LeaseLostError,
     NotFoundError,
     PermissionDeniedError,
+    RequestTimeout,
     RetryPolicies,
     RetryPolicy,
     ServerError,
+    Timeouts,
     TransportError,
     WorkApiClient,
 )
@@ -245,13 +248,38 @@ async def test_x_should_retry_false_is_final(emulator: Emu, make_client: ClientF
     assert len(await requests(admin, "stats")) == 1
 
 
-async def test_unreachable_api_is_a_transport_error() -> None:
+@pytest.mark.parametrize("http_backend", HTTP_BACKENDS)
+async def test_unreachable_api_is_a_transport_error(http_backend: str) -> None:
     fast = RetryPolicies(default=RetryPolicy(initial_backoff=0.01, max_backoff=0.02, deadline=0.5), per_operation={})
     async with WorkApiClient(
-        provider="anthropic", api_key="k", environment_id="env_1", base_url="http://127.0.0.1:9", retry=fast
+        provider="anthropic",
+        api_key="k",
+        environment_id="env_1",
+        base_url="http://127.0.0.1:9",
+        retry=fast,
+        http_backend=http_backend,
     ) as client:
-        with pytest.raises(TransportError):
+        with pytest.raises(TransportError) as caught:
             await client.stats()
+    assert not isinstance(caught.value, RequestTimeout), "refused is not a timeout"
+    assert caught.value.attempts > 1, "connection errors are retried"
+
+
+async def test_a_drop_and_a_timeout_are_told_apart(emulator: Emu, make_client: ClientFactory) -> None:
+    """Whatever the transport: a dropped connection is a TransportError, a slow answer a RequestTimeout."""
+    _, _, admin = emulator
+    once = RetryPolicies(default=RetryPolicy(max_attempts=1, deadline=5.0), per_operation={})
+    client = await make_client(retry=once, timeouts=Timeouts(read=0.3))
+    # Two drops: aiohttp itself resends an idempotent request once when a reused keep-alive connection turns
+    # out closed (RFC 9112 9.3.1); POSTs (ack, heartbeat, stop) it never resends.
+    await fault(admin, operation="stats", drop=True, count=2)
+    with pytest.raises(TransportError) as dropped:
+        await client.stats()
+    assert not isinstance(dropped.value, RequestTimeout), str(dropped.value)
+    (await admin.delete("/_emulator/faults")).raise_for_status()  # the second drop, where one was enough
+    await fault(admin, operation="stats", latency_ms=1500, count=1)
+    with pytest.raises(RequestTimeout):
+        await client.stats()
 
 
 def test_headers_per_provider() -> None:
