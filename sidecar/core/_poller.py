@@ -77,7 +77,7 @@ class Poller:
         return self._polls_in_flight
 
     def start(self) -> None:
-        self._spawn(self._poll_loop(primary=True))
+        self._start_poller(primary=True)
 
     async def stop(self) -> None:
         """Stop polling at once (in-flight polls are cancelled: what they would return is not acked)."""
@@ -85,51 +85,53 @@ class Poller:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_poller(self, *, primary: bool) -> None:
+        # Counted from the spawn to the task's end, not from when it first runs: two loops deciding in the same
+        # tick would otherwise both see room for one more and exceed max_pollers.
+        self._pollers += 1
+        self._spawn(self._poll_loop(primary=primary)).add_done_callback(self._poller_done)
+
+    def _poller_done(self, _task: asyncio.Task[None]) -> None:
+        self._pollers -= 1
 
     async def _poll_loop(self, *, primary: bool) -> None:
-        self._pollers += 1
-        try:
-            while not self._dispatcher.draining:
-                if primary:
-                    await self._wait_for_unpolled_capacity()
-                    if self._dispatcher.draining:
-                        return
-                elif self._dispatcher.free_capacity() <= self._polls_in_flight:
-                    return
-                work = await self._poll_once()
-                if work is None:
-                    if not primary:
-                        return
-                    continue
+        while not self._dispatcher.draining:
+            if primary:
+                await self._wait_for_unpolled_capacity()
                 if self._dispatcher.draining:
-                    log.info(
-                        "draining: not acking a polled item; the Work API will reclaim it", extra={"work_id": work.id}
-                    )
                     return
-                returned_at = time.monotonic()
-                if work.data.is_healthcheck:
-                    self._spawn(self._finish_healthcheck(work))
-                    continue
-                # Reserve the slot now, before this loop polls again, so a full sandbox never causes an
-                # extra poll whose item nobody could take.
-                watcher = self._dispatcher.reserve() or await self._wait_for_slot()
-                if watcher is None:
-                    log.info(
-                        "no watcher has a free slot: not acking; the Work API will reclaim the item",
-                        extra={"work_id": work.id},
-                    )
-                    continue
-                if self._pollers < self._config.max_pollers and (
-                    self._dispatcher.free_capacity() > self._polls_in_flight
-                ):
-                    self._spawn(self._poll_loop(primary=False))
-                self._spawn(self.hand_over(work, watcher, returned_at=returned_at))
-        finally:
-            self._pollers -= 1
+            elif self._dispatcher.free_capacity() <= self._polls_in_flight:
+                return
+            work = await self._poll_once()
+            if work is None:
+                if not primary:
+                    return
+                continue
+            if self._dispatcher.draining:
+                log.info("draining: not acking a polled item; the Work API will reclaim it", extra={"work_id": work.id})
+                return
+            returned_at = time.monotonic()
+            if work.data.is_healthcheck:
+                self._spawn(self._finish_healthcheck(work))
+                continue
+            # Reserve the slot now, before this loop polls again, so a full sandbox never causes an
+            # extra poll whose item nobody could take.
+            watcher = self._dispatcher.reserve() or await self._wait_for_slot()
+            if watcher is None:
+                log.info(
+                    "no watcher has a free slot: not acking; the Work API will reclaim the item",
+                    extra={"work_id": work.id},
+                )
+                continue
+            if self._pollers < self._config.max_pollers and (self._dispatcher.free_capacity() > self._polls_in_flight):
+                self._start_poller(primary=False)
+            self._spawn(self.hand_over(work, watcher, returned_at=returned_at))
 
     async def _wait_for_unpolled_capacity(self) -> None:
         """Wait until a free slot is not already covered by a poll in flight: a poll that returns an item nobody
