@@ -99,6 +99,7 @@ class WorkApiClient:
             base_url=self.base_url,
             headers=headers,
             timeout=self.timeouts.httpx(),
+            limits=limits,
             transport=transport or make_transport(http_backend, limits),
             follow_redirects=False,
         )

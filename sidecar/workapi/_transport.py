@@ -14,15 +14,25 @@ import httpx
 HTTP_BACKENDS = ("aiohttp", "httpx")
 
 
-def make_transport(backend: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    if backend == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        # trust_env=False: like the httpx transport here, no proxy or .netrc from the environment sneaks in
-        return AiohttpTransport(limits=limits, trust_env=False)
+def make_transport(backend: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
+    """The transport for `backend`; None means httpx's own (the client then applies `limits` and the environment's
+    proxies itself). Both honour HTTP(S)_PROXY / NO_PROXY and SSL_CERT_FILE / SSL_CERT_DIR, as httpx does."""
     if backend == "httpx":
-        return httpx.AsyncHTTPTransport(limits=limits)
-    raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}, not {backend!r}")
+        return None
+    if backend != "aiohttp":
+        raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}, not {backend!r}")
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+
+    ssl_context = httpx.create_ssl_context()
+
+    def session() -> aiohttp.ClientSession:  # made on first use, inside the running event loop
+        connector = aiohttp.TCPConnector(
+            limit=limits.max_connections or 0, keepalive_timeout=limits.keepalive_expiry, ssl=ssl_context
+        )
+        return aiohttp.ClientSession(connector=connector, trust_env=True)  # trust_env: HTTP(S)_PROXY, NO_PROXY
+
+    return AiohttpTransport(limits=limits, client=session)
 
 
 def describe_failure(exc: httpx.TransportError) -> tuple[bool, str]:

@@ -289,3 +289,19 @@ def test_headers_per_provider() -> None:
     assert headers["anthropic-beta"] == "managed-agents-2026-04-01" and headers["anthropic-worker-id"] == "w"
     assert qoder._http.headers["worker-id"] == "w" and "anthropic-version" not in qoder._http.headers
     assert "k1" not in repr(anthropic)
+
+
+async def test_proxies_from_the_environment_are_honoured(
+    emulator: Emu, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On both transports, HTTP_PROXY is used (here a dead one: the request fails) and NO_PROXY bypasses it."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    once = RetryPolicies(default=RetryPolicy(max_attempts=1, deadline=5.0), per_operation={})
+    through_proxy = await make_client(retry=once)
+    with pytest.raises(TransportError):
+        await through_proxy.stats()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = await make_client(retry=once)
+    assert (await direct.stats()).depth == 0
