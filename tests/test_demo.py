@@ -3,26 +3,21 @@ example sandbox takes and stops them all, and the grpcurl commands are printed."
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_make_run_demo_shows_the_whole_flow(tmp_path: Path) -> None:
     result = subprocess.run(
         [
             sys.executable, str(ROOT / "examples/python/demo.py"), "--once", "--items", "2",
-            "--socket", str(tmp_path / "demo.sock"), "--tcp", f"127.0.0.1:{_free_port()}",
-            "--emulator-port", str(_free_port()),
+            "--socket", str(tmp_path / "demo.sock"), "--tcp", f"127.0.0.1:{free_port()}",
+            "--emulator-port", str(free_port()),
         ],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -42,8 +37,8 @@ def test_sigterm_to_the_demo_stops_its_sidecar(tmp_path: Path) -> None:
     demo = subprocess.Popen(
         [
             sys.executable, str(ROOT / "examples/python/demo.py"), "--items", "1",
-            "--socket", str(tmp_path / "demo.sock"), "--tcp", f"127.0.0.1:{_free_port()}",
-            "--emulator-port", str(_free_port()),
+            "--socket", str(tmp_path / "demo.sock"), "--tcp", f"127.0.0.1:{free_port()}",
+            "--emulator-port", str(free_port()),
         ],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

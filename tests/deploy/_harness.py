@@ -8,7 +8,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from sidecar.cli import SERVE_FLAGS
 from sidecar.core import parse_listen
+from tests.helpers import eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -29,12 +29,6 @@ def serve_default(env_name: str) -> object:
     """The default `work-sidecar serve` uses when neither the flag nor `env_name` is set."""
     [flag] = [flag for flag in SERVE_FLAGS if flag.env == env_name]
     return flag.default
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -156,16 +150,20 @@ async def until_command_succeeds(
     run_as: RunAs | None = None,
 ) -> str:
     """Run the check every `interval` s until it exits 0; fail after `deadline` s or if the server died."""
-    end = time.monotonic() + deadline
     last: tuple[int, str] = (-1, "never ran")
-    while time.monotonic() < end:
+
+    async def succeeded() -> bool:
+        nonlocal last
         if served.process.returncode is not None:
             raise AssertionError(f"the sidecar exited ({served.process.returncode}): {served.stderr_lines[-5:]}")
         last = await run_command(argv, env, command_timeout, run_as)
-        if last[0] == 0:
-            return last[1]
-        await asyncio.sleep(interval)
-    raise AssertionError(f"{list(argv)} did not succeed within {deadline}s (last: {last}); {served.stderr_lines[-5:]}")
+        return last[0] == 0
+
+    try:
+        await eventually(succeeded, timeout=deadline, interval=interval, message=f"{list(argv)} did not succeed")
+    except AssertionError as failure:
+        raise AssertionError(f"{failure}; last: {last}; {served.stderr_lines[-5:]}") from None
+    return last[1]
 
 
 async def stop(served: Served, signal_name: str, within: float) -> tuple[int, float]:

@@ -21,7 +21,7 @@ from kubernetes_validate import utils as kv
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 from tests.core.conftest import ENV, KEY, Api, Watch
-from tests.helpers import eventually
+from tests.helpers import eventually, free_port
 
 from ._dockerfile import parse as parse_dockerfile
 from ._harness import (
@@ -29,7 +29,6 @@ from ._harness import (
     ROOT,
     AddressMap,
     base_environment,
-    free_port,
     run_as_kwargs,
     run_command,
     serve_default,

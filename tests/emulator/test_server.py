@@ -6,27 +6,20 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 
 import httpx
 import pytest
 
 from sidecar.emulator import Emulator, EmulatorSettings, EmulatorThread
+from tests.helpers import free_port
 
 from .conftest import ENV, KEY, QODER
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_serve_on_a_given_port_and_twice_in_a_row() -> None:
     emulator = Emulator(EmulatorSettings(key=KEY))
-    port = _free_port()
+    port = free_port()
     async with emulator.serve(port=port) as url:
         assert url == f"http://127.0.0.1:{port}" and emulator.url == url
         with pytest.raises(RuntimeError, match="already serving"):
