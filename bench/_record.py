@@ -5,10 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+R = TypeVar("R", bound="Recorder")
 
 
 class Recorder:
+    """One side's sandboxes (sidecar fleet or SDK workers): `start` them, `close` them, record what they see."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
     def __init__(self) -> None:
         self.assigned: dict[str, float] = {}
         """work id → time.monotonic() when the sandbox got it (sidecar: WorkAssigned; SDK: the handler ran)."""
@@ -46,3 +57,13 @@ class Recorder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
         return True
+
+
+@contextlib.asynccontextmanager
+async def started(side: R) -> AsyncIterator[R]:
+    """`side` started for the `async with` block, and closed after it (also when starting it failed)."""
+    try:
+        await side.start()
+        yield side
+    finally:
+        await side.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
@@ -29,7 +28,7 @@ from anthropic.lib.environments._worker import (
 )
 
 from ._procs import KEY
-from ._record import Recorder
+from ._record import Recorder, started
 
 
 class BenchWorker(EnvironmentWorker):
@@ -125,11 +124,7 @@ class SdkFleet(Recorder):
             await client.close()
 
 
-@contextlib.asynccontextmanager
-async def sdk_fleet(url: str, environment_id: str, workers: int, hold: float = 0.0) -> AsyncIterator[SdkFleet]:
-    running = SdkFleet(url, environment_id, workers, hold)
-    try:
-        await running.start()
-        yield running
-    finally:
-        await running.close()
+def sdk_fleet(
+    url: str, environment_id: str, workers: int, hold: float = 0.0
+) -> contextlib.AbstractAsyncContextManager[SdkFleet]:
+    return started(SdkFleet(url, environment_id, workers, hold))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -18,7 +18,7 @@ import grpc
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 
-from ._record import Recorder
+from ._record import Recorder, started
 
 STREAMS_PER_CHANNEL = 25
 
@@ -89,11 +89,7 @@ class Fleet(Recorder):
             await channel.close()
 
 
-@contextlib.asynccontextmanager
-async def fleet(target: str, streams: int, max_in_flight: int = 1, hold: float | None = 0.0) -> AsyncIterator[Fleet]:
-    running = Fleet(target, streams, max_in_flight, hold)
-    try:
-        await running.start()
-        yield running
-    finally:
-        await running.close()
+def fleet(
+    target: str, streams: int, max_in_flight: int = 1, hold: float | None = 0.0
+) -> contextlib.AbstractAsyncContextManager[Fleet]:
+    return started(Fleet(target, streams, max_in_flight, hold))
