@@ -94,7 +94,6 @@ class WorkApiClient:
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=min(max_connections, KEEPALIVE_CONNECTIONS)
         )
-        self.http_backend = http_backend if transport is None else "custom"
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
