@@ -19,12 +19,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sidecar.core import LeasePolicy
+
 from ._procs import EmulatorProcess, LogEntry, percentile, sidecar
 from .sandboxes import fleet
 
-
-def heartbeat_interval(ttl: float) -> float:
-    return max(1.0, min(ttl / 2, 30.0))
+heartbeat_interval = LeasePolicy().heartbeat_interval  # the sidecar's own rule, not a copy of it
 
 
 class _HeartbeatTracker:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import logging
 import os
 import secrets
 import sys
@@ -16,16 +18,22 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "WORK_SIDECAR_"
+LOG_FORMATS = ("auto", "json", "text")
 
 
 @dataclass(frozen=True)
 class Flag:
+    """One `serve` flag and its `WORK_SIDECAR_*` variable. `setting` names the settings field it fills,
+    (class, field name): its default is read from there, so every default is declared once."""
+
     name: str
     help: str
     type: Any = str
     default: Any = None
     repeatable: bool = False
     choices: tuple[str, ...] | None = None
+    setting: str | None = None
+    """'Class.field' of `sidecar.core`'s settings (read only when needed: health probes never import the core)."""
 
     @property
     def env(self) -> str:
@@ -35,33 +43,55 @@ class Flag:
     def dest(self) -> str:
         return self.name.lstrip("-").replace("-", "_")
 
+    @property
+    def default_value(self) -> Any:
+        if self.setting is None:
+            return self.default
+        from . import core
+
+        kind, _, name = self.setting.partition(".")
+        found = next(f for f in dataclasses.fields(getattr(core, kind)) if f.name == name)
+        value = found.default
+        if isinstance(value, tuple):
+            return list(value)
+        if name == "socket_mode":
+            return f"{value:04o}"
+        if name == "release_ttl_seconds":
+            return value or 0
+        return value
+
 
 SERVE_FLAGS: tuple[Flag, ...] = (
-    Flag("--provider", "Work API flavour", default="anthropic", choices=("anthropic", "qoder")),
+    Flag("--provider", "Work API flavour", choices=("anthropic", "qoder"), setting="WorkApiSettings.provider"),
     Flag("--api-url", "Work API base URL; when absent the embedded emulator is started (demo mode)"),
     Flag("--environment-id", "the environment to serve (default with the emulator: env_local)"),
     Flag("--api-key", "Work API key (prefer the environment variable); generated for the emulator"),
-    Flag("--listen", "unix:///path or host:port, repeatable (env: comma-separated)", repeatable=True),
-    Flag("--socket-mode", "permissions of Unix sockets: 0600 (this user) or 0660 (also its group)", default="0600"),
-    Flag("--drain-timeout", "seconds to let leases finish after SIGTERM", type=float, default=30.0),
-    Flag("--ttl", "lease TTL in seconds asked for with every heartbeat", type=int, default=60),
+    Flag("--listen", "unix:///path or host:port, repeatable (env: comma-separated)", repeatable=True,
+         setting="ServerSettings.listen"),
+    Flag("--socket-mode", "permissions of Unix sockets: 0600 (this user) or 0660 (also its group)",
+         setting="ServerSettings.socket_mode"),
+    Flag("--drain-timeout", "seconds to let leases finish after SIGTERM", type=float,
+         setting="ServerSettings.drain_timeout"),
+    Flag("--ttl", "lease TTL in seconds asked for with every heartbeat", type=int, setting="LeasePolicy.ttl_seconds"),
     Flag("--liveness-window", "a lease without a WatchWork stream needs a KeepAlive ping this often (s)",
-         type=float, default=30.0),
+         type=float, setting="LeasePolicy.liveness_window"),
     Flag("--reattach-grace", "seconds a gone sandbox has to re-attach before its leases are released",
-         type=float, default=30.0),
-    Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int, default=10),
-    Flag("--max-pollers", "parallel long polls while items keep coming", type=int, default=4),
-    Flag("--poll-block-ms", "long poll block_ms (1..999)", type=int, default=999),
+         type=float, setting="LeasePolicy.reattach_grace"),
+    Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int,
+         setting="LeasePolicy.release_ttl_seconds"),
+    Flag("--max-pollers", "parallel long polls while items keep coming", type=int, setting="PollPolicy.max_pollers"),
+    Flag("--poll-block-ms", "long poll block_ms (1..999)", type=int, setting="PollPolicy.block_ms"),
     Flag("--unclaimed-wait", "seconds a polled item waits for a free sandbox slot before it is left unacked",
-         type=float, default=2.0),
+         type=float, setting="PollPolicy.unclaimed_wait"),
     Flag("--auth-token",
          "bearer token required on every call but health and reflection (required on non-loopback TCP)"),
     Flag("--worker-id", "worker id sent to the Work API (default: random per process)"),
-    Flag("--http-backend", "HTTP transport for Work API requests: aiohttp (cheaper) or httpx", default="aiohttp",
-         choices=("aiohttp", "httpx")),
-    Flag("--keepalive-time", "seconds between HTTP/2 keepalive pings on idle connections", type=float, default=30.0),
+    Flag("--http-backend", "HTTP transport for Work API requests: aiohttp (cheaper) or httpx",
+         choices=("aiohttp", "httpx"), setting="WorkApiSettings.http_backend"),
+    Flag("--keepalive-time", "seconds between HTTP/2 keepalive pings on idle connections", type=float,
+         setting="ServerSettings.keepalive_time"),
     Flag("--log-format", "auto (text on a TTY, else JSON), json or text", default="auto",
-         choices=("auto", "json", "text")),
+         choices=LOG_FORMATS),
     Flag("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO"),
     Flag("--emulator-port", "port of the embedded emulator (0: any free port)", type=int, default=8787),
     Flag("--metrics-listen", "host:port for a Prometheus scrape endpoint (off by default)"),
@@ -77,7 +107,7 @@ def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
             choices=flag.choices,
             action="append" if flag.repeatable else "store",
             default=None,
-            help=f"{flag.help} [env {flag.env}]" + (f" (default {flag.default})" if flag.default is not None else ""),
+            help=_help(flag),
         )
 
 
@@ -96,8 +126,16 @@ def _resolve(ns: argparse.Namespace, flags: Sequence[Flag], environ: dict[str, s
                     raise SystemExit(f"work-sidecar: {flag.env}={raw!r} is not a valid {flag.type.__name__}") from None
                 if flag.choices and value not in flag.choices:
                     raise SystemExit(f"work-sidecar: {flag.env} must be one of {', '.join(flag.choices)}")
-        values[flag.dest] = flag.default if value is None else value
+        values[flag.dest] = flag.default_value if value is None else value
     return values
+
+
+def _help(flag: Flag) -> str:
+    default = flag.default_value
+    if default is None:
+        return f"{flag.help} [env {flag.env}]"
+    shown = ",".join(default) if isinstance(default, list) else str(default)
+    return f"{flag.help} [env {flag.env}] (default {shown})"
 
 
 def _octal(raw: str, name: str) -> int:
@@ -107,11 +145,12 @@ def _octal(raw: str, name: str) -> int:
         raise SystemExit(f"work-sidecar: {name} takes an octal mode such as 0600, not {raw!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="work-sidecar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the sidecar")
-    _add_flags(serve, SERVE_FLAGS)
+    if serve_flags:  # off for `health`, so a probe does not import the core
+        _add_flags(serve, SERVE_FLAGS)
     sub.add_parser("emulator", help="run the local Work API emulator", add_help=False)
     health = sub.add_parser("health", help="gRPC health check of a running sidecar (exit 0 when SERVING)")
     health.add_argument("--sidecar", required=True, help="unix:///path or host:port")
@@ -121,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve_config(values: dict[str, Any]) -> Any:
-    from .core import SidecarConfig
+def serve_settings(values: dict[str, Any]) -> Any:
+    """The core's settings from resolved flag values. With no --api-url, `api_url` stays empty: `_serve`
+    starts the demo emulator and fills it in."""
+    from .core import LeasePolicy, PollPolicy, ServerSettings, SidecarSettings, WorkApiSettings
 
     emulated = not values["api_url"]
     api_key = values["api_key"] or (secrets.token_urlsafe(24) if emulated else None)
@@ -131,46 +172,73 @@ def serve_config(values: dict[str, Any]) -> Any:
     environment_id = values["environment_id"] or ("env_local" if emulated else None)
     if not environment_id:
         raise SystemExit("work-sidecar: --environment-id (or WORK_SIDECAR_ENVIRONMENT_ID) is required")
-    return SidecarConfig(
-        environment_id=environment_id,
-        api_key=api_key,
-        provider=values["provider"],
-        api_url=values["api_url"] or None,
-        listen=tuple(values["listen"] or ("127.0.0.1:50051",)),
-        socket_mode=_octal(values["socket_mode"], "--socket-mode"),
-        drain_timeout=values["drain_timeout"],
-        ttl_seconds=values["ttl"],
-        liveness_window=values["liveness_window"],
-        reattach_grace=values["reattach_grace"],
-        release_ttl_seconds=values["release_ttl"] or None,
-        max_pollers=values["max_pollers"],
-        poll_block_ms=values["poll_block_ms"],
-        unclaimed_wait=values["unclaimed_wait"],
-        auth_token=values["auth_token"] or None,
-        worker_id=values["worker_id"] or None,
-        keepalive_time=values["keepalive_time"],
-        http_backend=values["http_backend"],
-        log_format=values["log_format"],
-        log_level=values["log_level"],
-        emulator_port=values["emulator_port"],
-        metrics_listen=values["metrics_listen"] or None,
+    return SidecarSettings(
+        work_api=WorkApiSettings(
+            environment_id=environment_id,
+            api_key=api_key,
+            api_url=values["api_url"] or "",
+            provider=values["provider"],
+            worker_id=values["worker_id"] or None,
+            http_backend=values["http_backend"],
+        ),
+        server=ServerSettings(
+            listen=tuple(values["listen"]),
+            socket_mode=_octal(values["socket_mode"], "--socket-mode"),
+            auth_token=values["auth_token"] or None,
+            keepalive_time=values["keepalive_time"],
+            drain_timeout=values["drain_timeout"],
+        ),
+        leases=LeasePolicy(
+            ttl_seconds=values["ttl"],
+            liveness_window=values["liveness_window"],
+            reattach_grace=values["reattach_grace"],
+            release_ttl_seconds=values["release_ttl"] or None,
+        ),
+        polling=PollPolicy(
+            block_ms=values["poll_block_ms"],
+            max_pollers=values["max_pollers"],
+            unclaimed_wait=values["unclaimed_wait"],
+        ),
     )
 
 
 def _serve(ns: argparse.Namespace) -> int:
     from ._logging import configure_logging
-    from .core import Sidecar
 
     values = _resolve(ns, SERVE_FLAGS, dict(os.environ))
+    if values["log_format"] not in LOG_FORMATS:
+        raise SystemExit(f"work-sidecar: --log-format must be one of {', '.join(LOG_FORMATS)}")
     try:
-        config = serve_config(values)
+        settings = serve_settings(values)
     except ValueError as exc:
         raise SystemExit(f"work-sidecar: {exc}") from None
-    configure_logging(fmt=config.log_format, level=config.log_level, secrets=[config.api_key, config.auth_token])
+    configure_logging(
+        fmt=values["log_format"],
+        level=values["log_level"],
+        secrets=[settings.work_api.api_key, settings.server.auth_token],
+    )
     from .telemetry import setup_telemetry
 
-    with setup_telemetry(config):
-        return asyncio.run(Sidecar(config).run())
+    with setup_telemetry(values["metrics_listen"] or None):
+        return asyncio.run(_run_sidecar(settings, emulator_port=values["emulator_port"]))
+
+
+async def _run_sidecar(settings: Any, *, emulator_port: int) -> int:
+    """The composition: the demo emulator when no Work API URL was given, then the sidecar on it."""
+    from .core import Sidecar
+
+    if settings.work_api.api_url:
+        return await Sidecar(settings).run()
+    from .emulator import Emulator, EmulatorSettings
+
+    emulator = Emulator(EmulatorSettings(key=settings.work_api.api_key))
+    async with emulator.serve(host="127.0.0.1", port=emulator_port) as url:
+        logging.getLogger("sidecar").warning(
+            "no --api-url given: started the embedded Work API emulator (for demos and tests, not production)",
+            extra={"api_url": url, "environment_id": settings.work_api.environment_id},
+        )
+        work_api = dataclasses.replace(settings.work_api, api_url=url)
+        return await Sidecar(dataclasses.replace(settings, work_api=work_api)).run()
 
 
 def _health(ns: argparse.Namespace) -> int:
@@ -207,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .exec import main as exec_main
 
         return int(exec_main(argv[1:]))
-    ns = build_parser().parse_args(argv)
+    ns = build_parser(serve_flags=argv[:1] != ["health"]).parse_args(argv)
     if ns.command == "serve":
         return _serve(ns)
     if ns.command == "health":

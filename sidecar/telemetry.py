@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import metrics, trace
 
@@ -106,7 +106,9 @@ def _resource(environ: Mapping[str, str]) -> Resource:
 
 
 @contextmanager
-def setup_telemetry(config: Any, environ: Mapping[str, str] | None = None) -> Iterator[None]:
+def setup_telemetry(metrics_listen: str | None = None, environ: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Install OpenTelemetry providers from the OTEL_* variables (and a Prometheus endpoint on `metrics_listen`)
+    for the duration of the block; with nothing configured, install nothing."""
     environ = os.environ if environ is None else environ
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
@@ -121,7 +123,6 @@ def setup_telemetry(config: Any, environ: Mapping[str, str] | None = None) -> It
         trace.set_tracer_provider(tracer_provider)
         _state["tracing"] = True
     readers = [_metric_reader(name, environ) for name in _names("OTEL_METRICS_EXPORTER", environ, "METRICS")]
-    metrics_listen = getattr(config, "metrics_listen", None)
     if metrics_listen:
         readers.append(_prometheus(metrics_listen))
     if readers:

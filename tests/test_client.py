@@ -13,7 +13,7 @@ import pytest
 
 from sidecar.client import Assignment, SidecarClient
 from sidecar.work.v1 import work_service_pb2 as pb
-from tests.core.conftest import Api, SidecarFactory
+from tests.core.conftest import Api, Running, SidecarFactory
 from tests.helpers import eventually
 
 
@@ -27,7 +27,7 @@ async def test_leaving_the_block_stops_the_item(api: Api, start_sidecar: Sidecar
     async with SidecarClient(running.address, sandbox_id="sb-client", keepalive_interval=0.2) as client:
         assignments = client.assignments(max_in_flight=1)
         pending = asyncio.ensure_future(_first(assignments))
-        await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 1)
+        await eventually(lambda: _capacity_is(running, 1))
         (queued,) = await api.enqueue(1)
         item = await pending
         assert item.work_id == queued["id"] and item.lease_token
@@ -50,7 +50,7 @@ async def test_stop_request_and_lost_lease_reach_the_item(api: Api, start_sideca
     async with SidecarClient(running.address, keepalive_interval=0.2) as client:
         assignments = client.assignments(max_in_flight=2)
         pending = asyncio.ensure_future(_first(assignments))
-        await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 2)
+        await eventually(lambda: _capacity_is(running, 2))
         await api.enqueue(2)
         first = await pending
         second = await _first(assignments)
@@ -77,7 +77,7 @@ async def test_a_failed_stop_is_raised(api: Api, start_sidecar: SidecarFactory) 
     async with SidecarClient(running.address, keepalive_interval=0.2) as client:
         assignments = client.assignments()
         pending = asyncio.ensure_future(_first(assignments))
-        await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 1)
+        await eventually(lambda: _capacity_is(running, 1))
         await api.enqueue(1)
         item = await pending
         await api.fault(operation="stop", count=100, status=500)
@@ -87,3 +87,9 @@ async def test_a_failed_stop_is_raised(api: Api, start_sidecar: SidecarFactory) 
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         await api.clear_faults()
         await assignments.aclose()
+
+
+async def _capacity_is(running: Running, expected: int) -> bool:
+    """Seen through the sidecar's public stats, not its internals."""
+    stats = await running.stub.GetQueueStats(pb.GetQueueStatsRequest())
+    return stats.sidecar.free_capacity == expected

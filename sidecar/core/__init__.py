@@ -1,16 +1,24 @@
-"""The sidecar core: a gRPC WorkService that owns polling, acking and heartbeat CAS for sandboxes."""
+"""The sidecar core: a gRPC WorkService that owns polling, acking and heartbeat CAS for sandboxes.
 
-from ._config import SidecarConfig, is_loopback, parse_listen
-from ._leaser import heartbeat_interval
-from ._server import SERVICE_NAME, Sidecar
+See ARCHITECTURE.md at the top of the repository for the modules and who owns which state.
+"""
+
+from ._config import ServerSettings, SidecarSettings, WorkApiSettings, is_loopback, parse_listen
+from ._policy import Backoff, LeasePolicy, PollPolicy
+from ._server import SERVICE_NAME, Lifecycle, Sidecar
 from ._status import DOMAIN as ERROR_DOMAIN
 
 __all__ = [
     "ERROR_DOMAIN",
     "SERVICE_NAME",
+    "Backoff",
+    "LeasePolicy",
+    "Lifecycle",
+    "PollPolicy",
+    "ServerSettings",
     "Sidecar",
-    "SidecarConfig",
-    "heartbeat_interval",
+    "SidecarSettings",
+    "WorkApiSettings",
     "is_loopback",
     "parse_listen",
 ]

@@ -1,54 +1,37 @@
-"""The sidecar's configuration: one frozen dataclass, validated once at start-up."""
+"""The sidecar's settings: one small frozen dataclass per component, validated once at start-up.
+
+    WorkApiSettings   → the Work API client (where, who, how)
+    ServerSettings    → the gRPC server (listeners, auth, keepalive, drain)
+    LeasePolicy       → the lease keeper and the hand-over       (_policy.py)
+    PollPolicy        → the poller                               (_policy.py)
+
+`SidecarSettings` bundles the four for the composition root. Logging, telemetry exporters and the demo
+emulator are the CLI's business and not here. Secrets are kept out of repr.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..workapi import HTTP_BACKENDS, PROVIDERS
-
-LOG_FORMATS = ("auto", "json", "text")
+from ._policy import LeasePolicy, PollPolicy
 
 
 @dataclass(frozen=True, slots=True)
-class SidecarConfig:
-    """Everything `work-sidecar serve` can be told. Secrets are kept out of repr."""
+class WorkApiSettings:
+    """Which Work API, which environment, with which key."""
 
     environment_id: str
     api_key: str = field(repr=False)
+    api_url: str = ""
+    """Base URL of the Work API ('' means the provider's default). The CLI starts its demo emulator and puts
+    that emulator's URL here when it is given none: the core itself never starts an emulator."""
     provider: str = "anthropic"
-    api_url: str | None = None
-    """None: start the embedded Work API emulator and use it."""
-    listen: tuple[str, ...] = ("127.0.0.1:50051",)
-    socket_mode: int = 0o600
-    """Permissions of the Unix sockets: 0o600 (only this user may connect) or 0o660 (its group too)."""
-    drain_timeout: float = 30.0
-    ttl_seconds: int = 60
-    """The lease TTL asked for with every heartbeat (the Work API clamps it)."""
-    liveness_window: float = 30.0
-    """A lease whose WatchWork stream is gone stays alive while KeepAlive pings it at least this often."""
-    reattach_grace: float = 30.0
-    """After a sandbox disappears, how long its leases wait for it to re-attach before they are released."""
-    release_ttl_seconds: int | None = 10
-    """On release, one last heartbeat asks for this TTL so the item returns to the queue sooner (None: skip)."""
-    poll_block_ms: int = 999
-    max_pollers: int = 4
-    """Upper bound of parallel long polls while items keep coming (one when the queue is empty)."""
-    reclaim_older_than_ms: int | None = None
-    unclaimed_wait: float = 2.0
-    """An item polled while no sandbox had a free slot (one left as the poll returned) waits this long for a
-    slot before it is left unacked for the Work API to reclaim (0: leave it at once)."""
-    first_heartbeat_timeout: float = 30.0
-    """How long the claiming heartbeat (NO_HEARTBEAT, right after ack) may keep retrying."""
-    heartbeat_concurrency: int = 256
-    auth_token: str | None = field(default=None, repr=False)
     worker_id: str | None = None
-    keepalive_time: float = 30.0
-    """Seconds between the server's HTTP/2 keepalive pings on idle connections."""
-    log_format: str = "auto"
-    log_level: str = "INFO"
-    emulator_port: int = 8787
-    metrics_listen: str | None = None
+    """Worker id sent to the Work API (default: random per process)."""
     max_connections: int = 100
     http_backend: str = "aiohttp"
     """The HTTP transport under httpx for Work API requests: aiohttp (default, cheaper) or httpx's own."""
@@ -58,6 +41,26 @@ class SidecarConfig:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}")
         if not self.environment_id:
             raise ValueError("an environment id is required")
+        if self.http_backend not in HTTP_BACKENDS:
+            raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
+        if self.max_connections < 2:
+            raise ValueError("max connections must be at least 2")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The local gRPC server the sandboxes talk to."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:50051",)
+    socket_mode: int = 0o600
+    """Permissions of the Unix sockets: 0o600 (only this user may connect) or 0o660 (its group too)."""
+    auth_token: str | None = field(default=None, repr=False)
+    keepalive_time: float = 30.0
+    """Seconds between the server's HTTP/2 keepalive pings on idle connections."""
+    drain_timeout: float = 30.0
+    """After SIGTERM, how long leases may run on before the rest are released (s)."""
+
+    def __post_init__(self) -> None:
         if not self.listen:
             raise ValueError("at least one --listen address is required")
         for address in self.listen:
@@ -72,19 +75,42 @@ class SidecarConfig:
                 f"socket mode {self.socket_mode:#o}: use 0600 or 0660 (any local user who can open the socket "
                 "can take work: for more, listen on TCP with --auth-token)"
             )
-        if not 1 <= self.poll_block_ms <= 999:
-            raise ValueError("poll block must be 1..999 ms")
-        if self.ttl_seconds <= 0:
-            raise ValueError("--ttl must be positive")
-        for name in ("drain_timeout", "liveness_window", "reattach_grace", "first_heartbeat_timeout", "unclaimed_wait"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', '-')} must not be negative")
-        if self.max_pollers < 1 or self.heartbeat_concurrency < 1:
-            raise ValueError("max pollers and heartbeat concurrency must be at least 1")
-        if self.http_backend not in HTTP_BACKENDS:
-            raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
-        if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+        if self.drain_timeout < 0:
+            raise ValueError("drain-timeout must not be negative")
+        if self.keepalive_time <= 0:
+            raise ValueError("keepalive-time must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarSettings:
+    """Everything the core needs, one part per component."""
+
+    work_api: WorkApiSettings
+    server: ServerSettings = field(default_factory=ServerSettings)
+    leases: LeasePolicy = field(default_factory=LeasePolicy)
+    polling: PollPolicy = field(default_factory=PollPolicy)
+
+    @classmethod
+    def of(cls, **values: Any) -> SidecarSettings:
+        """Build from flat field names (`ttl_seconds=2, listen=(…), api_url=…`): each goes to the one part
+        that declares it. Unknown names raise TypeError."""
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _PARTS}
+        for name, value in values.items():
+            part = _OWNER.get(name)
+            if part is None:
+                raise TypeError(f"no setting named {name!r}")
+            parts[part][name] = value
+        return cls(**{name: kind(**parts[name]) for name, kind in _PARTS.items()})
+
+
+_PARTS: dict[str, Any] = {
+    "work_api": WorkApiSettings,
+    "server": ServerSettings,
+    "leases": LeasePolicy,
+    "polling": PollPolicy,
+}
+_OWNER: dict[str, str] = {f.name: part for part, kind in _PARTS.items() for f in dataclasses.fields(kind)}
+assert len(_OWNER) == sum(len(dataclasses.fields(kind)) for kind in _PARTS.values()), "setting names are unique"
 
 
 def parse_listen(address: str) -> tuple[str, str]:

@@ -5,18 +5,26 @@ no more than `max_items - given - reserved`). A watcher is *reserved*
 for an item from the moment the poller picks it until the item is assigned or dropped, so parallel
 polls never promise the same slot twice. Choice is fair: the least loaded watcher (held/max) wins,
 ties go to the one that waited longest since its last assignment.
+
+The dispatcher also observes the leases (it is a `LeaseObserver`): a lease that ends frees its watcher's
+slot and, when the sandbox does not know yet, sends it `LeaseLost`; a stop request sends `StopRequested`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..work.v1 import work_service_pb2 as pb
 
-log = logging.getLogger("sidecar.dispatcher")
+if TYPE_CHECKING:
+    from ..workapi import HeartbeatResult
+    from ._lease import Lease
+
+SILENT_REASONS = frozenset({pb.LEASE_LOST_REASON_UNSPECIFIED, pb.LEASE_LOST_REASON_SANDBOX_GONE})
+"""Ends the sandbox is not told about with LeaseLost: a plain stop (it asked for it) and its own absence."""
 
 
 @dataclass(eq=False, slots=True)
@@ -129,6 +137,33 @@ class Dispatcher:
     def send(self, watcher: Watcher, event: pb.WatchWorkResponse) -> None:
         if not watcher.closed:
             watcher.queue.put_nowait(event)
+
+    # -- lease transitions (LeaseObserver) ----------------------------------------------------------------
+
+    def claimed(self, lease: Lease) -> None:
+        pass
+
+    def assigned(self, lease: Lease) -> None:
+        pass
+
+    def renewed(self, lease: Lease, result: HeartbeatResult) -> None:
+        pass
+
+    def stop_requested(self, lease: Lease) -> None:
+        if lease.watcher is not None and not lease.stop_notified:
+            event = pb.StopRequested(work_id=lease.work_id)
+            event.requested_at.GetCurrentTime()
+            self.send(lease.watcher, pb.WatchWorkResponse(stop_requested=event))
+
+    def ended(self, lease: Lease) -> None:
+        watcher = lease.watcher
+        if watcher is None:
+            return
+        if lease.lost_reason not in SILENT_REASONS:
+            event = pb.LeaseLost(work_id=lease.work_id, reason=lease.lost_reason, message=lease.lost_message)  # type: ignore[arg-type]
+            self.send(watcher, pb.WatchWorkResponse(lease_lost=event))
+        self.release(watcher, lease.work_id)
+        self.finish_watcher_if_idle(watcher)
 
     # -- drain --------------------------------------------------------------------------------------
 

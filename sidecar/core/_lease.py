@@ -1,8 +1,23 @@
-"""A lease the sidecar holds for a sandbox, and the table of leases with token checks.
+"""The lease state machine: one owner (`Leases`) for every lease the sidecar holds.
 
 The sidecar is the only holder of a lease towards the Work API; the sandbox holds a `lease_token`, a
-random capability that authorizes calls on that one item. Ended leases leave a tombstone for a while,
-so a sandbox that re-attaches late learns how its lease ended instead of getting a bare error.
+random capability that authorizes calls on that one item.
+
+    claimed ──assign──▶ assigned ──renewed──▶ …            (ACTIVE)
+       │                   │
+       │                   └──request_stop──▶ STOP_REQUESTED
+       └───────────────────┴──────end(reason)──▶ STOPPED | LOST   (final)
+
+Invariants, enforced here and nowhere else:
+- a lease is in the table exactly while it is held: `claim` puts it there, `end` takes it out;
+- an ended lease never renews, never changes state again and never re-enters the table: a new claim of the
+  same item makes a new lease with a new token (and ends a stale one still held under that id);
+- only this module assigns a `Lease`'s fields (a test checks the source for it).
+
+Every transition is reported to the observers (`LeaseObserver`): one turns them into metrics, span events
+and log lines (`_observer.py`), another tells the sandbox's WatchWork stream (`_handover.WatcherNotifier`).
+KeepAlive streams follow a lease through `subscribe`. Ended leases leave a tombstone for a while, so a
+sandbox that re-attaches late learns how its lease ended instead of getting a bare error.
 """
 
 from __future__ import annotations
@@ -12,13 +27,13 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..work.v1 import work_service_pb2 as pb
-from ..workapi import Work, WorkSecret
+from ..workapi import HeartbeatResult, Work, WorkSecret
 from ._convert import timestamp
 
 if TYPE_CHECKING:
@@ -27,30 +42,31 @@ if TYPE_CHECKING:
     from ._dispatcher import Watcher
 
 ENDED_STATES = (pb.LEASE_STATE_LOST, pb.LEASE_STATE_STOPPED)
+UNSPECIFIED = pb.LEASE_LOST_REASON_UNSPECIFIED
 
 
 @dataclass(eq=False, slots=True)
 class Lease:
+    """One held (or ended) lease. Read its fields anywhere; change them only through `Leases`."""
+
     work: Work
     token: str = field(repr=False)
     secret: WorkSecret | None = field(repr=False)
     last_heartbeat: str = field(repr=False)
+    """The compare-and-swap value: echoed exactly in the next heartbeat."""
     ttl_seconds: int
     last_success: float
     """time.monotonic() when the last successful heartbeat was *sent* (conservative for fencing)."""
     expires_at: datetime
-    watcher: Watcher | None = None
-    state: int = pb.LEASE_STATE_ACTIVE
-    lost_reason: int = pb.LEASE_LOST_REASON_UNSPECIFIED
-    lost_message: str = ""
-    subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)
-    last_ping: float | None = None
-    orphaned_since: float | None = None
-    liveness_timer: asyncio.TimerHandle | None = None
-    stop_notified: bool = False
     span: Span | None = None
+    watcher: Watcher | None = None
     sandbox_id: str = ""
-    assigned_at: float = field(default_factory=time.monotonic)
+    state: int = pb.LEASE_STATE_ACTIVE
+    lost_reason: int = UNSPECIFIED
+    lost_message: str = ""
+    stop_notified: bool = False
+    """The sandbox knows a stop was requested (it was told, or it asked for the stop itself)."""
+    claimed_at: float = field(default_factory=time.monotonic)
 
     @property
     def work_id(self) -> str:
@@ -60,12 +76,11 @@ class Lease:
     def ended(self) -> bool:
         return self.state in ENDED_STATES
 
-    def renewed(self, last_heartbeat: str, ttl_seconds: int, sent_at: float) -> None:
-        self.last_heartbeat = last_heartbeat
-        if ttl_seconds > 0:
-            self.ttl_seconds = ttl_seconds
-        self.last_success = sent_at
-        self.expires_at = datetime.now(UTC) + timedelta(seconds=self.ttl_seconds - (time.monotonic() - sent_at))
+    @property
+    def fence_at(self) -> float:
+        """The monotonic instant from which someone else may hold the item: a whole TTL after the last
+        successful heartbeat was sent."""
+        return self.last_success + self.ttl_seconds
 
     def status(self) -> pb.Lease:
         message = pb.Lease(
@@ -81,11 +96,15 @@ class Lease:
                 message.expires_at.CopyFrom(ts)
         return message
 
-    def publish(self) -> None:
-        """Push the current status to every KeepAlive stream that follows this lease."""
-        response = pb.KeepAliveResponse(lease=self.status())
-        for queue in self.subscribers:
-            queue.put_nowait(response)
+
+class LeaseObserver(Protocol):
+    """Hears every transition, after it happened. Observers must not raise."""
+
+    def claimed(self, lease: Lease) -> None: ...
+    def assigned(self, lease: Lease) -> None: ...
+    def renewed(self, lease: Lease, result: HeartbeatResult) -> None: ...
+    def stop_requested(self, lease: Lease) -> None: ...
+    def ended(self, lease: Lease) -> None: ...
 
 
 class LeaseTable:
@@ -96,15 +115,11 @@ class LeaseTable:
         self._ended: OrderedDict[str, Lease] = OrderedDict()
         self._tombstones = tombstones
 
-    @staticmethod
-    def new_token() -> str:
-        return secrets.token_urlsafe(24)
-
-    def add(self, lease: Lease) -> None:
+    def _add(self, lease: Lease) -> None:
         self._live[lease.work_id] = lease
         self._ended.pop(lease.work_id, None)
 
-    def remove(self, lease: Lease) -> None:
+    def _remove(self, lease: Lease) -> None:
         if self._live.get(lease.work_id) is lease:
             del self._live[lease.work_id]
         self._ended[lease.work_id] = lease
@@ -120,11 +135,162 @@ class LeaseTable:
             return None
         return lease
 
+    def get(self, work_id: str) -> Lease | None:
+        return self._live.get(work_id)
+
     def __len__(self) -> int:
         return len(self._live)
 
     def __iter__(self) -> Iterator[Lease]:
         return iter(list(self._live.values()))
 
+
+class Leases:
+    """The owner of every lease: the table, the transitions, the KeepAlive subscribers."""
+
+    def __init__(self, observers: Sequence[LeaseObserver] = (), table: LeaseTable | None = None) -> None:
+        self.table = table or LeaseTable()
+        self._observers = list(observers)
+        self._subscribers: dict[Lease, set[asyncio.Queue[Any]]] = {}
+        self._all_ended = asyncio.Event()
+        self._all_ended.set()
+
+    def observe(self, observer: LeaseObserver) -> None:
+        self._observers.append(observer)
+
+    # -- transitions --------------------------------------------------------------------------------
+
+    def claim(
+        self, work: Work, result: HeartbeatResult, *, sent_at: float, ttl_seconds: int, span: Span | None = None
+    ) -> Lease:
+        """The claiming heartbeat succeeded: the lease is held from now on, under a fresh token. `ttl_seconds`:
+        the TTL in force (the answer's, or the one asked for when the answer names none).
+
+        A lease still held under the same work id is stale (the Work API handed the item out again, so that
+        lease expired there): it ends as lost first, so its sandbox is told and its token stops working."""
+        stale = self.table.get(work.id)
+        if stale is not None:
+            self.end(
+                stale,
+                pb.LEASE_STATE_LOST,
+                pb.LEASE_LOST_REASON_EXPIRED,
+                "the Work API handed the item out again: this lease had expired there",
+            )
+        ttl = result.ttl_seconds or ttl_seconds
+        lease = Lease(
+            work=work,
+            token=secrets.token_urlsafe(24),
+            secret=work.secret,
+            last_heartbeat=result.last_heartbeat,
+            ttl_seconds=ttl,
+            last_success=sent_at,
+            expires_at=_expiry(ttl, sent_at),
+            span=span,
+        )
+        if result.state == "stopping":
+            lease.state = pb.LEASE_STATE_STOP_REQUESTED
+        self.table._add(lease)
+        self._all_ended.clear()
+        for observer in self._observers:
+            observer.claimed(lease)
+        return lease
+
+    def assign(self, lease: Lease, watcher: Watcher) -> None:
+        """Give a held lease to a watcher (its sandbox)."""
+        if lease.ended:
+            raise ValueError(f"lease on {lease.work_id} has ended; it cannot be assigned")
+        lease.watcher = watcher
+        lease.sandbox_id = watcher.sandbox_id
+        for observer in self._observers:
+            observer.assigned(lease)
+
+    def renewed(self, lease: Lease, result: HeartbeatResult, *, sent_at: float) -> bool:
+        """A heartbeat succeeded: record the new CAS value and expiry. False (nothing changes) once ended."""
+        if lease.ended:
+            return False
+        lease.last_heartbeat = result.last_heartbeat
+        if result.ttl_seconds > 0:
+            lease.ttl_seconds = result.ttl_seconds
+        lease.last_success = sent_at
+        lease.expires_at = _expiry(lease.ttl_seconds, sent_at)
+        for observer in self._observers:
+            observer.renewed(lease, result)
+        return True
+
+    def update_work(self, lease: Lease, work: Work) -> None:
+        """The Work API's latest view of the item (after a stop, say)."""
+        lease.work = work
+
+    def request_stop(self, lease: Lease, *, by_sandbox: bool = False) -> bool:
+        """ACTIVE → STOP_REQUESTED. `by_sandbox`: the sandbox asked for it, so it is not told again."""
+        if by_sandbox:
+            lease.stop_notified = True
+        if lease.state != pb.LEASE_STATE_ACTIVE:
+            return False
+        lease.state = pb.LEASE_STATE_STOP_REQUESTED
+        self._publish(lease)
+        for observer in self._observers:
+            observer.stop_requested(lease)
+        lease.stop_notified = True
+        return True
+
+    def end(self, lease: Lease, state: int, reason: int = UNSPECIFIED, message: str = "") -> bool:
+        """STOPPED or LOST, for good: out of the table, subscribers told. False if it had ended already."""
+        if lease.ended:
+            return False
+        if state not in ENDED_STATES:
+            raise ValueError(f"{state} is not a final lease state")
+        lease.state = state
+        lease.lost_reason = reason
+        lease.lost_message = message
+        self.table._remove(lease)
+        self._publish(lease)
+        self._subscribers.pop(lease, None)
+        for observer in self._observers:
+            observer.ended(lease)
+        if not self.table:
+            self._all_ended.set()
+        return True
+
+    def lose(self, lease: Lease, reason: int, message: str) -> bool:
+        return self.end(lease, pb.LEASE_STATE_LOST, reason, message)
+
+    # -- followers ----------------------------------------------------------------------------------
+
+    def subscribe(self, lease: Lease, queue: asyncio.Queue[Any]) -> None:
+        """Push every later status change of `lease` to `queue` (a KeepAlive stream)."""
+        if not lease.ended:
+            self._subscribers.setdefault(lease, set()).add(queue)
+
+    def unsubscribe(self, lease: Lease, queue: asyncio.Queue[Any]) -> None:
+        followers = self._subscribers.get(lease)
+        if followers is not None:
+            followers.discard(queue)
+
+    def _publish(self, lease: Lease) -> None:
+        followers = self._subscribers.get(lease)
+        if followers:
+            response = pb.KeepAliveResponse(lease=lease.status())
+            for queue in followers:
+                queue.put_nowait(response)
+
+    # -- queries ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self) -> Iterator[Lease]:
+        return iter(self.table)
+
     def get(self, work_id: str) -> Lease | None:
-        return self._live.get(work_id)
+        return self.table.get(work_id)
+
+    def authorize(self, work_id: str, token: str) -> Lease | None:
+        return self.table.authorize(work_id, token)
+
+    async def wait_all_ended(self) -> None:
+        await self._all_ended.wait()
+
+
+def _expiry(ttl_seconds: int, sent_at: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=ttl_seconds - (time.monotonic() - sent_at))

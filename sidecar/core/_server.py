@@ -1,4 +1,7 @@
-"""Assembles the sidecar: Work API client, leases, dispatcher, poller, the gRPC server; drains on SIGTERM.
+"""The composition root of the core: builds the components from their settings, serves, drains on SIGTERM.
+
+    poller ──▶ handover ──▶ leases (state machine) ◀── leaser (renewal), liveness, service (RPCs)
+                               └──▶ observers: telemetry, dispatcher (watcher streams), liveness
 
 Drain (first SIGTERM or SIGINT): health turns NOT_SERVING, polling stops at once (an item a cancelled
 poll would have returned is never acked, so the Work API reclaims it), every watcher gets `Draining`,
@@ -10,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import signal
 import stat
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -30,21 +32,24 @@ from ..work.v1 import work_service_pb2_grpc as pb_grpc
 from ..workapi import WorkApiClient
 from . import _telemetry as telemetry
 from ._auth import BearerTokenInterceptor
-from ._config import SidecarConfig, parse_listen
+from ._config import ServerSettings, SidecarSettings, parse_listen
 from ._dispatcher import Dispatcher
-from ._lease import LeaseTable
+from ._handover import HandOver
+from ._lease import Leases
 from ._leaser import Leaser
+from ._liveness import Liveness
 from ._poller import Poller
 from ._service import WorkService
 
 log = logging.getLogger("sidecar")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def server_options(config: SidecarConfig) -> list[tuple[str, int]]:
+def server_options(settings: SidecarSettings) -> list[tuple[str, int]]:
     """HTTP/2 keepalive that keeps long-lived streams alive through proxies and meshes."""
-    keepalive_ms = int(config.keepalive_time * 1000)
+    keepalive_ms = int(settings.server.keepalive_time * 1000)
     return [
         ("grpc.keepalive_time_ms", keepalive_ms),  # the server pings idle connections
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -56,108 +61,103 @@ def server_options(config: SidecarConfig) -> list[tuple[str, int]]:
     ]
 
 
-class Sidecar:
-    """One sidecar process's worth of state. `start()`, then `drain()` and `close()` (or `run()`)."""
+class Lifecycle(enum.Enum):
+    NEW = "new"
+    SERVING = "serving"
+    DRAINING = "draining"
+    DRAINED = "drained"
+    CLOSED = "closed"
 
-    def __init__(self, config: SidecarConfig, *, client: WorkApiClient | None = None) -> None:
-        self.config = config
-        self._client = client
+
+class Sidecar:
+    """One sidecar process's worth of state: `start()`, then `drain()` and `close()` (or `run()` for all three).
+
+    The components are built here, each from its own part of the settings; `start()` only binds and starts.
+    Pass `client` to use a Work API client of your own (it is then yours to close)."""
+
+    def __init__(self, settings: SidecarSettings, *, client: WorkApiClient | None = None) -> None:
+        self.settings = settings
+        self.state = Lifecycle.NEW
         self._exit = contextlib.AsyncExitStack()
+        api, polling, policy = settings.work_api, settings.polling, settings.leases
+        if client is None:
+            client = WorkApiClient(
+                provider=api.provider,
+                api_key=api.api_key,
+                environment_id=api.environment_id,
+                base_url=api.api_url or None,
+                worker_id=api.worker_id,
+                max_connections=api.max_connections,
+                http_backend=api.http_backend,
+            )
+            self._exit.push_async_callback(client.aclose)
+        self.client = client
+        self.dispatcher = Dispatcher()
+        self.leases = Leases([telemetry.TelemetryObserver(), self.dispatcher])
+        heartbeats = min(policy.heartbeat_concurrency, api.max_connections - polling.max_pollers)
+        self.leaser = Leaser(client, policy, self.leases, concurrency=heartbeats)
+        self.liveness = Liveness(policy, self.leases, self.leaser)
+        self.leases.observe(self.liveness)
+        self.handover = HandOver(client, policy, self.leases, self.leaser, self.dispatcher)
+        self.poller = Poller(client, polling, self.dispatcher, self.handover)
+        self.service = WorkService(
+            client=client,
+            leases=self.leases,
+            dispatcher=self.dispatcher,
+            handover=self.handover,
+            liveness=self.liveness,
+        )
+        self.server = grpc.aio.server(interceptors=_interceptors(settings.server), options=server_options(settings))
+        pb_grpc.add_WorkServiceServicer_to_server(self.service, self.server)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
         self._tasks: list[asyncio.Task[None]] = []
         self._drained = asyncio.Event()
-        self._draining = False
+        self._bound_paths: list[str] = []
         self.addresses: list[str] = []
-        self.api_url: str | None = config.api_url
-        self.emulator: Any = None
+
+    @property
+    def api_url(self) -> str:
+        return self.client.base_url
 
     # -- start -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        config = self.config
-        if self._client is None:
-            if config.api_url is None:
-                await self._start_embedded_emulator()
-            self._client = WorkApiClient(
-                provider=config.provider,
-                api_key=config.api_key,
-                environment_id=config.environment_id,
-                base_url=self.api_url,
-                worker_id=config.worker_id,
-                max_connections=config.max_connections,
-                http_backend=config.http_backend,
-            )
-            self._exit.push_async_callback(self._client.aclose)
-        client = self._client
-        self.table = LeaseTable()
-        self.dispatcher = Dispatcher()
-        self.leaser = Leaser(client, config, self.table, self.dispatcher)
-        self.poller = Poller(client, config, self.dispatcher, self.leaser, self.table)
-        self.service = WorkService(
-            config=config,
-            client=client,
-            table=self.table,
-            dispatcher=self.dispatcher,
-            leaser=self.leaser,
-            poller=self.poller,
-        )
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        if tracing_enabled():
-            from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
-
-            health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-            only_work = filters.negate(filters.service_name(health))
-            interceptors.append(aio_server_interceptor(filter_=only_work))  # type: ignore[no-untyped-call]
-        if config.auth_token:
-            interceptors.append(BearerTokenInterceptor(config.auth_token))
-        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
-        pb_grpc.add_WorkServiceServicer_to_server(self.service, self.server)
-        self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server,
-        )
+        if self.state is not Lifecycle.NEW:
+            raise RuntimeError(f"start() on a sidecar that is {self.state.value}")
         unix_paths = self._bind()
         old_umask = os.umask(0o177)  # sockets are created 0600 (never, even briefly, open to others) ...
         try:
             await self.server.start()
         finally:
             os.umask(old_umask)
+        self._bound_paths = unix_paths
         for path in unix_paths:
-            os.chmod(path, config.socket_mode)  # ... then given --socket-mode (0600, or 0660 for the group)
+            os.chmod(path, self.settings.server.socket_mode)  # ... then given --socket-mode (0600, or 0660)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         telemetry.register_gauges(
-            lambda: len(self.table), lambda: len(self.dispatcher.watchers), self.dispatcher.free_capacity
+            lambda: len(self.leases), lambda: len(self.dispatcher.watchers), self.dispatcher.free_capacity
         )
-        self._spawn(self.leaser.run())
+        self._tasks.append(asyncio.ensure_future(self.leaser.run()))
         self.poller.start()
+        self.state = Lifecycle.SERVING
+        api = self.settings.work_api
         log.info(
             "work-sidecar serving",
             extra={
                 "listen": self.addresses,
-                "provider": config.provider,
-                "environment_id": config.environment_id,
+                "provider": api.provider,
+                "environment_id": api.environment_id,
                 "api_url": self.api_url,
-                "worker_id": client.worker_id,
+                "worker_id": self.client.worker_id,
             },
-        )
-
-    async def _start_embedded_emulator(self) -> None:
-        from ..emulator import Emulator, EmulatorSettings
-
-        self.emulator = Emulator(EmulatorSettings(key=self.config.api_key))
-        self.api_url = await self._exit.enter_async_context(
-            self.emulator.serve(host="127.0.0.1", port=self.config.emulator_port)
-        )
-        log.warning(
-            "no --api-url given: started the embedded Work API emulator (for demos and tests, not production)",
-            extra={"api_url": self.api_url, "environment_id": self.config.environment_id},
         )
 
     def _bind(self) -> list[str]:
         unix_paths = []
-        for address in self.config.listen:
+        for address in self.settings.server.listen:
             kind, target = parse_listen(address)
             if kind == "unix":
                 _remove_stale_socket(target)
@@ -173,58 +173,57 @@ class Sidecar:
                 self.addresses.append(f"{host}:{port}")
         return unix_paths
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.ensure_future(coro))
-
     # -- drain and stop ----------------------------------------------------------------------------
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self.state in (Lifecycle.DRAINING, Lifecycle.DRAINED)
 
     async def drain(self) -> None:
         """Stop taking work, let in-flight leases finish for up to drain_timeout, release the rest."""
-        if self._draining:
-            await self._drained.wait()
+        if self.state is not Lifecycle.SERVING:
+            if self.state is Lifecycle.DRAINING:
+                await self._drained.wait()
             return
-        self._draining = True
+        self.state = Lifecycle.DRAINING
+        drain_timeout = self.settings.server.drain_timeout
         started = time.monotonic()
-        deadline = time.time() + self.config.drain_timeout
-        log.info("draining", extra={"leases": len(self.table), "drain_timeout": self.config.drain_timeout})
+        deadline = time.time() + drain_timeout
+        log.info("draining", extra={"leases": len(self.leases), "drain_timeout": drain_timeout})
         await self.health.enter_graceful_shutdown()
         notice = pb.Draining(deadline=Timestamp(seconds=int(deadline), nanos=int((deadline % 1) * 1e9)))
         self.dispatcher.start_drain(notice)
         await self.poller.stop()
-        remaining = self.config.drain_timeout - (time.monotonic() - started)
+        remaining = drain_timeout - (time.monotonic() - started)
         try:
             async with asyncio.timeout(max(remaining, 0)):
-                await self.leaser.wait_all_ended()
+                await self.leases.wait_all_ended()
         except TimeoutError:
-            leases = list(self.table)
+            leases = list(self.leases)
             log.warning("drain timeout passed; releasing the remaining leases", extra={"leases": len(leases)})
             await asyncio.gather(
                 *(self.leaser.release(lease, pb.LEASE_LOST_REASON_DRAINED, "the sidecar drained") for lease in leases)
             )
         self.dispatcher.end_all()
         log.info("drained", extra={"seconds": round(time.monotonic() - started, 3)})
+        self.state = Lifecycle.DRAINED
         self._drained.set()
 
     async def close(self) -> None:
-        if hasattr(self, "server"):
-            await self.server.stop(grace=1.0)
-        if hasattr(self, "poller"):
-            await self.poller.stop()
-        if hasattr(self, "leaser"):
-            await self.leaser.close()
+        if self.state is Lifecycle.CLOSED:
+            return
+        self.state = Lifecycle.CLOSED
+        await self.server.stop(grace=1.0)
+        await self.poller.stop()
+        await self.handover.close()
+        await self.leaser.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._exit.aclose()
-        for address in self.config.listen:
-            kind, target = parse_listen(address)
-            if kind == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
+        for path in self._bound_paths:  # only what this process bound
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT, drain, exit 0. A second signal exits at once."""
@@ -251,6 +250,18 @@ class Sidecar:
         finally:
             await self.close()
         return 0
+
+
+def _interceptors(server: ServerSettings) -> list[grpc.aio.ServerInterceptor]:
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if tracing_enabled():
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        only_work = filters.negate(filters.service_name(HEALTH_SERVICE))
+        interceptors.append(aio_server_interceptor(filter_=only_work))  # type: ignore[no-untyped-call]
+    if server.auth_token:
+        interceptors.append(BearerTokenInterceptor(server.auth_token))
+    return interceptors
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -14,12 +14,11 @@ from ..work.v1 import work_service_pb2 as pb
 from ..work.v1 import work_service_pb2_grpc as pb_grpc
 from ..workapi import ConflictError, NotFoundError, WorkApiClient, WorkApiError
 from . import _telemetry as telemetry
-from ._config import SidecarConfig
 from ._convert import queue_stats_message, work_message
 from ._dispatcher import Dispatcher
-from ._lease import Lease, LeaseTable
-from ._leaser import Leaser
-from ._poller import Poller
+from ._handover import HandOver
+from ._lease import Lease, Leases
+from ._liveness import Liveness
 from ._status import SidecarRpcError, abort, build_status, error, from_work_api
 
 log = logging.getLogger("sidecar.service")
@@ -55,26 +54,24 @@ class WorkService(pb_grpc.WorkServiceServicer):
     def __init__(
         self,
         *,
-        config: SidecarConfig,
         client: WorkApiClient,
-        table: LeaseTable,
+        leases: Leases,
         dispatcher: Dispatcher,
-        leaser: Leaser,
-        poller: Poller,
+        handover: HandOver,
+        liveness: Liveness,
     ) -> None:
-        self._config = config
         self._client = client
-        self._table = table
+        self._leases = leases
         self._dispatcher = dispatcher
-        self._leaser = leaser
-        self._poller = poller
+        self._handover = handover
+        self._liveness = liveness
 
     # -- helpers -------------------------------------------------------------------------------------
 
     def _authorize(self, work_id: str, lease_token: str) -> Lease:
         if not work_id:
             raise error(grpc.StatusCode.INVALID_ARGUMENT, "work_id is required", "INVALID_ARGUMENT")
-        lease = self._table.authorize(work_id, lease_token)
+        lease = self._leases.authorize(work_id, lease_token)
         if lease is None:
             raise error(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -86,7 +83,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
 
     @staticmethod
     def _lost(lease: Lease) -> SidecarRpcError:
-        reason = telemetry.REASON_NAMES.get(lease.lost_reason, "unspecified")
+        reason = telemetry.reason_name(lease.lost_reason)
         return error(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"the lease on {lease.work_id} was lost ({reason}); the item is no longer yours",
@@ -123,8 +120,8 @@ class WorkService(pb_grpc.WorkServiceServicer):
         finally:
             unsent = self._dispatcher.close_watcher(watcher)
             for assignment in unsent:
-                self._poller.reassign(assignment)
-            self._leaser.watcher_closed(watcher.held)
+                self._handover.reassign(assignment)
+            self._liveness.watcher_closed(watcher.held)
             log.info("watcher disconnected", extra={"sandbox_id": sandbox_id, "leases": len(watcher.held)})
 
     # -- KeepAlive ----------------------------------------------------------------------------------
@@ -139,17 +136,17 @@ class WorkService(pb_grpc.WorkServiceServicer):
             try:
                 async for ping in request_iterator:
                     lease = self._authorize(ping.work_id, ping.lease_token)
-                    if not lease.ended:
-                        self._leaser.ping(lease)
+                    self._liveness.ping(lease)
                     if ping.work_id not in followed:
                         followed[ping.work_id] = lease
-                        lease.subscribers.add(outbound)
+                        self._leases.subscribe(lease, outbound)
                     outbound.put_nowait(pb.KeepAliveResponse(lease=lease.status()))
                 outbound.put_nowait(None)
             except SidecarRpcError as exc:
                 outbound.put_nowait(exc)
-            except Exception:  # the client went away mid-stream: end ours too
-                outbound.put_nowait(None)
+            except Exception as exc:  # not a bad ping (those are SidecarRpcError): say what it was, end the stream
+                log.warning("KeepAlive reader failed", extra={"error": type(exc).__name__}, exc_info=True)
+                outbound.put_nowait(error(grpc.StatusCode.INTERNAL, "the KeepAlive stream failed", "INTERNAL"))
 
         reader = asyncio.ensure_future(read())
         try:
@@ -163,7 +160,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
         finally:
             reader.cancel()
             for lease in followed.values():
-                lease.subscribers.discard(outbound)
+                self._leases.unsubscribe(lease, outbound)
 
     # -- unary calls --------------------------------------------------------------------------------
 
@@ -180,19 +177,18 @@ class WorkService(pb_grpc.WorkServiceServicer):
             with telemetry.use(lease.span):
                 work = await self._client.stop(lease.work_id, force=force)
         except NotFoundError as exc:
-            self._leaser.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
+            self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
             raise
         except ConflictError:
             with telemetry.use(lease.span):
                 work = await self._client.get(lease.work_id)
             if work.state != "stopped":
                 raise
-        lease.work = work
+        self._leases.update_work(lease, work)
         if work.state == "stopped":
-            self._leaser.end(lease, pb.LEASE_STATE_STOPPED)
+            self._leases.end(lease, pb.LEASE_STATE_STOPPED)
         elif work.state == "stopping":
-            lease.stop_notified = True  # the sandbox asked for it; no StopRequested back to it
-            self._leaser.stop_requested(lease)
+            self._leases.request_stop(lease, by_sandbox=True)  # the sandbox asked for it: no StopRequested back
         log.info("stop", extra={"work_id": lease.work_id, "force": force, "state": work.state})
         return pb.StopWorkResponse(work=work_message(work))
 
@@ -250,10 +246,10 @@ class WorkService(pb_grpc.WorkServiceServicer):
 
     def sidecar_stats(self) -> pb.SidecarStats:
         return pb.SidecarStats(
-            active_leases=len(self._table),
+            active_leases=len(self._leases),
             watchers=len(self._dispatcher.watchers),
             free_capacity=self._dispatcher.free_capacity(),
             draining=self._dispatcher.draining,
-            environment_id=self._config.environment_id,
-            provider=self._config.provider,
+            environment_id=self._client.environment_id,
+            provider=self._client.provider.name,
         )

@@ -8,6 +8,8 @@ API is a no-op. Never recorded: secrets, keys, lease tokens.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -18,10 +20,12 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..work.v1 import work_service_pb2 as pb
-from ..workapi import Work
+from ..workapi import HeartbeatResult, Work
 
 if TYPE_CHECKING:
     from ._lease import Lease
+
+log = logging.getLogger("sidecar.leases")
 
 _tracer = trace.get_tracer("sidecar.core")
 _meter = metrics.get_meter("sidecar.core")
@@ -100,23 +104,56 @@ def trace_headers(span: Span | None) -> tuple[str, str]:
     return carrier.get("traceparent", ""), carrier.get("tracestate", "")
 
 
-def end_work_span(lease: Lease, outcome: str) -> None:
-    span = lease.span
-    if span is None:
-        return
-    reason = REASON_NAMES.get(lease.lost_reason, "")
-    span.set_attribute("work.final_state", outcome)
-    if reason and reason != "unspecified":
-        span.set_attribute("work.end_reason", reason)
-    if lease.sandbox_id:
-        span.set_attribute("sandbox.id", lease.sandbox_id)
-    if outcome == "lost":
-        span.set_status(Status(StatusCode.ERROR, f"lease lost: {reason}"))
-    span.end()
-    lease.span = None
-
-
 def end_unassigned_span(span: Span, outcome: str, reason: str) -> None:
     span.set_attribute("work.final_state", outcome)
     span.set_attribute("work.end_reason", reason)
     span.end()
+
+
+def outcome(lease: Lease) -> str:
+    return "stopped" if lease.state == pb.LEASE_STATE_STOPPED else "lost"
+
+
+def reason_name(reason: int) -> str:
+    return REASON_NAMES.get(reason, "unspecified")
+
+
+class TelemetryObserver:
+    """Turns lease transitions into metrics, span events and log lines (the only place that does)."""
+
+    def claimed(self, lease: Lease) -> None:
+        log.info("lease started", extra={"work_id": lease.work_id, "ttl_seconds": lease.ttl_seconds})
+
+    def assigned(self, lease: Lease) -> None:
+        if lease.span is not None and lease.sandbox_id:
+            lease.span.set_attribute("sandbox.id", lease.sandbox_id)
+        log.info("work assigned", extra={"work_id": lease.work_id, "sandbox_id": lease.sandbox_id})
+
+    def renewed(self, lease: Lease, result: HeartbeatResult) -> None:
+        if lease.span is not None:
+            lease.span.add_event("heartbeat", {"work.state": result.state, "lease.ttl_seconds": result.ttl_seconds})
+
+    def stop_requested(self, lease: Lease) -> None:
+        log.info("stop requested", extra={"work_id": lease.work_id, "by_sandbox": lease.stop_notified})
+
+    def ended(self, lease: Lease) -> None:
+        final = outcome(lease)
+        reason = reason_name(lease.lost_reason)
+        if lease.state == pb.LEASE_STATE_LOST:
+            lease_losses.add(1, {"reason": reason})
+        items_completed.add(1, {"final_state": final, "reason": reason})
+        item_duration.record(time.monotonic() - lease.claimed_at, {"final_state": final})
+        span = lease.span
+        if span is not None:
+            span.set_attribute("work.final_state", final)
+            if lease.lost_reason != pb.LEASE_LOST_REASON_UNSPECIFIED:
+                span.set_attribute("work.end_reason", reason)
+            if lease.sandbox_id:
+                span.set_attribute("sandbox.id", lease.sandbox_id)
+            if final == "lost":
+                span.set_status(Status(StatusCode.ERROR, f"lease lost: {reason}"))
+            span.end()
+        fields: dict[str, object] = {"work_id": lease.work_id, "state": final}
+        if lease.lost_reason != pb.LEASE_LOST_REASON_UNSPECIFIED:
+            fields.update(reason=reason, detail=lease.lost_message)
+        log.log(logging.INFO if final == "stopped" else logging.WARNING, "lease ended", extra=fields)

@@ -18,7 +18,7 @@ import grpc
 import httpx
 import pytest
 
-from sidecar.core import Sidecar, SidecarConfig
+from sidecar.core import Sidecar, SidecarSettings
 from sidecar.emulator import Emulator, EmulatorSettings
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
@@ -188,7 +188,7 @@ async def start_sidecar(api: Api, short_dir: str) -> AsyncIterator[SidecarFactor
             "drain_timeout": 5.0,
         }
         options.update(overrides)
-        sidecar = Sidecar(SidecarConfig(**options))
+        sidecar = Sidecar(SidecarSettings.of(**options))
         await sidecar.start()
         address = sidecar.addresses[1 if use_tcp else 0]
         channel = grpc.aio.insecure_channel(address)

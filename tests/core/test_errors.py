@@ -94,24 +94,24 @@ async def test_unix_socket_is_private_and_tcp_works(api: Api, start_sidecar: Sid
 
 @pytest.mark.parametrize("mode", [0o666, 0o644, 0o700])
 def test_socket_mode_is_owner_or_group_only(mode: int) -> None:
-    from sidecar.core import SidecarConfig
+    from sidecar.core import ServerSettings
 
     with pytest.raises(ValueError, match="use 0600 or 0660"):
-        SidecarConfig(environment_id="env_x", api_key="k", socket_mode=mode)
+        ServerSettings(socket_mode=mode)
 
 
 def test_non_loopback_tcp_needs_a_token() -> None:
-    from sidecar.core import SidecarConfig
+    from sidecar.core import ServerSettings
 
     with pytest.raises(ValueError, match="auth-token"):
-        SidecarConfig(environment_id="env_x", api_key="k", listen=("0.0.0.0:50051",))
-    SidecarConfig(environment_id="env_x", api_key="k", listen=("0.0.0.0:50051",), auth_token="t")
+        ServerSettings(listen=("0.0.0.0:50051",))
+    ServerSettings(listen=("0.0.0.0:50051",), auth_token="t")
     with pytest.raises(ValueError, match="unix"):
-        SidecarConfig(environment_id="env_x", api_key="k", listen=("unix:relative.sock",))
+        ServerSettings(listen=("unix:relative.sock",))
 
 
 def test_config_repr_hides_secrets() -> None:
-    from sidecar.core import SidecarConfig
+    from sidecar.core import SidecarSettings
 
-    config = SidecarConfig(environment_id="env_x", api_key="sk-very-secret", auth_token="tok-very-secret")
+    config = SidecarSettings.of(environment_id="env_x", api_key="sk-very-secret", auth_token="tok-very-secret")
     assert "sk-very-secret" not in repr(config) and "tok-very-secret" not in repr(config)

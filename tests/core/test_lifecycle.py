@@ -8,6 +8,7 @@ needs its lease token; healthcheck items never reach a sandbox.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import WorkSecret
 from tests.helpers import eventually, stays
 
+from ._probes import free_capacity, peak_overlap, polls_in_flight, watchers
 from .conftest import Api, SidecarFactory, Watch
 
 
@@ -108,7 +110,7 @@ async def test_no_poll_without_watchers(api: Api, start_sidecar: SidecarFactory)
     await eventually(lambda: api.requests("poll"), message="a watcher should start a poll")
     watch.cancel()
     await watch.ended.wait()
-    await eventually(lambda: running.sidecar.poller.polls_in_flight == 0, message="the last poll should end")
+    await eventually(lambda: _zero(polls_in_flight(api)), message="the last poll should end")
     count = len(await api.requests("poll"))
 
     async def unchanged() -> bool:
@@ -120,13 +122,14 @@ async def test_no_poll_without_watchers(api: Api, start_sidecar: SidecarFactory)
 async def test_idle_watchers_share_one_long_poll(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar()
     watches = [running.watch(sandbox_id=f"sb-{i}") for i in range(10)]
-    await eventually(lambda: len(running.sidecar.dispatcher.watchers) == 10)
+    await eventually(lambda: _equals(watchers(running), 10))
 
     async def at_most_one_poll() -> bool:
-        return running.sidecar.poller.polls_in_flight <= 1
+        return await polls_in_flight(api) <= 1
 
     await stays(at_most_one_poll, seconds=2.5, interval=0.01)
     polls = await api.requests("poll")
+    assert peak_overlap(polls) <= 1, "one long poll at a time, however many watchers wait"
     assert 1 <= len(polls) <= 5, f"idle traffic must not grow with watchers: {len(polls)} polls in 2.5 s"
     assert all(p["query"].get("block_ms") == "999" for p in polls)
     for watch in watches:
@@ -139,7 +142,7 @@ async def test_concurrent_watchers_each_get_distinct_items(
 ) -> None:
     running = await start_sidecar()
     watches = [running.watch(sandbox_id=f"sb-{i}") for i in range(watchers)]
-    await eventually(lambda: running.sidecar.dispatcher.free_capacity() == watchers)
+    await eventually(lambda: _equals(free_capacity(running), watchers))
     queued = {item["id"] for item in await api.enqueue(watchers)}
     assigned = await asyncio.gather(*(w.assigned(timeout=20) for w in watches))
     assert {a.work.id for a in assigned} == queued, "every item went to exactly one watcher"
@@ -180,8 +183,8 @@ async def test_max_items_bounds_what_a_watch_is_given(api: Api, start_sidecar: S
     await running.stop(first)
     third = await watch.assigned()
     await asyncio.gather(running.stop(second), running.stop(third))
-    assert running.sidecar.dispatcher.free_capacity() == 0, "three given: the open watch takes no more"
-    await eventually(lambda: running.sidecar.poller.polls_in_flight == 0)
+    assert await free_capacity(running) == 0, "three given: the open watch takes no more"
+    await eventually(lambda: _zero(polls_in_flight(api)))
     polls = len(await api.requests("poll"))
 
     async def nothing_more() -> bool:
@@ -202,11 +205,11 @@ async def test_item_polled_after_its_sandbox_left(
     (queued,) = await api.enqueue(1)
     await api.fault(operation="poll", count=1, latency_ms=1500)  # the poll is open while the sandbox leaves
     first = running.watch()
-    await eventually(lambda: running.sidecar.poller.polls_in_flight == 1)
+    await eventually(lambda: _equals(polls_in_flight(api), 1))
     first.cancel()
     await first.ended.wait()
-    await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 0)
-    await eventually(lambda: running.sidecar.poller.polls_in_flight == 0, message="the open poll returns the item")
+    await eventually(lambda: _zero(free_capacity(running)))
+    await eventually(lambda: _zero(polls_in_flight(api)), message="the open poll returns the item")
     assert (await api.item(queued["id"]))["polled_by"], "the poll took the item"
 
     async def no_acks() -> bool:
@@ -299,7 +302,7 @@ async def test_bad_arguments_are_invalid_argument(api: Api, start_sidecar: Sidec
 async def test_watchers_are_served_fairly(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar()
     watches = [running.watch(max_in_flight=5, sandbox_id=f"sb-{i}") for i in range(3)]
-    await eventually(lambda: running.sidecar.dispatcher.free_capacity() == 15)
+    await eventually(lambda: _equals(free_capacity(running), 15))
     await api.enqueue(6)
     counts = []
     for watch in watches:
@@ -314,16 +317,27 @@ async def test_watchers_are_served_fairly(api: Api, start_sidecar: SidecarFactor
 async def test_polls_scale_up_while_items_flow_and_back_to_one(api: Api, start_sidecar: SidecarFactory) -> None:
     running = await start_sidecar(max_pollers=3)
     watch = running.watch(max_in_flight=60)
-    await eventually(lambda: running.sidecar.poller.polls_in_flight == 1, message="one idle long poll")
+    await eventually(lambda: _equals(polls_in_flight(api), 1), message="one idle long poll")
+    # Each poll takes 50 ms at the emulator, so polls that run side by side overlap in its request log too.
+    await api.fault(operation="poll", count=None, latency_ms=50)
     await api.enqueue(60)
     items = [await watch.assigned() for _ in range(60)]
     assert len({i.work.id for i in items}) == 60
-    peak = running.sidecar.poller.peak_polls_in_flight
+    peak = peak_overlap(await api.requests("poll"))
     assert 1 < peak <= 3, f"parallel polls while items flow, bounded by max_pollers (peak {peak})"
+    await api.clear_faults()
 
     async def one_poll() -> bool:
-        return running.sidecar.poller.polls_in_flight <= 1
+        return await polls_in_flight(api) <= 1
 
     await eventually(one_poll, message="back to one poll when the queue is empty")
     await stays(one_poll, seconds=2.0, interval=0.01)
     watch.cancel()
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
+async def _zero(value: Awaitable[int]) -> bool:
+    return await value == 0

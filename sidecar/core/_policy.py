@@ -1,0 +1,112 @@
+"""The sidecar's policies: every timing rule as a named, documented, frozen object.
+
+Tests and `bench/` import these instead of copying a formula; the CLI takes its defaults from them
+(`sidecar.cli` reads each flag's default off the dataclass field), so every default is declared here once.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..workapi._client import MAX_BLOCK_MS
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: the n-th consecutive failure (n ≥ 1) waits a random time in
+    [ceiling/2, ceiling], ceiling = min(maximum, initial * multiplier**(n-1)). Half the ceiling at least, so a
+    run of failures really backs off instead of retrying at once by chance."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum or self.multiplier < 1:
+            raise ValueError("backoff: need 0 < initial <= maximum and multiplier >= 1")
+
+    def ceiling(self, failures: int) -> float:
+        return min(self.maximum, self.initial * self.multiplier ** max(0, failures - 1))
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        ceiling = self.ceiling(failures)
+        return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class LeasePolicy:
+    """How leases are kept: renewal schedule, self-fencing, liveness of the sandbox, release.
+
+    - A lease is renewed every `heartbeat_interval(ttl)` = clamp(ttl/2, min_interval, max_interval), echoing the
+      previous `last_heartbeat` exactly; one renewal (with its retries) may take at most that interval.
+    - A failed renewal is retried after `retry_delay(ttl)` until the TTL since the last successful heartbeat *was
+      sent* runs out; then the sidecar declares the lease lost itself (self-fencing).
+    - A lease lives while its sandbox does: its WatchWork stream is open, or KeepAlive pinged it within
+      `liveness_window`. Otherwise it waits `reattach_grace`, then is released with one last heartbeat asking
+      for `release_ttl_seconds` (None: no such heartbeat), so the item returns to the queue sooner.
+    """
+
+    ttl_seconds: int = 60
+    """The lease TTL asked for with every heartbeat (the Work API clamps it)."""
+    liveness_window: float = 30.0
+    """A lease whose WatchWork stream is gone stays alive while KeepAlive pings it at least this often (s)."""
+    reattach_grace: float = 30.0
+    """After a sandbox disappears, how long its leases wait for it to re-attach before they are released (s)."""
+    release_ttl_seconds: int | None = 10
+    """On release, one last heartbeat asks for this TTL so the item returns to the queue sooner (None: skip)."""
+    release_timeout: float = 5.0
+    """How long that last heartbeat may take (s)."""
+    claim_timeout: float = 30.0
+    """How long the claiming heartbeat (NO_HEARTBEAT, right after the ack) may keep retrying (s)."""
+    heartbeat_concurrency: int = 256
+    """Heartbeats in flight at once at most (the rest wait their turn in O(1))."""
+    min_interval: float = 1.0
+    max_interval: float = 30.0
+    retry_jitter: tuple[float, float] = (0.2, 1.0)
+    """A failed renewal is retried after uniform(*retry_jitter) * min(retry_cap, interval/2) seconds."""
+    retry_cap: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.ttl_seconds <= 0:
+            raise ValueError("--ttl must be positive")
+        for name in ("liveness_window", "reattach_grace", "claim_timeout", "release_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must not be negative")
+        if self.heartbeat_concurrency < 1:
+            raise ValueError("heartbeat concurrency must be at least 1")
+        if self.release_ttl_seconds is not None and self.release_ttl_seconds <= 0:
+            raise ValueError("--release-ttl must be positive (or 0 for off)")
+
+    def heartbeat_interval(self, ttl_seconds: float) -> float:
+        return max(self.min_interval, min(ttl_seconds / 2, self.max_interval))
+
+    def retry_delay(self, ttl_seconds: float, rng: random.Random | None = None) -> float:
+        low, high = self.retry_jitter
+        return (rng or random).uniform(low, high) * min(self.retry_cap, self.heartbeat_interval(ttl_seconds) / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class PollPolicy:
+    """How the sidecar polls: one long poll while anything has room, more while items keep coming."""
+
+    block_ms: int = MAX_BLOCK_MS
+    max_pollers: int = 4
+    """Upper bound of parallel long polls while items keep coming (one when the queue is empty)."""
+    reclaim_older_than_ms: int | None = None
+    unclaimed_wait: float = 2.0
+    """An item polled while no sandbox had a free slot (one left as the poll returned) waits this long for a
+    slot before it is left unacked for the Work API to reclaim (0: leave it at once)."""
+    transient_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=10.0))
+    """After a failed poll that is worth retrying soon (5xx, 429, a dropped connection)."""
+    final_backoff: Backoff = field(default_factory=lambda: Backoff(initial=2.0, maximum=60.0))
+    """After a failed poll that will not heal by itself soon (401, 403, 400: a revoked key, a wrong environment):
+    it grows to a minute, so such an error is logged once a minute, not every few seconds."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.block_ms <= MAX_BLOCK_MS:
+            raise ValueError(f"poll block must be 1..{MAX_BLOCK_MS} ms")
+        if self.max_pollers < 1:
+            raise ValueError("max pollers must be at least 1")
+        if self.unclaimed_wait < 0:
+            raise ValueError("unclaimed-wait must not be negative")
