@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -18,6 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "WORK_SIDECAR_"
+USAGE_EXIT = 2
+"""Exit status for a start that cannot work as configured (bad flags, address in use, Work API refusing)."""
+
+
+class UsageError(SystemExit):
+    """A configuration error: printed as one line `work-sidecar: …` on stderr, exit status 2."""
+
+    def __init__(self, message: str) -> None:
+        print(f"work-sidecar: {message}", file=sys.stderr)
+        super().__init__(USAGE_EXIT)
+
+
 LOG_FORMATS = ("auto", "json", "text")
 
 
@@ -123,9 +136,9 @@ def _resolve(ns: argparse.Namespace, flags: Sequence[Flag], environ: dict[str, s
                 try:
                     value = flag.type(raw)
                 except ValueError:
-                    raise SystemExit(f"work-sidecar: {flag.env}={raw!r} is not a valid {flag.type.__name__}") from None
+                    raise UsageError(f"{flag.env}={raw!r} is not a valid {flag.type.__name__}") from None
                 if flag.choices and value not in flag.choices:
-                    raise SystemExit(f"work-sidecar: {flag.env} must be one of {', '.join(flag.choices)}")
+                    raise UsageError(f"{flag.env} must be one of {', '.join(flag.choices)}")
         values[flag.dest] = flag.default_value if value is None else value
     return values
 
@@ -142,7 +155,7 @@ def _octal(raw: str, name: str) -> int:
     try:
         return int(raw, 8)
     except ValueError:
-        raise SystemExit(f"work-sidecar: {name} takes an octal mode such as 0600, not {raw!r}") from None
+        raise UsageError(f"{name} takes an octal mode such as 0600, not {raw!r}") from None
 
 
 def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
@@ -168,10 +181,10 @@ def serve_settings(values: dict[str, Any]) -> Any:
     emulated = not values["api_url"]
     api_key = values["api_key"] or (secrets.token_urlsafe(24) if emulated else None)
     if not api_key:
-        raise SystemExit("work-sidecar: --api-key (or WORK_SIDECAR_API_KEY) is required with --api-url")
+        raise UsageError("--api-key (or WORK_SIDECAR_API_KEY) is required with --api-url")
     environment_id = values["environment_id"] or ("env_local" if emulated else None)
     if not environment_id:
-        raise SystemExit("work-sidecar: --environment-id (or WORK_SIDECAR_ENVIRONMENT_ID) is required")
+        raise UsageError("--environment-id (or WORK_SIDECAR_ENVIRONMENT_ID) is required")
     return SidecarSettings(
         work_api=WorkApiSettings(
             environment_id=environment_id,
@@ -207,32 +220,43 @@ def _serve(ns: argparse.Namespace) -> int:
 
     values = _resolve(ns, SERVE_FLAGS, dict(os.environ))
     if values["log_format"] not in LOG_FORMATS:
-        raise SystemExit(f"work-sidecar: --log-format must be one of {', '.join(LOG_FORMATS)}")
+        raise UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
     try:
         settings = serve_settings(values)
     except ValueError as exc:
-        raise SystemExit(f"work-sidecar: {exc}") from None
+        raise UsageError(f"{exc}") from None
     configure_logging(
         fmt=values["log_format"],
         level=values["log_level"],
         secrets=[settings.work_api.api_key, settings.server.auth_token],
     )
+    from .core import StartupError
     from .telemetry import setup_telemetry
 
-    with setup_telemetry(values["metrics_listen"] or None):
-        return asyncio.run(_run_sidecar(settings, emulator_port=values["emulator_port"]))
+    try:
+        with setup_telemetry(values["metrics_listen"] or None):
+            return asyncio.run(_run_sidecar(settings, emulator_port=values["emulator_port"]))
+    except StartupError as exc:
+        raise UsageError(str(exc)) from None
 
 
 async def _run_sidecar(settings: Any, *, emulator_port: int) -> int:
     """The composition: the demo emulator when no Work API URL was given, then the sidecar on it."""
-    from .core import Sidecar
+    from .core import Sidecar, StartupError
 
     if settings.work_api.api_url:
         return await Sidecar(settings).run()
     from .emulator import Emulator, EmulatorSettings
 
-    emulator = Emulator(EmulatorSettings(key=settings.work_api.api_key))
-    async with emulator.serve(host="127.0.0.1", port=emulator_port) as url:
+    async with contextlib.AsyncExitStack() as stack:
+        emulator = Emulator(EmulatorSettings(key=settings.work_api.api_key))
+        try:
+            url = await stack.enter_async_context(emulator.serve(host="127.0.0.1", port=emulator_port))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot start the demo emulator on 127.0.0.1:{emulator_port} ({exc.strerror or exc}): "
+                "choose another --emulator-port (0: any free port), or give --api-url"
+            ) from None
         logging.getLogger("sidecar").warning(
             "no --api-url given: started the embedded Work API emulator (for demos and tests, not production)",
             extra={"api_url": url, "environment_id": settings.work_api.environment_id},

@@ -5,7 +5,7 @@ See ARCHITECTURE.md at the top of the repository for the modules and who owns wh
 
 from ._config import ServerSettings, SidecarSettings, WorkApiSettings, is_loopback, parse_listen
 from ._policy import Backoff, LeasePolicy, PollPolicy
-from ._server import SERVICE_NAME, Lifecycle, Sidecar
+from ._server import SERVICE_NAME, Lifecycle, Sidecar, StartupError
 from ._status import DOMAIN as ERROR_DOMAIN
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ServerSettings",
     "Sidecar",
     "SidecarSettings",
+    "StartupError",
     "WorkApiSettings",
     "is_loopback",
     "parse_listen",

@@ -15,8 +15,9 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-from ..workapi import HTTP_BACKENDS, PROVIDERS
+from ..workapi import HTTP_BACKENDS, PROVIDERS, get_provider
 from ._policy import LeasePolicy, PollPolicy
 
 
@@ -35,16 +36,34 @@ class WorkApiSettings:
     max_connections: int = 100
     http_backend: str = "aiohttp"
     """The HTTP transport under httpx for Work API requests: aiohttp (default, cheaper) or httpx's own."""
+    startup_check: float = 15.0
+    """At start, one stats read must answer within this many seconds, or the sidecar exits with a one-line
+    error naming the cause (URL, key or environment). 0: skip the check."""
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}")
         if not self.environment_id:
             raise ValueError("an environment id is required")
+        if not get_provider(self.provider).id_pattern.match(self.environment_id):
+            raise ValueError(
+                "--environment-id is not a valid id (letters, digits, '_' and '-', at most 128): "
+                "copy it from the environment's page"
+            )
         if self.http_backend not in HTTP_BACKENDS:
             raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
         if self.max_connections < 2:
             raise ValueError("max connections must be at least 2")
+        if self.api_url and urlsplit(self.api_url).scheme not in ("http", "https"):
+            raise ValueError(f"--api-url {self.api_url!r}: use an http:// or https:// URL")
+        if self.api_url and not urlsplit(self.api_url).hostname:
+            raise ValueError(f"--api-url {self.api_url!r} names no host")
+        if self.startup_check < 0:
+            raise ValueError("the startup check timeout must not be negative")
+
+
+MIN_AUTH_TOKEN = 16
+"""Characters an --auth-token needs at least: a short one can be guessed by anyone who reaches the port."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +78,8 @@ class ServerSettings:
     """Seconds between the server's HTTP/2 keepalive pings on idle connections."""
     drain_timeout: float = 30.0
     """After SIGTERM, how long leases may run on before the rest are released (s)."""
+    unready_after: float = 30.0
+    """Readiness turns NOT_SERVING once every poll has failed for this long (s); see `_health.py`."""
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -70,6 +91,8 @@ class ServerSettings:
                     f"listening on {address} (not loopback) needs --auth-token: "
                     "any process that reaches that port could otherwise take work"
                 )
+        if self.auth_token is not None and len(self.auth_token) < MIN_AUTH_TOKEN:
+            raise ValueError(f"--auth-token must be at least {MIN_AUTH_TOKEN} characters (e.g. `openssl rand -hex 32`)")
         if self.socket_mode not in (0o600, 0o660):
             raise ValueError(
                 f"socket mode {self.socket_mode:#o}: use 0600 or 0660 (any local user who can open the socket "

@@ -1,8 +1,10 @@
 """The hand-over of a polled item: ack → claim → assign (→ reassign).
 
 - The poller has reserved a watcher's slot before it calls `take`; the ack goes out at once.
-- Right after the ack the claiming heartbeat (`NO_HEARTBEAT`) is sent, before any slow step, so no item
-  is left `starting`; only then is `WorkAssigned` queued for the sandbox.
+- Right after the ack the claiming heartbeat (`NO_HEARTBEAT`) is sent, before any slow step; only then is
+  `WorkAssigned` queued for the sandbox. An ack that succeeded or whose outcome is unknown (no answer, a 5xx,
+  an answer that does not parse) is followed by claims with backoff until one answer is definitive: the lease
+  is ours, or it is not (412, 409, 404), or the key is refused. No acked item is left `starting`.
 - If the chosen watcher closed during ack and claim, the item goes to another watcher with a free slot,
   or, if there is none, the lease is released (it returns to the queue after a short TTL).
 - An assignment that was queued but never written (its watcher left) is `reassign`ed the same way.
@@ -15,8 +17,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 from opentelemetry.trace import Span
 
@@ -24,8 +24,10 @@ from ..work.v1 import work_service_pb2 as pb
 from ..workapi import (
     NO_HEARTBEAT,
     ConflictError,
+    HeartbeatResult,
     NotFoundError,
     PreconditionFailedError,
+    ResponseError,
     SecretDecodeError,
     TransportError,
     Work,
@@ -39,37 +41,35 @@ from ._dispatcher import Dispatcher, Watcher
 from ._lease import Lease, Leases
 from ._leaser import Leaser
 from ._policy import LeasePolicy
+from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.handover")
 
 
 class HandOver:
     def __init__(
-        self, client: WorkApiClient, policy: LeasePolicy, leases: Leases, leaser: Leaser, dispatcher: Dispatcher
+        self,
+        client: WorkApiClient,
+        policy: LeasePolicy,
+        leases: Leases,
+        leaser: Leaser,
+        dispatcher: Dispatcher,
+        *,
+        supervisor: Supervisor,
     ) -> None:
         self._client = client
         self._policy = policy
         self._leases = leases
         self._leaser = leaser
         self._dispatcher = dispatcher
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._supervisor = supervisor
 
     def start(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
         """Hand `work` over to `watcher` (whose slot the caller reserved) in the background."""
-        self._spawn(self.take(work, watcher, returned_at=returned_at))
+        self._supervisor.spawn(self.take(work, watcher, returned_at=returned_at), name="hand-over")
 
     def start_healthcheck(self, work: Work) -> None:
-        self._spawn(self._finish_healthcheck(work))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._supervisor.spawn(self._finish_healthcheck(work), name="healthcheck")
 
     async def take(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
         """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it."""
@@ -138,12 +138,41 @@ class HandOver:
                 telemetry.acks.add(1, {"result": "not_found"})
                 _not_ours(work, span, "not_found", exc)
                 return None
+            except ResponseError as exc:
+                telemetry.acks.add(1, {"result": "bad_response"})
+                log.warning(
+                    "ack answered with a body that does not parse; claiming to find out",
+                    extra={"work_id": work.id, "error": str(exc)},
+                )
             except WorkApiError as exc:
                 telemetry.acks.add(1, {"result": "error"})
                 if not isinstance(exc, TransportError) and not is_retryable(exc, "ack"):
+                    log.warning("ack refused; the item is not taken", extra={"work_id": work.id, "error": str(exc)})
                     _not_ours(work, span, "ack_failed", exc)
                     return None
                 log.warning("ack outcome unknown; claiming to find out", extra={"work_id": work.id, "error": str(exc)})
+            claimed = await self._claim_until_definitive(work, span)
+        if claimed is None:
+            return None
+        result, sent = claimed
+        if not result.lease_extended:
+            _not_ours(work, span, "not_extended", None)
+            return None
+        telemetry.heartbeats.add(1, {"result": "ok"})
+        span.add_event("heartbeat", {"work.state": result.state, "lease.ttl_seconds": result.ttl_seconds})
+        return self._leases.claim(
+            dataclasses.replace(acked, state=result.state, secret=work.secret),
+            result,
+            sent_at=sent,
+            ttl_seconds=self._policy.ttl_seconds,
+            span=span,
+        )
+
+    async def _claim_until_definitive(self, work: Work, span: Span) -> tuple[HeartbeatResult, float] | None:
+        """The claiming heartbeat, again and again with backoff while its outcome is unknown. (answer, sent at),
+        or None when the item is not ours (412/409/404) or the Work API refuses us (400/401/403)."""
+        failures = 0
+        while True:
             sent = time.monotonic()
             try:
                 result = await self._client.heartbeat(
@@ -158,24 +187,22 @@ class HandOver:
                 return None
             except WorkApiError as exc:
                 telemetry.heartbeats.add(1, {"result": "claim_error"})
-                log.error(
-                    "claiming heartbeat failed after the ack; the item may stay starting at the Work API",
-                    extra={"work_id": work.id, "error": str(exc)},
+                if not isinstance(exc, TransportError | ResponseError) and not is_retryable(exc, "heartbeat"):
+                    log.error(
+                        "the Work API refused the claim after the ack; the item stays starting until it reclaims it",
+                        extra={"work_id": work.id, "error": str(exc)},
+                    )
+                    telemetry.end_unassigned_span(span, "lost", "claim_refused")
+                    return None
+                failures += 1
+                delay = self._policy.claim_backoff.delay(failures)
+                log.warning(
+                    "claiming heartbeat failed after the ack; claiming again",
+                    extra={"work_id": work.id, "error": str(exc), "attempt": failures, "retry_in": round(delay, 2)},
                 )
-                telemetry.end_unassigned_span(span, "lost", "claim_error")
-                return None
-        if not result.lease_extended:
-            _not_ours(work, span, "not_extended", None)
-            return None
-        telemetry.heartbeats.add(1, {"result": "ok"})
-        span.add_event("heartbeat", {"work.state": result.state, "lease.ttl_seconds": result.ttl_seconds})
-        return self._leases.claim(
-            dataclasses.replace(acked, state=result.state, secret=work.secret),
-            result,
-            sent_at=sent,
-            ttl_seconds=self._policy.ttl_seconds,
-            span=span,
-        )
+                await asyncio.sleep(delay)
+                continue
+            return result, sent
 
     async def _finish_healthcheck(self, work: Work) -> None:
         span = telemetry.start_work_span(work, self._client.provider.name)

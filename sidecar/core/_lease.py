@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import HeartbeatResult, Work, WorkSecret
@@ -77,9 +77,9 @@ class Lease:
         return self.state in ENDED_STATES
 
     @property
-    def fence_at(self) -> float:
+    def expires(self) -> float:
         """The monotonic instant from which someone else may hold the item: a whole TTL after the last
-        successful heartbeat was sent."""
+        successful heartbeat was sent (the Work API started counting later than that)."""
         return self.last_success + self.ttl_seconds
 
     def status(self) -> pb.Lease:
@@ -87,7 +87,7 @@ class Lease:
             work_id=self.work.id,
             state=self.state,  # type: ignore[arg-type]
             last_heartbeat=self.last_heartbeat,
-            ttl_seconds=max(self.ttl_seconds, 0),
+            ttl_seconds=min(max(self.ttl_seconds, 0), 2**31 - 1),
             lost_reason=self.lost_reason,  # type: ignore[arg-type]
         )
         if not self.ended:
@@ -95,6 +95,12 @@ class Lease:
             if ts is not None:
                 message.expires_at.CopyFrom(ts)
         return message
+
+
+class Follower(Protocol):
+    """Something that follows a lease's status (a KeepAlive stream's outbound feed)."""
+
+    def put_nowait(self, response: pb.KeepAliveResponse) -> None: ...
 
 
 class LeaseObserver(Protocol):
@@ -151,7 +157,7 @@ class Leases:
     def __init__(self, observers: Sequence[LeaseObserver] = (), table: LeaseTable | None = None) -> None:
         self.table = table or LeaseTable()
         self._observers = list(observers)
-        self._subscribers: dict[Lease, set[asyncio.Queue[Any]]] = {}
+        self._subscribers: dict[Lease, set[Follower]] = {}
         self._all_ended = asyncio.Event()
         self._all_ended.set()
 
@@ -257,12 +263,12 @@ class Leases:
 
     # -- followers ----------------------------------------------------------------------------------
 
-    def subscribe(self, lease: Lease, queue: asyncio.Queue[Any]) -> None:
+    def subscribe(self, lease: Lease, queue: Follower) -> None:
         """Push every later status change of `lease` to `queue` (a KeepAlive stream)."""
         if not lease.ended:
             self._subscribers.setdefault(lease, set()).add(queue)
 
-    def unsubscribe(self, lease: Lease, queue: asyncio.Queue[Any]) -> None:
+    def unsubscribe(self, lease: Lease, queue: Follower) -> None:
         followers = self._subscribers.get(lease)
         if followers is not None:
             followers.discard(queue)

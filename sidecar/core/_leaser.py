@@ -5,11 +5,15 @@ not 10,000 sleeping tasks); at most `concurrency` heartbeats run at once. The ru
 
 - each lease is renewed every `heartbeat_interval(ttl)`, echoing the previous `last_heartbeat` exactly; a
   request (with its retries) may take at most that interval;
-- a failed renewal is retried after `retry_delay(ttl)` until the TTL since the last successful heartbeat
-  *was sent* runs out; then the sidecar declares the lease lost itself (self-fencing);
+- a failed renewal is retried after `retry_delay(ttl)` until `fence_margin(ttl)` before the TTL since the
+  last successful heartbeat *was sent* runs out; then the sidecar declares the lease lost itself
+  (self-fencing), so the sandbox hears LeaseLost before the Work API may hand the item to anyone else;
 - 412/409 on a heartbeat, or `lease_extended: false`: the lease is lost, no stop is sent;
 - `stopping`: the lease turns STOP_REQUESTED; `stopped`: the lease is over;
-- release: the lease ends, then one last heartbeat asks for a short TTL so the item requeues sooner.
+- release: waits for a renewal in flight (and uses its answer), ends the lease, then sends one last heartbeat
+  asking for a short TTL so the item requeues sooner;
+- a renewal that fails in an unexpected way (a bug, an answer nobody foresaw) fences the lease: the sandbox
+  hears LeaseLost (reason INTERNAL) and the lease is released. The scheduler itself is a supervised loop.
 
 The leaser never changes a lease itself: it reports what the Work API answered to `Leases`.
 """
@@ -21,23 +25,32 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import ConflictError, LeaseLostError, NotFoundError, WorkApiClient, WorkApiError
 from . import _telemetry as telemetry
 from ._lease import Lease, Leases
 from ._policy import LeasePolicy
+from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.leaser")
 
 
 class Leaser:
-    def __init__(self, client: WorkApiClient, policy: LeasePolicy, leases: Leases, *, concurrency: int) -> None:
+    def __init__(
+        self,
+        client: WorkApiClient,
+        policy: LeasePolicy,
+        leases: Leases,
+        *,
+        concurrency: int,
+        supervisor: Supervisor,
+    ) -> None:
         self._client = client
         self._policy = policy
         self._leases = leases
+        self._supervisor = supervisor
+        self._renewing: dict[Lease, asyncio.Task[None]] = {}
         self._heap: list[tuple[float, int, Lease]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -45,14 +58,19 @@ class Leaser:
         # pollers'): the rest wait here, in O(1), and not in httpcore's pool queue, which rescans every queued
         # request against every connection on each request and response.
         self._limit = asyncio.Semaphore(max(1, concurrency))
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def track(self, lease: Lease) -> None:
         """Start renewing a freshly claimed lease (its first heartbeat already succeeded)."""
         self._schedule(lease, time.monotonic() + self._policy.heartbeat_interval(lease.ttl_seconds))
 
     async def release(self, lease: Lease, reason: int, message: str) -> None:
-        """Give a lease up on purpose: end it, then ask for a short TTL so the item requeues sooner."""
+        """Give a lease up on purpose: end it, then ask for a short TTL so the item requeues sooner.
+
+        A renewal in flight is waited for first: it may change the CAS value at the Work API, and a release
+        sent with the old one would get 412 while the renewal extends the lease by a whole TTL for nobody."""
+        renewing = self._renewing.get(lease)
+        if renewing is not None and not renewing.done():
+            await asyncio.wait([renewing])
         last_heartbeat = lease.last_heartbeat
         if not self._leases.lose(lease, reason, message):
             return
@@ -74,7 +92,13 @@ class Leaser:
             )
 
     def spawn_release(self, lease: Lease, reason: int, message: str) -> None:
-        self._spawn(self.release(lease, reason, message))
+        self._supervisor.spawn(self.release(lease, reason, message), name="release")
+
+    def _crashed(self, lease: Lease, exc: BaseException) -> None:
+        """A renewal failed unexpectedly: fence the lease (the sandbox hears LeaseLost), then release it."""
+        self.spawn_release(
+            lease, pb.LEASE_LOST_REASON_INTERNAL, f"the sidecar failed to renew the lease ({type(exc).__name__})"
+        )
 
     # -- the heartbeat scheduler --------------------------------------------------------------------
 
@@ -89,7 +113,7 @@ class Leaser:
             while self._heap and self._heap[0][0] <= now:
                 _, _, lease = heapq.heappop(self._heap)
                 if not lease.ended:
-                    self._spawn(self._renew(lease))
+                    self._start_renewal(lease)
             self._wake.clear()
             timeout = self._heap[0][0] - now if self._heap else None
             try:
@@ -98,22 +122,21 @@ class Leaser:
             except TimeoutError:
                 pass
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def _start_renewal(self, lease: Lease) -> None:
+        task = self._supervisor.spawn(
+            self._renew(lease), name="renewal", on_crash=lambda exc: self._crashed(lease, exc)
+        )
+        self._renewing[lease] = task
+        task.add_done_callback(
+            lambda done: self._renewing.pop(lease, None) if self._renewing.get(lease) is done else None
+        )
 
     async def _renew(self, lease: Lease) -> None:
         async with self._limit:
             if lease.ended:
                 return
             policy = self._policy
-            fence_at = lease.fence_at
+            fence_at = lease.expires - policy.fence_margin(lease.ttl_seconds)
             budget = min(policy.heartbeat_interval(lease.ttl_seconds), fence_at - time.monotonic())
             if budget <= 0:
                 self._fence(lease)

@@ -38,10 +38,11 @@ class Backoff:
 class LeasePolicy:
     """How leases are kept: renewal schedule, self-fencing, liveness of the sandbox, release.
 
-    - A lease is renewed every `heartbeat_interval(ttl)` = clamp(ttl/2, min_interval, max_interval), echoing the
-      previous `last_heartbeat` exactly; one renewal (with its retries) may take at most that interval.
-    - A failed renewal is retried after `retry_delay(ttl)` until the TTL since the last successful heartbeat *was
-      sent* runs out; then the sidecar declares the lease lost itself (self-fencing).
+    - A lease is renewed every `heartbeat_interval(ttl)` = clamp(ttl/2, min_interval, max_interval) (shorter for
+      TTLs under 4 s, see there), echoing the previous `last_heartbeat` exactly; one renewal (with its retries)
+      may take at most that interval.
+    - A failed renewal is retried after `retry_delay(ttl)` until `fence_margin(ttl)` before the TTL since the last
+      successful heartbeat *was sent* runs out; then the sidecar declares the lease lost itself (self-fencing).
     - A lease lives while its sandbox does: its WatchWork stream is open, or KeepAlive pinged it within
       `liveness_window`. Otherwise it waits `reattach_grace`, then is released with one last heartbeat asking
       for `release_ttl_seconds` (None: no such heartbeat), so the item returns to the queue sooner.
@@ -58,7 +59,10 @@ class LeasePolicy:
     release_timeout: float = 5.0
     """How long that last heartbeat may take (s)."""
     claim_timeout: float = 30.0
-    """How long the claiming heartbeat (NO_HEARTBEAT, right after the ack) may keep retrying (s)."""
+    """How long one claiming heartbeat (NO_HEARTBEAT, right after the ack) may take with its retries (s). When it
+    fails without a definitive answer, the claim goes on after `claim_backoff`: an acked item is never left
+    `starting` while the Work API can still be asked."""
+    claim_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=10.0))
     heartbeat_concurrency: int = 256
     """Heartbeats in flight at once at most (the rest wait their turn in O(1))."""
     min_interval: float = 1.0
@@ -78,8 +82,22 @@ class LeasePolicy:
         if self.release_ttl_seconds is not None and self.release_ttl_seconds <= 0:
             raise ValueError("--release-ttl must be positive (or 0 for off)")
 
+    fence_margin_min: float = 1.0
+    fence_margin_ratio: float = 0.1
+    """Self-fencing happens `fence_margin(ttl)` = max(fence_margin_min, ttl * fence_margin_ratio) seconds *before*
+    the TTL since the last successful heartbeat was sent runs out, so the sandbox hears LeaseLost before the Work
+    API may hand the item to anyone else (1 s for TTLs up to 10 s, 6 s for the default 60 s)."""
+
+    def fence_margin(self, ttl_seconds: float) -> float:
+        """max(fence_margin_min, ttl * fence_margin_ratio), and never more than half the TTL (TTLs under 2 s)."""
+        return min(max(self.fence_margin_min, ttl_seconds * self.fence_margin_ratio), ttl_seconds / 2)
+
     def heartbeat_interval(self, ttl_seconds: float) -> float:
-        return max(self.min_interval, min(ttl_seconds / 2, self.max_interval))
+        """clamp(ttl/2, min_interval, max_interval), as the official workers do, but never more than 60% of the
+        time to the fencing point, so a failed renewal always has time to be retried before the sidecar fences
+        (this shortens the interval only for TTLs under about 4 s: 0.6 s at TTL 2)."""
+        official = max(self.min_interval, min(ttl_seconds / 2, self.max_interval))
+        return min(official, 0.6 * (ttl_seconds - self.fence_margin(ttl_seconds)))
 
     def retry_delay(self, ttl_seconds: float, rng: random.Random | None = None) -> float:
         low, high = self.retry_jitter

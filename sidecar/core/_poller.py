@@ -18,26 +18,36 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 from ..workapi import Work, WorkApiClient, WorkApiError, is_retryable
 from . import _telemetry as telemetry
 from ._dispatcher import Dispatcher, Watcher
 from ._handover import HandOver
 from ._policy import PollPolicy
+from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.poller")
 
 
 class Poller:
-    def __init__(self, client: WorkApiClient, policy: PollPolicy, dispatcher: Dispatcher, handover: HandOver) -> None:
+    def __init__(
+        self,
+        client: WorkApiClient,
+        policy: PollPolicy,
+        dispatcher: Dispatcher,
+        handover: HandOver,
+        *,
+        supervisor: Supervisor,
+    ) -> None:
+        self._supervisor = supervisor
         self._client = client
         self._policy = policy
         self._dispatcher = dispatcher
         self._handover = handover
         self._polls_in_flight = 0
         self._failures = 0
+        self.failing_since: float | None = None
+        """time.monotonic() of the first failure of the current run of failed polls (None: the last one worked)."""
         self._pollers = 0
         self._poll_returned = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -55,17 +65,17 @@ class Poller:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     def _start_poller(self, *, primary: bool) -> None:
         # Counted from the spawn to the task's end, not from when it first runs: two loops deciding in the same
         # tick would otherwise both see room for one more and exceed max_pollers.
         self._pollers += 1
-        self._spawn(self._poll_loop(primary=primary)).add_done_callback(self._poller_done)
+        if primary:  # the one poll loop that must always run: restarted if it ever fails
+            task = self._supervisor.keep(lambda: self._poll_loop(primary=True), name="poll loop")
+        else:
+            task = self._supervisor.spawn(self._poll_loop(primary=False), name="extra poller")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._poller_done)
 
     def _poller_done(self, _task: asyncio.Task[None]) -> None:
         self._pollers -= 1
@@ -135,6 +145,8 @@ class Poller:
         except WorkApiError as exc:
             telemetry.polls.add(1, {"result": "error"})
             self._failures += 1
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
             backoff = self._policy.transient_backoff if is_retryable(exc, "poll") else self._policy.final_backoff
             delay = backoff.delay(self._failures)
             log.error("poll failed", extra={"error": str(exc), "failures": self._failures, "retry_in": round(delay, 2)})
@@ -144,5 +156,6 @@ class Poller:
             self._polls_in_flight -= 1
             self._poll_returned.set()
         self._failures = 0
+        self.failing_since = None
         telemetry.polls.add(1, {"result": "empty" if work is None else "item"})
         return work

@@ -17,8 +17,10 @@ import enum
 import logging
 import os
 import signal
+import socket
 import stat
 import time
+from collections import Counter
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -28,18 +30,28 @@ from grpc_reflection.v1alpha import reflection
 
 from ..telemetry import tracing_enabled
 from ..work.v1 import work_service_pb2 as pb
-from ..work.v1 import work_service_pb2_grpc as pb_grpc
-from ..workapi import WorkApiClient
+from ..workapi import (
+    AuthenticationError,
+    BadRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    TransportError,
+    WorkApiClient,
+    WorkApiError,
+)
 from . import _telemetry as telemetry
 from ._auth import BearerTokenInterceptor
 from ._config import ServerSettings, SidecarSettings, parse_listen
 from ._dispatcher import Dispatcher
 from ._handover import HandOver
+from ._health import HealthReporter
 from ._lease import Leases
 from ._leaser import Leaser
+from ._limits import add_to_server
 from ._liveness import Liveness
 from ._poller import Poller
 from ._service import WorkService
+from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar")
 
@@ -58,6 +70,7 @@ def server_options(settings: SidecarSettings) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 0),  # never GOAWAY a client for pinging
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_connection_age_ms", 2**31 - 1),
+        ("grpc.so_reuseport", 0),  # a second sidecar on the same port fails to start instead of sharing it
     ]
 
 
@@ -92,14 +105,15 @@ class Sidecar:
             )
             self._exit.push_async_callback(client.aclose)
         self.client = client
+        self.supervisor = Supervisor()
         self.dispatcher = Dispatcher()
         self.leases = Leases([telemetry.TelemetryObserver(), self.dispatcher])
         heartbeats = min(policy.heartbeat_concurrency, api.max_connections - polling.max_pollers)
-        self.leaser = Leaser(client, policy, self.leases, concurrency=heartbeats)
+        self.leaser = Leaser(client, policy, self.leases, concurrency=heartbeats, supervisor=self.supervisor)
         self.liveness = Liveness(policy, self.leases, self.leaser)
         self.leases.observe(self.liveness)
-        self.handover = HandOver(client, policy, self.leases, self.leaser, self.dispatcher)
-        self.poller = Poller(client, polling, self.dispatcher, self.handover)
+        self.handover = HandOver(client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor)
+        self.poller = Poller(client, polling, self.dispatcher, self.handover, supervisor=self.supervisor)
         self.service = WorkService(
             client=client,
             leases=self.leases,
@@ -108,11 +122,17 @@ class Sidecar:
             liveness=self.liveness,
         )
         self.server = grpc.aio.server(interceptors=_interceptors(settings.server), options=server_options(settings))
-        pb_grpc.add_WorkServiceServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)  # as the generated add_…_to_server, with lenient deserializers
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.health_reporter = HealthReporter(
+            self.health,
+            ("", SERVICE_NAME),
+            failing_since=lambda: self.poller.failing_since,
+            alive=lambda: self.supervisor.alive,
+            unready_after=settings.server.unready_after,
+        )
         self._drained = asyncio.Event()
         self._bound_paths: list[str] = []
         self.addresses: list[str] = []
@@ -124,8 +144,10 @@ class Sidecar:
     # -- start -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Check the Work API, bind, serve. Raises StartupError (one line that names the fix) when it cannot."""
         if self.state is not Lifecycle.NEW:
             raise RuntimeError(f"start() on a sidecar that is {self.state.value}")
+        await self._check_work_api()
         unix_paths = self._bind()
         old_umask = os.umask(0o177)  # sockets are created 0600 (never, even briefly, open to others) ...
         try:
@@ -135,12 +157,12 @@ class Sidecar:
         self._bound_paths = unix_paths
         for path in unix_paths:
             os.chmod(path, self.settings.server.socket_mode)  # ... then given --socket-mode (0600, or 0660)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.health_reporter.update()
         telemetry.register_gauges(
             lambda: len(self.leases), lambda: len(self.dispatcher.watchers), self.dispatcher.free_capacity
         )
-        self._tasks.append(asyncio.ensure_future(self.leaser.run()))
+        self.supervisor.keep(self.leaser.run, name="renewal scheduler")
+        self.supervisor.keep(self.health_reporter.run, name="health")
         self.poller.start()
         self.state = Lifecycle.SERVING
         api = self.settings.work_api
@@ -155,6 +177,31 @@ class Sidecar:
             },
         )
 
+    async def _check_work_api(self) -> None:
+        """One stats read before serving: a wrong URL, key or environment is reported at once, in one line."""
+        timeout = self.settings.work_api.startup_check
+        if not timeout:
+            return
+        url = self.client.base_url
+        try:
+            async with asyncio.timeout(timeout):
+                await self.client.stats()
+        except TimeoutError:
+            raise StartupError(f"the Work API at {url} did not answer within {timeout:g} s: check --api-url") from None
+        except AuthenticationError as exc:
+            raise StartupError(
+                f"the Work API at {url} refused the API key ({exc.status_code}): check --api-key"
+            ) from None
+        except (PermissionDeniedError, NotFoundError, BadRequestError) as exc:
+            raise StartupError(
+                f"the Work API at {url} refused environment {self.client.environment_id!r} "
+                f"({exc.status_code} {exc.error_type}): check --environment-id and the key's permissions"
+            ) from None
+        except TransportError as exc:
+            raise StartupError(f"cannot reach the Work API at {url} ({exc}): check --api-url") from None
+        except WorkApiError as exc:
+            log.warning("the Work API's first answer was an error; serving anyway", extra={"error": str(exc)})
+
     def _bind(self) -> list[str]:
         unix_paths = []
         for address in self.settings.server.listen:
@@ -162,16 +209,28 @@ class Sidecar:
             if kind == "unix":
                 _remove_stale_socket(target)
                 os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-                self.server.add_insecure_port(address)
+                self._add_port(address, address)
                 unix_paths.append(target)
                 self.addresses.append(address)
             else:
-                port = self.server.add_insecure_port(target)
-                if port == 0:
-                    raise OSError(f"cannot listen on {address}")
+                port = self._add_port(target, address)
                 host = target.rpartition(":")[0]
                 self.addresses.append(f"{host}:{port}")
         return unix_paths
+
+    def _add_port(self, target: str, address: str) -> int:
+        if not target.startswith("unix:"):
+            _check_tcp_free(target, address)  # before gRPC tries, so that its own error lines stay out of stderr
+        try:
+            port = self.server.add_insecure_port(target)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise StartupError(
+                f"cannot listen on {address}: the address is in use (another work-sidecar?) or not this host's; "
+                "choose another --listen"
+            )
+        return port
 
     # -- drain and stop ----------------------------------------------------------------------------
 
@@ -190,6 +249,7 @@ class Sidecar:
         started = time.monotonic()
         deadline = time.time() + drain_timeout
         log.info("draining", extra={"leases": len(self.leases), "drain_timeout": drain_timeout})
+        self.health_reporter.draining = True
         await self.health.enter_graceful_shutdown()
         notice = pb.Draining(deadline=Timestamp(seconds=int(deadline), nanos=int((deadline % 1) * 1e9)))
         self.dispatcher.start_drain(notice)
@@ -215,23 +275,21 @@ class Sidecar:
         self.state = Lifecycle.CLOSED
         await self.server.stop(grace=1.0)
         await self.poller.stop()
-        await self.handover.close()
-        await self.leaser.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.close()
         await self._exit.aclose()
         for path in self._bound_paths:  # only what this process bound
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT, drain, exit 0. A second signal exits at once."""
+        """Serve until SIGTERM, SIGINT or SIGQUIT, drain, exit 0. A second such signal exits at once (status 1).
+        SIGHUP is logged and ignored (logs go to stdout/stderr: nothing to reopen); SIGUSR1 logs a summary of
+        the state (leases, watchers, pollers; no secrets)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         signals = 0
 
-        def on_signal(signum: int) -> None:
+        def on_stop_signal(signum: int) -> None:
             nonlocal signals
             signals += 1
             if signals > 1:
@@ -241,8 +299,10 @@ class Sidecar:
             log.info("signal received: draining", extra={"signal": signal.Signals(signum).name})
             stop.set()
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
+        for signum in DRAIN_SIGNALS:
+            loop.add_signal_handler(signum, on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored (logs need no reopening)"))
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("state", extra=self.summary()))
         try:
             await self.start()
             await stop.wait()
@@ -250,6 +310,28 @@ class Sidecar:
         finally:
             await self.close()
         return 0
+
+    def summary(self) -> dict[str, object]:
+        """What the sidecar is doing, for SIGUSR1 and debugging: counts and ids, never tokens or secrets."""
+        return {
+            "lifecycle": self.state.value,
+            "leases": len(self.leases),
+            "lease_states": dict(Counter(telemetry.state_name(lease.state) for lease in self.leases)),
+            "watchers": len(self.dispatcher.watchers),
+            "free_capacity": self.dispatcher.free_capacity(),
+            "polls_in_flight": self.poller.polls_in_flight,
+            "poll_failing_for": None
+            if self.poller.failing_since is None
+            else round(time.monotonic() - self.poller.failing_since, 1),
+            "crashes": self.supervisor.crashed,
+        }
+
+
+class StartupError(Exception):
+    """The sidecar cannot start; the message is one line that names the cause and the fix."""
+
+
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 def _interceptors(server: ServerSettings) -> list[grpc.aio.ServerInterceptor]:
@@ -264,11 +346,40 @@ def _interceptors(server: ServerSettings) -> list[grpc.aio.ServerInterceptor]:
     return interceptors
 
 
+def _check_tcp_free(target: str, address: str) -> None:
+    host, _, port = target.rpartition(":")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}; check --listen") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {address}: {exc.strerror} (another work-sidecar?); choose another --listen"
+                ) from None
+
+
 def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a process that is gone; refuse one a live process still serves on."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket")
-    os.unlink(path)
+        raise StartupError(f"{path} exists and is not a socket: choose another --listen path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody accepts on it
+            return
+        except OSError:
+            pass
+    raise StartupError(f"{path} is in use by a running process (another work-sidecar?): choose another --listen path")

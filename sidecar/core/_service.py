@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +19,14 @@ from ._convert import queue_stats_message, work_message
 from ._dispatcher import Dispatcher
 from ._handover import HandOver
 from ._lease import Lease, Leases
+from ._limits import (
+    MAX_TOKEN,
+    Malformed,
+    check_metadata,
+    check_page_token,
+    check_sandbox_id,
+    check_work_id,
+)
 from ._liveness import Liveness
 from ._status import SidecarRpcError, abort, build_status, error, from_work_api
 
@@ -39,6 +48,8 @@ def _unary(
     @functools.wraps(fn)
     async def wrapper(self: WorkService, request: Req, context: Context) -> Resp:
         try:
+            if isinstance(request, Malformed):
+                raise request.rejection()
             return await fn(self, request, context)
         except SidecarRpcError as exc:
             await abort(context, exc.status)
@@ -48,6 +59,40 @@ def _unary(
             await abort(context, build_status(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT"))
 
     return wrapper
+
+
+UNREAD_LIMIT = 1000
+"""KeepAlive answers a client may leave unread before its stream is cut (RESOURCE_EXHAUSTED)."""
+
+
+class _Feed:
+    """The outbound side of one KeepAlive stream: the latest status per item, then an end (None or an error)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, pb.KeepAliveResponse] = {}
+        self._end: SidecarRpcError | None = None
+        self._ended = False
+        self._wake = asyncio.Event()
+        self.unread = 0
+
+    def put_nowait(self, response: pb.KeepAliveResponse) -> None:
+        self._latest.pop(response.lease.work_id, None)  # an item's newest status goes last
+        self._latest[response.lease.work_id] = response
+        self._wake.set()
+
+    def finish(self, end: SidecarRpcError | None) -> None:
+        if not self._ended:
+            self._ended, self._end = True, end
+            self._wake.set()
+
+    async def take(self) -> list[pb.KeepAliveResponse] | SidecarRpcError | None:
+        while not self._latest and not self._ended:
+            self._wake.clear()
+            await self._wake.wait()
+        if self._latest:
+            batch, self._latest = list(self._latest.values()), {}
+            return batch
+        return self._end
 
 
 class WorkService(pb_grpc.WorkServiceServicer):
@@ -69,9 +114,8 @@ class WorkService(pb_grpc.WorkServiceServicer):
     # -- helpers -------------------------------------------------------------------------------------
 
     def _authorize(self, work_id: str, lease_token: str) -> Lease:
-        if not work_id:
-            raise error(grpc.StatusCode.INVALID_ARGUMENT, "work_id is required", "INVALID_ARGUMENT")
-        lease = self._leases.authorize(work_id, lease_token)
+        check_work_id(work_id)
+        lease = self._leases.authorize(work_id, lease_token) if len(lease_token) <= MAX_TOKEN else None
         if lease is None:
             raise error(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -93,7 +137,15 @@ class WorkService(pb_grpc.WorkServiceServicer):
 
     # -- WatchWork ----------------------------------------------------------------------------------
 
-    async def WatchWork(self, request: pb.WatchWorkRequest, context: Context) -> AsyncIterator[pb.WatchWorkResponse]:
+    async def WatchWork(
+        self, request: pb.WatchWorkRequest | Malformed, context: Context
+    ) -> AsyncIterator[pb.WatchWorkResponse]:
+        if isinstance(request, Malformed):
+            await abort(context, request.rejection().status)
+        try:
+            check_sandbox_id(request.sandbox_id)
+        except SidecarRpcError as exc:
+            await abort(context, exc.status)
         if self._dispatcher.draining:
             await abort(context, build_status(grpc.StatusCode.UNAVAILABLE, "the sidecar is draining", "DRAINING"))
         if request.max_in_flight > MAX_IN_FLIGHT:
@@ -127,40 +179,58 @@ class WorkService(pb_grpc.WorkServiceServicer):
     # -- KeepAlive ----------------------------------------------------------------------------------
 
     async def KeepAlive(
-        self, request_iterator: AsyncIterator[pb.KeepAliveRequest], context: Context
+        self, request_iterator: AsyncIterator[pb.KeepAliveRequest | Malformed], context: Context
     ) -> AsyncIterator[pb.KeepAliveResponse]:
-        outbound: asyncio.Queue[Any] = asyncio.Queue()
+        """Answers each ping with its lease's status and pushes every later change. Answers are coalesced (the
+        latest status per item), so a stream's memory is bounded by the items it follows; a client that keeps
+        pinging but does not read is cut with RESOURCE_EXHAUSTED after `UNREAD_LIMIT` unread answers."""
+        feed = _Feed()
         followed: dict[str, Lease] = {}
 
         async def read() -> None:
             try:
                 async for ping in request_iterator:
+                    if isinstance(ping, Malformed):
+                        raise ping.rejection()
                     lease = self._authorize(ping.work_id, ping.lease_token)
                     self._liveness.ping(lease)
                     if ping.work_id not in followed:
                         followed[ping.work_id] = lease
-                        self._leases.subscribe(lease, outbound)
-                    outbound.put_nowait(pb.KeepAliveResponse(lease=lease.status()))
-                outbound.put_nowait(None)
+                        self._leases.subscribe(lease, feed)
+                    feed.put_nowait(pb.KeepAliveResponse(lease=lease.status()))
+                    feed.unread += 1
+                    if feed.unread > UNREAD_LIMIT:  # the writer is stuck on a client that does not read: cut here
+                        status = error(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{UNREAD_LIMIT} KeepAlive answers were not read: read the stream's answers",
+                            "KEEPALIVE_NOT_READ",
+                        ).status
+                        feed.finish(None)
+                        with contextlib.suppress(Exception):
+                            await context.abort(status.code, status.details, status.trailing_metadata)
+                        return
+                feed.finish(None)
             except SidecarRpcError as exc:
-                outbound.put_nowait(exc)
+                feed.finish(exc)
             except Exception as exc:  # not a bad ping (those are SidecarRpcError): say what it was, end the stream
                 log.warning("KeepAlive reader failed", extra={"error": type(exc).__name__}, exc_info=True)
-                outbound.put_nowait(error(grpc.StatusCode.INTERNAL, "the KeepAlive stream failed", "INTERNAL"))
+                feed.finish(error(grpc.StatusCode.INTERNAL, "the KeepAlive stream failed", "INTERNAL"))
 
         reader = asyncio.ensure_future(read())
         try:
             while True:
-                item = await outbound.get()
-                if item is None:
+                batch = await feed.take()
+                if isinstance(batch, SidecarRpcError):
+                    await abort(context, batch.status)
+                if batch is None:
                     return
-                if isinstance(item, SidecarRpcError):
-                    await abort(context, item.status)
-                yield item
+                for response in batch:
+                    yield response
+                feed.unread = 0
         finally:
             reader.cancel()
             for lease in followed.values():
-                self._leases.unsubscribe(lease, outbound)
+                self._leases.unsubscribe(lease, feed)
 
     # -- unary calls --------------------------------------------------------------------------------
 
@@ -208,6 +278,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
                 f"page_size must be at most {self._client.provider.list_max_limit}",
                 "INVALID_ARGUMENT",
             )
+        check_page_token(request.page_token)
         token = request.page_token
         after_id = token[len(AFTER_ID_PREFIX) :] if token.startswith(AFTER_ID_PREFIX) else None
         page = await self._client.list_page(limit=limit, page=None if after_id else (token or None), after_id=after_id)
@@ -232,8 +303,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
             )
         if not request.set and not request.remove:
             raise error(grpc.StatusCode.INVALID_ARGUMENT, "nothing to update: give set or remove", "INVALID_ARGUMENT")
-        if any(not key for key in [*request.set, *request.remove]):
-            raise error(grpc.StatusCode.INVALID_ARGUMENT, "metadata keys must not be empty", "INVALID_ARGUMENT")
+        check_metadata(dict(request.set), list(request.remove))
         patch: dict[str, str | None] = {**dict(request.set), **{key: None for key in request.remove}}
         with telemetry.use(lease.span):
             work = await self._client.update_metadata(lease.work_id, patch)

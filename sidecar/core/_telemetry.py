@@ -114,6 +114,10 @@ def outcome(lease: Lease) -> str:
     return "stopped" if lease.state == pb.LEASE_STATE_STOPPED else "lost"
 
 
+def state_name(state: int) -> str:
+    return pb.LeaseState.Name(state).removeprefix("LEASE_STATE_").lower()  # type: ignore[arg-type]
+
+
 def reason_name(reason: int) -> str:
     return REASON_NAMES.get(reason, "unspecified")
 

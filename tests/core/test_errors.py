@@ -105,7 +105,9 @@ def test_non_loopback_tcp_needs_a_token() -> None:
 
     with pytest.raises(ValueError, match="auth-token"):
         ServerSettings(listen=("0.0.0.0:50051",))
-    ServerSettings(listen=("0.0.0.0:50051",), auth_token="t")
+    ServerSettings(listen=("0.0.0.0:50051",), auth_token="t" * 16)
+    with pytest.raises(ValueError, match="at least 16 characters"):  # #11.10: a 1-character token was accepted
+        ServerSettings(listen=("0.0.0.0:50051",), auth_token="t")
     with pytest.raises(ValueError, match="unix"):
         ServerSettings(listen=("unix:relative.sock",))
 
@@ -113,5 +115,7 @@ def test_non_loopback_tcp_needs_a_token() -> None:
 def test_config_repr_hides_secrets() -> None:
     from sidecar.core import SidecarSettings
 
-    config = SidecarSettings.of(environment_id="env_x", api_key="sk-very-secret", auth_token="tok-very-secret")
-    assert "sk-very-secret" not in repr(config) and "tok-very-secret" not in repr(config)
+    config = SidecarSettings.of(
+        environment_id="env_x", api_key="sk-very-secret", auth_token="tok-very-secret-0123456789"
+    )
+    assert "sk-very-secret" not in repr(config) and "tok-very-secret-0123456789" not in repr(config)

@@ -125,6 +125,11 @@ class _LeaseLostReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Lease
     """Someone else stopped the item (for example a forced stop by the
     platform): stop working on it at once.
     """
+    LEASE_LOST_REASON_INTERNAL: _LeaseLostReason.ValueType  # 8
+    """The sidecar hit an unexpected error while keeping the lease (a bug, or a
+    Work API answer it could not handle): it fenced the lease off and released
+    it rather than risk two holders. Stop working on the item.
+    """
 
 class LeaseLostReason(_LeaseLostReason, metaclass=_LeaseLostReasonEnumTypeWrapper):
     """LeaseLostReason says why a lease was lost."""
@@ -155,6 +160,11 @@ timeout passed.
 LEASE_LOST_REASON_STOPPED: LeaseLostReason.ValueType  # 7
 """Someone else stopped the item (for example a forced stop by the
 platform): stop working on it at once.
+"""
+LEASE_LOST_REASON_INTERNAL: LeaseLostReason.ValueType  # 8
+"""The sidecar hit an unexpected error while keeping the lease (a bug, or a
+Work API answer it could not handle): it fenced the lease off and released
+it rather than risk two holders. Stop working on the item.
 """
 Global___LeaseLostReason: _TypeAlias = LeaseLostReason  # noqa: Y015
 

@@ -1,0 +1,249 @@
+"""Issue #11 against an in-process sidecar: each test attacks one guarantee that used to break.
+
+The number in each docstring is the defect's point in issue #11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import datetime
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar.core import Backoff
+from sidecar.work.v1 import work_service_pb2 as pb
+from tests.helpers import eventually
+
+from .conftest import Api, SidecarFactory
+
+
+def _at(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+async def test_lease_lost_reaches_the_sandbox_before_the_api_can_redeliver(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """#11.6. Guarantee: with heartbeats failing, the sandbox hears LeaseLost at least the fencing margin before
+    the Work API's lease runs out (here a 1.5 s margin; the default rule is max(1 s, 10% of the TTL))."""
+    running = await start_sidecar(ttl_seconds=4, fence_margin_min=1.5)
+    watch, item = await running.take_one(api)
+    await api.fault(operation="heartbeat", status=503, count=None)
+    lost = await watch.next("lease_lost", timeout=10)
+    heard_at = time.time()
+    assert lost.lease_lost.reason == pb.LEASE_LOST_REASON_EXPIRED
+    expires = (await api.item(item.work.id))["lease_expires_at"]
+    assert expires is not None, "the Work API still holds the lease when the sandbox is told"
+    assert _at(expires) - heard_at >= 1.0, f"LeaseLost only {_at(expires) - heard_at:.2f} s before the API expiry"
+    await api.clear_faults()
+    watch.cancel()
+
+
+async def test_release_waits_for_the_renewal_in_flight(api: Api, start_sidecar: SidecarFactory) -> None:
+    """#11.7. Guarantee: a release sent while a renewal is in flight uses the renewal's answer: no 412, and the
+    lease is not extended by a whole TTL for an item nobody holds."""
+    running = await start_sidecar(ttl_seconds=4, reattach_grace=0.0, liveness_window=0.0, release_ttl_seconds=1)
+    watch, item = await running.take_one(api)
+    await api.fault(operation="heartbeat", latency_ms=800, count=None)  # every renewal is slow
+    before = len(await api.requests("heartbeat", item.work.id))
+    await eventually(lambda: _open(api, "heartbeat", item.work.id, before), message="a renewal in flight", timeout=10)
+    watch.cancel()  # the sandbox leaves while the renewal is in flight: released at once (grace 0)
+    await eventually(lambda: _requested_ttl(api, item.work.id, "1"), timeout=10, message="the release heartbeat")
+    await api.clear_faults()
+    await eventually(lambda: _all_answered(api, item.work.id), timeout=10)
+    beats = await api.requests("heartbeat", item.work.id)
+    release = [b for b in beats if b["query"].get("desired_ttl_seconds") == "1"]
+    assert [b["status"] for b in release] == [200], f"the release used the renewal's CAS value: {release}"
+    item_now = await api.item(item.work.id)
+    assert item_now["state"] == "queued" or _at(item_now["lease_expires_at"]) - time.time() <= 1.5, (
+        "the lease ends about 1 s after the release, not a TTL later"
+    )
+
+
+async def _open(api: Api, operation: str, work_id: str, after: int) -> bool:
+    entries = (await api.requests(operation, work_id))[after:]
+    return any(entry["status"] is None for entry in entries)
+
+
+async def _requested_ttl(api: Api, work_id: str, ttl: str) -> bool:
+    return any(b["query"].get("desired_ttl_seconds") == ttl for b in await api.requests("heartbeat", work_id))
+
+
+async def _all_answered(api: Api, work_id: str) -> bool:
+    return all(b["status"] is not None for b in await api.requests("heartbeat", work_id))
+
+
+async def test_an_acked_item_is_claimed_even_when_claims_fail_for_a_while(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """#11.3. Guarantee: after an ack, the claim goes on (with backoff) past its per-attempt deadline until an
+    answer is definitive: the item is never left `starting`."""
+    running = await start_sidecar(claim_timeout=0.3, claim_backoff=Backoff(initial=0.05, maximum=0.2))
+    watch = running.watch()
+    await api.fault(operation="heartbeat", status=503, count=12)  # several claim attempts' worth of failures
+    (queued,) = await api.enqueue(1)
+    assigned = await watch.assigned(timeout=30)
+    assert assigned.work.id == queued["id"]
+    assert await api.state(queued["id"]) == "active"
+    failed = [b for b in await api.requests("heartbeat", queued["id"]) if b["status"] == 503]
+    assert len(failed) == 12, "the claim outlived more than one attempt's deadline"
+    await running.stop(assigned)
+    watch.cancel()
+
+
+async def test_keepalive_client_that_does_not_read_is_cut(api: Api, start_sidecar: SidecarFactory) -> None:
+    """#11.4. Guarantee: a KeepAlive client that pings without reading costs bounded memory and is cut with
+    RESOURCE_EXHAUSTED."""
+    running = await start_sidecar()
+    watch, item = await running.take_one(api)
+    ping = pb.KeepAliveRequest(work_id=item.work.id, lease_token=item.lease_token)
+    rss_before = psutil.Process().memory_info().rss
+    call = running.stub.KeepAlive()
+    sent, deadline = 0, time.monotonic() + 90
+    while sent < 500_000 and time.monotonic() < deadline:  # until the transport's window is full and it is cut
+        write = asyncio.ensure_future(call.write(ping))
+        done, _ = await asyncio.wait({write}, timeout=3)  # not wait_for: cancelling a write cancels the call
+        if not done or write.exception() is not None:
+            break
+        sent += 1
+    answers = await _read_to_the_end(call)  # the status comes after the unread answers (HTTP/2 trailers)
+    assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, f"after {sent} pings, {answers} answers"
+    grown = psutil.Process().memory_info().rss - rss_before
+    assert grown < 50_000_000, f"memory grew by {grown / 1e6:.0f} MB"
+    assert await api.state(item.work.id) == "active", "the lease itself lives on"
+    await running.stop(item)
+    watch.cancel()
+
+
+async def _read_to_the_end(call: Any) -> int:
+    answers = 0
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        async for _ in call:
+            answers += 1
+    return answers
+
+
+async def test_keepalive_answers_are_coalesced_per_item(api: Api, start_sidecar: SidecarFactory) -> None:
+    """#11.4. A client that reads gets every ping answered with the lease's latest status."""
+    running = await start_sidecar()
+    watch, item = await running.take_one(api)
+    call = running.stub.KeepAlive()
+    for _ in range(50):
+        await call.write(pb.KeepAliveRequest(work_id=item.work.id, lease_token=item.lease_token))
+    first = await asyncio.wait_for(call.read(), 5)
+    assert first.lease.work_id == item.work.id and first.lease.state == pb.LEASE_STATE_ACTIVE
+    await call.done_writing()
+    await running.stop(item)
+    watch.cancel()
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        ("watch", "sandbox_id"),
+        ("watch-newline", "sandbox_id"),
+        ("get", "work_id"),
+        ("list", "page_token"),
+        ("update", "metadata keys"),
+    ],
+)
+async def test_client_strings_have_limits(
+    api: Api, start_sidecar: SidecarFactory, call: str, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """#11.10. Guarantee: an over-long or control-character string is INVALID_ARGUMENT naming the field, never
+    echoed back, never logged verbatim."""
+    running = await start_sidecar()
+    huge = "x" * 1_000_000
+    stub = running.stub
+
+    async def attempt() -> None:
+        if call == "watch":
+            await anext(aiter(stub.WatchWork(pb.WatchWorkRequest(sandbox_id=huge))))
+        elif call == "watch-newline":
+            await anext(aiter(stub.WatchWork(pb.WatchWorkRequest(sandbox_id="sb\nlevel=ERROR forged"))))
+        elif call == "get":
+            await stub.GetWork(pb.GetWorkRequest(work_id=huge, lease_token="t"))
+        elif call == "list":
+            await stub.ListWork(pb.ListWorkRequest(page_token=huge[:100_000]))
+        else:
+            watch, item = await running.take_one(api)
+            await stub.UpdateWorkMetadata(
+                pb.UpdateWorkMetadataRequest(work_id=item.work.id, lease_token=item.lease_token, set={huge: "v"})
+            )
+            watch.cancel()
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await attempt()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
+    assert len(caught.value.details() or "") < 300, "the value is not echoed"
+    assert all("forged" not in r.getMessage() and huge not in str(r.__dict__) for r in caplog.records)
+
+
+TRUNCATED = b"\x0a\x7fab"  # field 1, length-delimited: 127 bytes announced, 2 sent
+BAD_UTF8 = b"\x0a\x03\xff\xfe\xfd"  # field 1 (work_id, a string) holding invalid UTF-8
+
+
+@pytest.mark.parametrize(
+    ("method", "garbage"),
+    [
+        *[(m, TRUNCATED) for m in ("GetWork", "StopWork", "ListWork", "WatchWork", "KeepAlive", "GetQueueStats")],
+        *[(m, BAD_UTF8) for m in ("GetWork", "StopWork", "KeepAlive")],
+    ],
+)
+async def test_bytes_that_are_not_a_message_are_invalid_argument(
+    start_sidecar: SidecarFactory, method: str, garbage: bytes
+) -> None:
+    """#11.10. Guarantee: invalid protobuf or invalid UTF-8 is INVALID_ARGUMENT, never UNKNOWN."""
+    running = await start_sidecar()
+    path = f"/sidecar.work.v1.WorkService/{method}"
+    identity: Any = None
+    channel = running.channel
+
+    async def attempt() -> None:
+        if method == "WatchWork":
+            stream = channel.unary_stream(path, request_serializer=identity, response_deserializer=identity)
+            await anext(aiter(stream(garbage)))
+        elif method == "KeepAlive":
+            bidi = channel.stream_stream(path, request_serializer=identity, response_deserializer=identity)
+            duplex = bidi()
+            await duplex.write(garbage)
+            await duplex.read()
+        else:
+            unary = channel.unary_unary(path, request_serializer=identity, response_deserializer=identity)
+            await unary(garbage)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await attempt()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+
+
+async def test_readiness_follows_the_work_api_and_liveness_does_not(api: Api, start_sidecar: SidecarFactory) -> None:
+    """#11.11. Guarantee: readiness turns NOT_SERVING while every poll fails (a revoked key here) and SERVING
+    again when polls work; liveness stays SERVING throughout (an API outage must not restart the sidecar)."""
+    running = await start_sidecar(unready_after=0.5)
+    health = health_pb2_grpc.HealthStub(running.channel)
+
+    async def status(service: str) -> int:
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        return int(answer.status)
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    watch = running.watch()  # a watcher makes the sidecar poll
+    await api.fault(operation="poll", status=401, count=None)
+    await eventually(lambda: _is(status(""), not_serving), timeout=20, message="readiness turns NOT_SERVING")
+    assert await status("sidecar.work.v1.WorkService") == not_serving
+    assert await status("liveness") == serving
+    await api.clear_faults()
+    await eventually(lambda: _is(status(""), serving), timeout=90, message="readiness comes back")
+    watch.cancel()
+
+
+async def _is(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
