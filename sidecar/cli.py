@@ -101,6 +101,10 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--worker-id", "worker id sent to the Work API (default: random per process)"),
     Flag("--http-backend", "HTTP transport for Work API requests: aiohttp (cheaper) or httpx",
          choices=("aiohttp", "httpx"), setting="WorkApiSettings.http_backend"),
+    Flag("--unready-after", "seconds of failing polls after which readiness turns NOT_SERVING", type=float,
+         setting="ServerSettings.unready_after"),
+    Flag("--startup-check", "seconds the Work API has to answer at start (0: no check)", type=float,
+         setting="WorkApiSettings.startup_check"),
     Flag("--keepalive-time", "seconds between HTTP/2 keepalive pings on idle connections", type=float,
          setting="ServerSettings.keepalive_time"),
     Flag("--log-format", "auto (text on a TTY, else JSON), json or text", default="auto",
@@ -193,6 +197,7 @@ def serve_settings(values: dict[str, Any]) -> Any:
             provider=values["provider"],
             worker_id=values["worker_id"] or None,
             http_backend=values["http_backend"],
+            startup_check=values["startup_check"],
         ),
         server=ServerSettings(
             listen=tuple(values["listen"]),
@@ -200,6 +205,7 @@ def serve_settings(values: dict[str, Any]) -> Any:
             auth_token=values["auth_token"] or None,
             keepalive_time=values["keepalive_time"],
             drain_timeout=values["drain_timeout"],
+            unready_after=values["unready_after"],
         ),
         leases=LeasePolicy(
             ttl_seconds=values["ttl"],
