@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .wire import MAX_BLOCK_MS, MIN_BLOCK_MS
+
 ENV_PREFIX = "WORK_SIDECAR_"
 
 
@@ -51,7 +53,7 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          type=float, default=30.0),
     Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int, default=10),
     Flag("--max-pollers", "parallel long polls while items keep coming", type=int, default=4),
-    Flag("--poll-block-ms", "long poll block_ms (1..999)", type=int, default=999),
+    Flag("--poll-block-ms", f"long poll block_ms ({MIN_BLOCK_MS}..{MAX_BLOCK_MS})", type=int, default=MAX_BLOCK_MS),
     Flag("--unclaimed-wait", "seconds a polled item waits for a free sandbox slot before it is left unacked",
          type=float, default=2.0),
     Flag("--auth-token",

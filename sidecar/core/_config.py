@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from ..wire import MAX_BLOCK_MS, MIN_BLOCK_MS
 from ..workapi import HTTP_BACKENDS, PROVIDERS
 
 LOG_FORMATS = ("auto", "json", "text")
@@ -31,7 +32,7 @@ class SidecarConfig:
     """After a sandbox disappears, how long its leases wait for it to re-attach before they are released."""
     release_ttl_seconds: int | None = 10
     """On release, one last heartbeat asks for this TTL so the item returns to the queue sooner (None: skip)."""
-    poll_block_ms: int = 999
+    poll_block_ms: int = MAX_BLOCK_MS
     max_pollers: int = 4
     """Upper bound of parallel long polls while items keep coming (one when the queue is empty)."""
     reclaim_older_than_ms: int | None = None
@@ -72,8 +73,8 @@ class SidecarConfig:
                 f"socket mode {self.socket_mode:#o}: use 0600 or 0660 (any local user who can open the socket "
                 "can take work: for more, listen on TCP with --auth-token)"
             )
-        if not 1 <= self.poll_block_ms <= 999:
-            raise ValueError("poll block must be 1..999 ms")
+        if not MIN_BLOCK_MS <= self.poll_block_ms <= MAX_BLOCK_MS:
+            raise ValueError(f"poll block must be {MIN_BLOCK_MS}..{MAX_BLOCK_MS} ms")
         if self.ttl_seconds <= 0:
             raise ValueError("--ttl must be positive")
         for name in ("drain_timeout", "liveness_window", "reattach_grace", "first_heartbeat_timeout", "unclaimed_wait"):

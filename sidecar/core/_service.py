@@ -25,7 +25,6 @@ from ._status import SidecarRpcError, abort, build_status, error, from_work_api
 log = logging.getLogger("sidecar.service")
 
 MAX_IN_FLIGHT = 10_000
-AFTER_ID_PREFIX = "after_id:"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -212,13 +211,8 @@ class WorkService(pb_grpc.WorkServiceServicer):
                 f"page_size must be at most {self._client.provider.list_max_limit}",
                 "INVALID_ARGUMENT",
             )
-        token = request.page_token
-        after_id = token[len(AFTER_ID_PREFIX) :] if token.startswith(AFTER_ID_PREFIX) else None
-        page = await self._client.list_page(limit=limit, page=None if after_id else (token or None), after_id=after_id)
-        next_token = page.next_page or ""
-        if not next_token and page.extra.get("has_more") and isinstance(page.extra.get("last_id"), str):
-            next_token = AFTER_ID_PREFIX + page.extra["last_id"]
-        return pb.ListWorkResponse(work=[work_message(w) for w in page.data], next_page_token=next_token)
+        page = await self._client.list_page(limit=limit, cursor=request.page_token or None)
+        return pb.ListWorkResponse(work=[work_message(w) for w in page.data], next_page_token=page.next_cursor or "")
 
     @_unary
     async def UpdateWorkMetadata(
