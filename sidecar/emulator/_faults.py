@@ -11,9 +11,9 @@ import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..wire import OPERATIONS
 from ._errors import ApiError
 
-OPERATIONS = ("poll", "ack", "heartbeat", "stop", "get", "update", "list", "stats")
 _FIELDS = {
     "operation",
     "environment_id",
@@ -59,7 +59,7 @@ class Fault:
         if unknown:
             raise ApiError(400, f"unknown fault fields: {', '.join(sorted(unknown))}")
         operation = body.get("operation")
-        if operation != "*" and operation not in OPERATIONS:
+        if not isinstance(operation, str) or (operation != "*" and operation not in OPERATIONS):
             raise ApiError(400, f"operation must be * or one of {', '.join(OPERATIONS)}")
         count = body.get("count", 1)
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
