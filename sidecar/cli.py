@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .wire import MAX_BLOCK_MS, MIN_BLOCK_MS
+from .wire import MAX_BLOCK_MS, MIN_BLOCK_MS, PROVIDERS
 
 ENV_PREFIX = "WORK_SIDECAR_"
 
@@ -39,7 +39,7 @@ class Flag:
 
 
 SERVE_FLAGS: tuple[Flag, ...] = (
-    Flag("--provider", "Work API flavour", default="anthropic", choices=("anthropic", "qoder")),
+    Flag("--provider", "Work API flavour", default="anthropic", choices=tuple(PROVIDERS)),
     Flag("--api-url", "Work API base URL; when absent the embedded emulator is started (demo mode)"),
     Flag("--environment-id", "the environment to serve (default with the emulator: env_local)"),
     Flag("--api-key", "Work API key (prefer the environment variable); generated for the emulator"),
