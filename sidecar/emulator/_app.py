@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..wire import MAX_BLOCK_MS, MIN_BLOCK_MS, NO_HEARTBEAT, OPERATIONS, REQUEST_ID_HEADER, CredentialStyle, Pagination
 from ._admin import admin_router
+from ._backend import Store
 from ._core import EmulatorCore
 from ._errors import ApiError
 from ._flavours import FLAVOURS, Flavour
@@ -171,7 +172,7 @@ class EmulatorApp:
         self._wire = {f.name: _FlavourHeaders.of(f) for f in self.routes.flavours}
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         """The core's store (for tests that drive it directly)."""
         return self._store
 

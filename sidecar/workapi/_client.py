@@ -21,6 +21,8 @@ from ..wire import (
     NO_HEARTBEAT,
     OPERATIONS,
     REQUEST_ID_HEADER,
+    RETRY_AFTER_HEADER,
+    RETRY_AFTER_MS_HEADER,
     SHOULD_RETRY_HEADER,
     CredentialStyle,
     Provider,
@@ -366,7 +368,7 @@ class WorkApiClient:
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms`, or `retry-after` as seconds or an HTTP date."""
-    value = headers.get("retry-after-ms")
+    value = headers.get(RETRY_AFTER_MS_HEADER)
     if value:
         try:
             ms = float(value)
@@ -374,7 +376,7 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
                 return ms / 1000
         except ValueError:
             pass
-    value = headers.get("retry-after")
+    value = headers.get(RETRY_AFTER_HEADER)
     if not value:
         return None
     try:
