@@ -28,6 +28,8 @@ import httpx
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sidecar.emulator import AdminClient, ApiError
+
 KEY = "sk-ant-bench-key"
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -143,6 +145,10 @@ class EmulatorProcess:
     url: str
     http: httpx.AsyncClient = field(repr=False)
 
+    @property
+    def admin(self) -> AdminClient:
+        return AdminClient(self.url, http=self.http)
+
     @classmethod
     async def start(cls, default_ttl: int = 60, log_limit: int = 300_000) -> EmulatorProcess:
         port = free_port()
@@ -156,9 +162,9 @@ class EmulatorProcess:
         deadline = time.monotonic() + 30
         while True:
             try:
-                (await http.get("/_emulator/stats")).raise_for_status()
+                await emulator.admin.stats()
                 return emulator
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ApiError):
                 if not child.alive() or time.monotonic() > deadline:
                     raise RuntimeError(f"the emulator did not start:\n{child.tail()}") from None
                 await asyncio.sleep(0.05)
@@ -168,32 +174,22 @@ class EmulatorProcess:
         self.child.stop()
 
     async def enqueue(self, environment_id: str, count: int = 1) -> list[str]:
-        response = await self.http.post(f"/_emulator/environments/{environment_id}/work", json={"count": count})
-        response.raise_for_status()
-        return [item["id"] for item in response.json()["data"]]
+        return [item["id"] for item in await self.admin.enqueue(environment_id, count)]
 
     async def next_seq(self) -> int:
-        response = await self.http.get("/_emulator/requests", params={"since": 1 << 62})
-        response.raise_for_status()
-        seq: int = response.json()["next"]
-        return seq
+        return await self.admin.next_seq()
 
     async def requests(self, since: int) -> tuple[list[LogEntry], int]:
         """Logged Work API requests from `since` on, and the next index to ask for."""
-        response = await self.http.get("/_emulator/requests", params={"since": since})
-        response.raise_for_status()
-        body = response.json()
+        page = await self.admin.request_log(since)
         entries = [
             LogEntry(e["seq"], _epoch(e["at"]), e["operation"], e["environment_id"], e["work_id"], e["status"])
-            for e in body["data"]
+            for e in page.data
         ]
-        return entries, body["next"]
+        return entries, page.next
 
     async def items(self, environment_id: str) -> list[dict[str, Any]]:
-        response = await self.http.get(f"/_emulator/environments/{environment_id}/work")
-        response.raise_for_status()
-        items: list[dict[str, Any]] = response.json()["data"]
-        return items
+        return await self.admin.items(environment_id)
 
 
 def count_operations(entries: Iterable[LogEntry], environment_id: str) -> dict[str, int]:

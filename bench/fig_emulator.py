@@ -14,13 +14,13 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from sidecar.wire import ANTHROPIC
+
 from ._procs import KEY, EmulatorProcess
 
 ENV = "env_emulator_capacity"
-PREFIX = f"/v1/environments/{ENV}/work"
-HEADERS = (
-    f"authorization: Bearer {KEY}\r\nanthropic-version: 2023-06-01\r\nanthropic-beta: managed-agents-2026-04-01\r\n"
-)
+PREFIX = ANTHROPIC.work_path(ENV)
+HEADERS = f"authorization: Bearer {KEY}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in ANTHROPIC.extra_headers.items())
 
 
 class Connection:
@@ -50,11 +50,8 @@ class Connection:
         self.writer.close()
 
 
-async def _claim(connection: Connection, count: int) -> list[tuple[str, str]]:
-    status, _ = await connection.request(
-        "POST", f"/_emulator/environments/{ENV}/work", json.dumps({"count": count}).encode()
-    )
-    assert status == 200
+async def _claim(emulator: EmulatorProcess, connection: Connection, count: int) -> list[tuple[str, str]]:
+    await emulator.enqueue(ENV, count)
     leases = []
     for _ in range(count):
         _, work = await connection.request("GET", f"{PREFIX}/poll")
@@ -91,7 +88,7 @@ async def heartbeat_capacity(
     opened = [await Connection.open(split.hostname, split.port) for _ in range(connections)]
     try:
         per = max(1, items // connections)
-        leases = [await _claim(connection, per) for connection in opened]
+        leases = [await _claim(emulator, connection, per) for connection in opened]
         cpu = emulator.child.cpu_seconds()
         started = time.monotonic()
         counts = await asyncio.gather(

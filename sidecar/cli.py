@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .wire import MAX_BLOCK_MS, MIN_BLOCK_MS, PROVIDERS
+
 ENV_PREFIX = "WORK_SIDECAR_"
 USAGE_EXIT = 2
 """Exit status for a start that cannot work as configured (bad flags, address in use, Work API refusing)."""
@@ -75,7 +77,7 @@ class Flag:
 
 
 SERVE_FLAGS: tuple[Flag, ...] = (
-    Flag("--provider", "Work API flavour", choices=("anthropic", "qoder"), setting="WorkApiSettings.provider"),
+    Flag("--provider", "Work API flavour", choices=tuple(PROVIDERS), setting="WorkApiSettings.provider"),
     Flag("--api-url", "Work API base URL; when absent the embedded emulator is started (demo mode)"),
     Flag("--environment-id", "the environment to serve (default with the emulator: env_local)"),
     Flag("--api-key", "Work API key (prefer the environment variable); generated for the emulator"),
@@ -93,7 +95,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int,
          setting="LeasePolicy.release_ttl_seconds"),
     Flag("--max-pollers", "parallel long polls while items keep coming", type=int, setting="PollPolicy.max_pollers"),
-    Flag("--poll-block-ms", "long poll block_ms (1..999)", type=int, setting="PollPolicy.block_ms"),
+    Flag("--poll-block-ms", f"long poll block_ms ({MIN_BLOCK_MS}..{MAX_BLOCK_MS})", type=int,
+         setting="PollPolicy.block_ms"),
     Flag("--unclaimed-wait", "seconds a polled item waits for a free sandbox slot before it is left unacked",
          type=float, setting="PollPolicy.unclaimed_wait"),
     Flag("--auth-token",

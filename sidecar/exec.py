@@ -36,6 +36,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ._logging import configure_logging
+from .wire import WORK_TIMESTAMPS, work_object
 from .work.v1 import work_service_pb2 as pb
 from .work.v1 import work_service_pb2_grpc as pb_grpc
 
@@ -50,21 +51,15 @@ def work_json(work: pb.Work) -> dict[str, Any]:
     def when(ts: Timestamp, present: bool) -> str | None:
         return ts.ToDatetime().isoformat() + "Z" if present else None
 
-    return {
-        "type": "work",
-        "id": work.id,
-        "environment_id": work.environment_id,
-        "data": {"type": work.data.type, "id": work.data.id},
-        "state": work.raw_state or WORK_STATE_NAMES.get(work.state, "unspecified"),
-        "metadata": dict(work.metadata),
-        **{
-            name: when(getattr(work, name), work.HasField(name))
-            for name in (
-                "created_at", "acknowledged_at", "started_at", "latest_heartbeat_at", "stop_requested_at", "stopped_at",
-            )
-        },
-        "secret": None,
-    }  # fmt: skip
+    return work_object(
+        id=work.id,
+        environment_id=work.environment_id,
+        data={"type": work.data.type, "id": work.data.id},
+        state=work.raw_state or WORK_STATE_NAMES.get(work.state, "unspecified"),
+        metadata=work.metadata,
+        timestamps={name: when(getattr(work, name), work.HasField(name)) for name in WORK_TIMESTAMPS},
+        secret=None,
+    )
 
 
 def child_environment(item: pb.WorkAssigned, sidecar: str, base: dict[str, str]) -> dict[str, str]:

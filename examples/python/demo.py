@@ -8,6 +8,7 @@ to try against the still-running sidecar (Ctrl-C drains and stops it). With --on
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import signal
@@ -15,11 +16,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import httpx
+from sidecar.emulator import AdminClient
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+
+
+async def enqueue(emulator: str, environment_id: str, count: int) -> list[dict[str, Any]]:
+    async with AdminClient(emulator) as admin:
+        return await admin.enqueue(environment_id, count)
 
 
 def banner(text: str) -> None:
@@ -70,13 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_healthy(unix, sidecar, time.monotonic() + 30)
         emulator = f"http://127.0.0.1:{args.emulator_port}"
         banner(f"enqueueing {args.items} demo work items (POST {emulator}/_emulator/environments/env_local/work)")
-        response = httpx.post(
-            f"{emulator}/_emulator/environments/env_local/work",
-            json={"count": args.items, "data_type": "session"},
-            timeout=10,
-        )
-        response.raise_for_status()
-        for item in response.json()["data"]:
+        for item in asyncio.run(enqueue(emulator, "env_local", args.items)):
             print(f"  queued {item['id']} (session {item['data']['id']})")
         banner("running the example sandbox (examples/python/sandbox.py)")
         subprocess.run(

@@ -6,6 +6,7 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ..wire import WORK_TIMESTAMPS
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import QueueStats, Work, parse_time
 
@@ -36,14 +37,7 @@ def work_message(work: Work) -> pb.Work:
         metadata=work.metadata,
         raw_state=work.state,
     )
-    for name in (
-        "created_at",
-        "acknowledged_at",
-        "started_at",
-        "latest_heartbeat_at",
-        "stop_requested_at",
-        "stopped_at",
-    ):
+    for name in WORK_TIMESTAMPS:
         ts = timestamp(getattr(work, name))
         if ts is not None:
             getattr(message, name).CopyFrom(ts)

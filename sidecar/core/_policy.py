@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..workapi._client import MAX_BLOCK_MS
+from ..wire import MAX_BLOCK_MS, MIN_BLOCK_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +122,8 @@ class PollPolicy:
     it grows to a minute, so such an error is logged once a minute, not every few seconds."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.block_ms <= MAX_BLOCK_MS:
-            raise ValueError(f"poll block must be 1..{MAX_BLOCK_MS} ms")
+        if not MIN_BLOCK_MS <= self.block_ms <= MAX_BLOCK_MS:
+            raise ValueError(f"poll block must be {MIN_BLOCK_MS}..{MAX_BLOCK_MS} ms")
         if self.max_pollers < 1:
             raise ValueError("max pollers must be at least 1")
         if self.unclaimed_wait < 0:

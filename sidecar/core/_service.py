@@ -33,7 +33,6 @@ from ._status import SidecarRpcError, abort, build_status, error, from_work_api
 log = logging.getLogger("sidecar.service")
 
 MAX_IN_FLIGHT = 10_000
-AFTER_ID_PREFIX = "after_id:"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -279,13 +278,8 @@ class WorkService(pb_grpc.WorkServiceServicer):
                 "INVALID_ARGUMENT",
             )
         check_page_token(request.page_token)
-        token = request.page_token
-        after_id = token[len(AFTER_ID_PREFIX) :] if token.startswith(AFTER_ID_PREFIX) else None
-        page = await self._client.list_page(limit=limit, page=None if after_id else (token or None), after_id=after_id)
-        next_token = page.next_page or ""
-        if not next_token and page.extra.get("has_more") and isinstance(page.extra.get("last_id"), str):
-            next_token = AFTER_ID_PREFIX + page.extra["last_id"]
-        return pb.ListWorkResponse(work=[work_message(w) for w in page.data], next_page_token=next_token)
+        page = await self._client.list_page(limit=limit, cursor=request.page_token or None)
+        return pb.ListWorkResponse(work=[work_message(w) for w in page.data], next_page_token=page.next_cursor or "")
 
     @_unary
     async def UpdateWorkMetadata(

@@ -1,4 +1,5 @@
-"""The admin API under /_emulator/ (no auth): for tests, demos and benchmarks. Documented in ADMIN.md.
+"""The admin face: the admin API under /_emulator/ (no auth), for tests, demos and benchmarks. Every path is
+documented in ADMIN.md (next to this file) and a public contract; `admin_client.py` is its client.
 
 Fixed (other tools rely on them): `POST /_emulator/environments/{environment_id}/work` and
 `GET /_emulator/requests`.
@@ -9,24 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, Router
 
+from ._core import EmulatorCore
 from ._errors import ApiError
-from ._faults import Fault
 from ._ids import request_id
 from ._settings import EmulatorSettings
 
-if TYPE_CHECKING:
-    from ._app import EmulatorApp
-
 Endpoint = Callable[[Request], Awaitable[Response]]
 READ_ONLY_SETTINGS = frozenset({"key"})
-DATA_TYPES = ("session", "healthcheck")
-MAX_ENQUEUE = 100_000
 
 
 class _Json(Response):
@@ -65,47 +61,40 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _int(value: Any, name: str, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ApiError(400, f"{name} must be an integer from {low} to {high}")
-    return value
+def admin_router(core: EmulatorCore) -> Router:
+    """The admin face: HTTP in, `EmulatorCore` controls, JSON out."""
+    store = core.store
 
+    def env_id(request: Request) -> str:
+        environment_id: str = request.path_params["environment_id"]
+        return environment_id
 
-def admin_router(app: EmulatorApp) -> Router:
-    store = app.store
+    def work_id(request: Request) -> str:
+        value: str = request.path_params["work_id"]
+        return value
 
     async def enqueue(request: Request) -> Response:
         body = await _body(request)
-        count = _int(body.get("count", 1), "count", 1, MAX_ENQUEUE)
-        data_type = body.get("data_type", "session")
-        if data_type not in DATA_TYPES:
-            raise ApiError(400, "data_type is session or healthcheck")
-        metadata = body.get("metadata") or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) and k for k, v in metadata.items()):
-            raise ApiError(400, "metadata maps non-empty strings to strings")
-        items = store.enqueue(request.path_params["environment_id"], count, data_type, metadata)
-        return _Json({"data": [item.to_json() for item in items]})
+        items = core.enqueue(
+            env_id(request), body.get("count", 1), body.get("data_type", "session"), body.get("metadata")
+        )
+        return _Json({"data": items})
 
     async def list_items(request: Request) -> Response:
-        env = store.environment(request.path_params["environment_id"], create=False)
-        return _Json({"data": [store.internal(item) for item in env.items.values()]})
+        return _Json({"data": core.item_views(env_id(request))})
 
     async def item(request: Request) -> Response:
-        found = store.item(request.path_params["environment_id"], request.path_params["work_id"])
-        return _Json(store.internal(found))
+        return _Json(core.item_view(env_id(request), work_id(request)))
 
     async def steal(request: Request) -> Response:
-        found = store.steal(request.path_params["environment_id"], request.path_params["work_id"])
-        return _Json(store.internal(found))
+        return _Json(core.steal(env_id(request), work_id(request)))
 
     async def expire(request: Request) -> Response:
-        found = store.expire(request.path_params["environment_id"], request.path_params["work_id"])
-        return _Json(store.internal(found))
+        return _Json(core.expire(env_id(request), work_id(request)))
 
     async def environment(request: Request) -> Response:
-        environment_id = request.path_params["environment_id"]
         if request.method == "GET":
-            return _Json(store.environment(environment_id, create=False).view())
+            return _Json(store.environment_view(env_id(request)))
         body = await _body(request)
         unknown = set(body) - {"self_hosted", "permitted"}
         if unknown:
@@ -113,53 +102,41 @@ def admin_router(app: EmulatorApp) -> Router:
         for name in ("self_hosted", "permitted"):
             if name in body and not isinstance(body[name], bool):
                 raise ApiError(400, f"{name} must be a boolean")
-        env = store.environment(environment_id, create=True)
-        env.self_hosted = body.get("self_hosted", env.self_hosted)
-        env.permitted = body.get("permitted", env.permitted)
-        return _Json(env.view())
+        view = store.set_environment(
+            env_id(request), self_hosted=body.get("self_hosted"), permitted=body.get("permitted")
+        )
+        return _Json(view)
 
     async def requests(request: Request) -> Response:
         since = request.query_params.get("since", "0")
         if not since.isdigit():
             raise ApiError(400, "since must be a non-negative integer")
-        data = app.log.since(int(since))
-        return _Json({"data": data, "next": app.log.next_seq})
+        return _Json({"data": core.log.since(int(since)), "next": core.log.next_seq})
 
     async def clear_requests(request: Request) -> Response:
-        app.log.clear()
-        return _Json({"data": [], "next": app.log.next_seq})
+        core.log.clear()
+        return _Json({"data": [], "next": core.log.next_seq})
 
     async def stats(request: Request) -> Response:
-        by_operation: dict[str, dict[str, int]] = {}
-        for (operation, status), count in app.log.counts.items():
-            by_operation.setdefault(operation, {})[str(status)] = count
-        return _Json(
-            {
-                "requests": by_operation,
-                "total": sum(app.log.counts.values()),
-                "in_flight": app.log.in_flight,
-                "environments": len(store.environments),
-                "started_at": app.started_at,
-            }
-        )
+        return _Json(core.stats())
 
     async def clear_stats(request: Request) -> Response:
-        app.log.clear_counts()
-        return await stats(request)
+        core.log.clear_counts()
+        return _Json(core.stats())
 
     async def faults(request: Request) -> Response:
         if request.method == "POST":
-            fault = app.faults.add(Fault.from_json(await _body(request)))
-            return _Json({"data": app.faults.listing(), "fault": fault.to_json()})
+            fault = core.add_fault(await _body(request))
+            return _Json({"data": core.faults.listing(), "fault": fault})
         if request.method == "DELETE":
-            app.faults.clear()
-        return _Json({"data": app.faults.listing()})
+            core.faults.clear()
+        return _Json({"data": core.faults.listing()})
 
     async def fault(request: Request) -> Response:
         fault_id = request.path_params["fault_id"]
-        if not app.faults.remove(fault_id):
+        if not core.faults.remove(fault_id):
             raise ApiError(404, f"no fault {fault_id}")
-        return _Json({"data": app.faults.listing()})
+        return _Json({"data": core.faults.listing()})
 
     async def settings(request: Request) -> Response:
         if request.method == "PATCH":
@@ -170,13 +147,13 @@ def admin_router(app: EmulatorApp) -> Router:
             if unknown or read_only:
                 raise ApiError(400, f"unknown or read-only settings: {', '.join(sorted(unknown | read_only))}")
             try:
-                app.replace_settings(dataclasses.replace(app.settings, **body))
+                core.update_settings(body)
             except (TypeError, ValueError) as exc:
                 raise ApiError(400, str(exc)) from None
-        return _Json(app.settings.public_view())
+        return _Json(core.settings.public_view())
 
     async def reset(request: Request) -> Response:
-        app.reset()
+        core.reset()
         return _Json({"reset": True})
 
     routes: list[tuple[str, Endpoint, list[str]]] = [

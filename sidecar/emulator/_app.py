@@ -1,8 +1,10 @@
-"""The HTTP face of the emulator: both Work API flavours on one ASGI app, plus the admin API under /_emulator/.
+"""The Work API face of the emulator, and the ASGI app that puts it and the admin face on one server.
 
 The Work API path is a plain ASGI handler (no framework routing, headers read once, compact JSON) so that a
-heartbeat costs little, and so that a fault can drop the connection without any response. The admin API is a
-Starlette router (see `_admin.py`).
+heartbeat costs little, and so that a fault can drop the connection without any response. Requests are routed by
+a table built once from the flavour table (`_flavours.py`: each provider's path prefix) and the wire's operation
+table (`sidecar.wire.OPERATIONS`: method and route of each operation). The admin face is a Starlette router
+(`_admin.py`); the state behind both is the `EmulatorCore` (`_core.py`).
 """
 
 from __future__ import annotations
@@ -13,38 +15,30 @@ import logging
 import re
 import secrets
 import time
-from collections import Counter, deque
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from itertools import islice
 from typing import Any
 from urllib.parse import unquote_plus
 
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
+from ..wire import MAX_BLOCK_MS, MIN_BLOCK_MS, NO_HEARTBEAT, OPERATIONS, REQUEST_ID_HEADER, CredentialStyle, Pagination
+from ._admin import admin_router
+from ._backend import Store
+from ._core import EmulatorCore
 from ._errors import ApiError
-from ._faults import Faults
-from ._ids import parse_rfc3339, request_id, rfc3339, utcnow
+from ._flavours import FLAVOURS, Flavour
+from ._ids import parse_rfc3339, request_id
 from ._settings import EmulatorSettings
-from ._store import NO_HEARTBEAT, Store, decode_cursor, encode_cursor
+from ._store import decode_cursor, encode_cursor
 
 log = logging.getLogger("sidecar.emulator")
 
-BETA = "managed-agents-2026-04-01"
-ANTHROPIC_PREFIX = "/v1/environments/"
-QODER_PREFIX = "/api/v1/cloud/environments/"
-WORKER_HEADER = {"anthropic": "anthropic-worker-id", "qoder": "worker-id"}
-PRECONDITION_TYPE = {"anthropic": "invalid_request_error", "qoder": "precondition_failed_error"}
-LIST_LIMITS = {"anthropic": (20, 1000), "qoder": (20, 100)}
+ADMIN_PREFIX = "/_emulator/"
 ENVIRONMENT_KEY_OPERATIONS = frozenset({"poll", "ack", "heartbeat", "stop", "list"})
 MANAGEMENT_KEY_OPERATIONS = frozenset({"get", "update"})
 ITEM_TOKEN_OPERATIONS = frozenset({"heartbeat", "stop"})
-_HEADERS = frozenset(
-    {b"authorization", b"x-api-key", b"anthropic-version", b"anthropic-beta", b"anthropic-worker-id", b"worker-id"}
-    | {b"x-request-id"}
-)
 _DIGITS = re.compile(r"[0-9]+")
 _SIGNED_DIGITS = re.compile(r"-?[0-9]+")
 _JSON = (b"content-type", b"application/json")
@@ -56,117 +50,135 @@ def _dumps(value: Any) -> bytes:
 
 @dataclass(slots=True)
 class Route:
-    flavour: str
+    flavour: Flavour
     environment_id: str
     operation: str
     work_id: str | None
 
 
-def route(method: str, path: str) -> Route | ApiError:
-    """The Work API operation a request names, or the error it gets (404 unknown path, 405 wrong method)."""
-    if path.startswith(ANTHROPIC_PREFIX):
-        flavour, rest = "anthropic", path[len(ANTHROPIC_PREFIX) :]
-    elif path.startswith(QODER_PREFIX):
-        flavour, rest = "qoder", path[len(QODER_PREFIX) :]
-    else:
-        return ApiError(404, f"no such endpoint: {method} {path}")
-    parts = rest.split("/")
-    if len(parts) < 2 or parts[1] != "work" or not parts[0] or len(parts) > 4 or not all(parts):
-        return ApiError(404, f"no such endpoint: {method} {path}")
-    env = parts[0]
-    if len(parts) == 2:
-        return Route(flavour, env, "list", None) if method == "GET" else _not_allowed(method, path)
-    name = parts[2]
-    if len(parts) == 3:
-        if name in ("poll", "stats"):
-            return Route(flavour, env, name, None) if method == "GET" else _not_allowed(method, path)
-        if method == "GET":
-            return Route(flavour, env, "get", name)
-        if method == "POST":
-            return Route(flavour, env, "update", name)
-        return _not_allowed(method, path)
-    action = parts[3]
-    if action not in ("ack", "heartbeat", "stop"):
-        return ApiError(404, f"no such endpoint: {method} {path}")
-    return Route(flavour, env, action, name) if method == "POST" else _not_allowed(method, path)
+@dataclass(frozen=True, slots=True)
+class _Prefix:
+    """A flavour's work path split around `{environment_id}`: `head` + id + `/` + `tail`."""
+
+    flavour: Flavour
+    head: str
+    tail: str
 
 
-def _not_allowed(method: str, path: str) -> ApiError:
-    return ApiError(405, f"method {method} is not allowed on {path}")
+_ITEM = "/{work_id}"
 
 
-class RequestLog:
-    """Every Work API request in arrival order (bounded), and cheap counts per operation and status."""
+class RouteTable:
+    """Method and path to (flavour, environment, operation, work id), from the flavours' path prefixes and the
+    wire's operation table: string slicing and two dict lookups, no regular expressions.
 
-    def __init__(self, limit: int) -> None:
-        self.entries: deque[dict[str, Any]] = deque(maxlen=limit)
-        self.next_seq = 0
-        self.counts: Counter[tuple[str, int]] = Counter()
-        self.in_flight = 0
+    Below a prefix, a route is either fixed (`""`, `/poll`, `/stats`) or an item's (`/{work_id}` + an action:
+    `""`, `/ack`, …); each maps methods to operation names.
+    """
 
-    def resize(self, limit: int) -> None:
-        if limit != self.entries.maxlen:
-            self.entries = deque(self.entries, maxlen=limit)
+    def __init__(self, flavours: Sequence[Flavour]) -> None:
+        self.flavours = tuple(flavours)
+        self.prefixes: list[_Prefix] = []
+        for flavour in self.flavours:
+            head, marker, tail = flavour.provider.path_prefix.partition("{environment_id}")
+            if not marker or not tail.startswith("/"):
+                raise ValueError(f"{flavour.name}: path_prefix needs {{environment_id}} followed by a path")
+            self.prefixes.append(_Prefix(flavour, head, tail[1:]))
+        self.fixed: dict[str, dict[str, str]] = {}
+        self.item: dict[str, dict[str, str]] = {}
+        for operation in OPERATIONS.values():
+            route = operation.route
+            if route.startswith(_ITEM):
+                self.item.setdefault(route[len(_ITEM) :], {})[operation.method] = operation.name
+            else:
+                self.fixed.setdefault(route, {})[operation.method] = operation.name
 
-    def open(self, entry: dict[str, Any]) -> dict[str, Any]:
-        entry["seq"] = self.next_seq
-        self.next_seq += 1
-        self.in_flight += 1
-        self.entries.append(entry)
-        return entry
+    def flavour_of(self, path: str) -> Flavour:
+        """The flavour a path belongs to, or looks most like (the first segment), for logging unknown paths."""
+        for prefix in self.prefixes:
+            if path.startswith(prefix.head):
+                return prefix.flavour
+        first = path.lstrip("/").split("/", 1)[0]
+        for prefix in self.prefixes:
+            if prefix.head.lstrip("/").split("/", 1)[0] == first:
+                return prefix.flavour
+        return self.flavours[0]
 
-    def close(self, entry: dict[str, Any], status: int, started: float) -> None:
-        entry["status"] = status
-        entry["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-        self.in_flight -= 1
-        self.counts[(entry["operation"], status)] += 1
+    def route(self, method: str, path: str) -> Route | ApiError:
+        """The Work API operation a request names, or the error it gets (404 unknown path, 405 wrong method)."""
+        for prefix in self.prefixes:
+            if path.startswith(prefix.head):
+                break
+        else:
+            return ApiError(404, f"no such endpoint: {method} {path}")
+        environment_id, _, below = path[len(prefix.head) :].partition("/")
+        suffix = below[len(prefix.tail) :]
+        work_id = None
+        methods = None
+        if environment_id and below.startswith(prefix.tail):
+            methods = self.fixed.get(suffix)
+            if methods is None and suffix.startswith("/"):
+                work_id, sep, action = suffix[1:].partition("/")
+                methods = self.item.get("/" + action if sep else "") if work_id else None
+        if methods is None:
+            return ApiError(404, f"no such endpoint: {method} {path}")
+        operation = methods.get(method)
+        if operation is None:
+            return ApiError(
+                405, f"method {method} is not allowed on {path}", headers={"allow": ", ".join(sorted(methods))}
+            )
+        return Route(prefix.flavour, environment_id, operation, work_id)
 
-    def since(self, seq: int) -> list[dict[str, Any]]:
-        if not self.entries:
-            return []
-        first = self.entries[0]["seq"]
-        return [
-            {**entry, "at": rfc3339(datetime.fromtimestamp(entry["at"], UTC))}
-            for entry in islice(self.entries, max(0, seq - first), None)
-        ]
 
-    def clear(self) -> None:
-        """Forget the logged requests (the counts stay: `clear_counts`)."""
-        self.entries.clear()
+@dataclass(frozen=True, slots=True)
+class _FlavourHeaders:
+    """A flavour's header names as the ASGI scope carries them (lower-case bytes), computed once."""
 
-    def clear_counts(self) -> None:
-        self.counts.clear()
+    worker_id: bytes
+    request_id: bytes | None
+    required: tuple[tuple[str, bytes, str, bool], ...]
+    """(name, key, value, is it the beta list) of each header every request must carry."""
+
+    @classmethod
+    def of(cls, flavour: Flavour) -> _FlavourHeaders:
+        provider = flavour.provider
+        return cls(
+            worker_id=provider.worker_id_header.lower().encode(),
+            request_id=provider.request_id_header.lower().encode() if provider.request_id_header else None,
+            required=tuple(
+                (name, name.lower().encode(), value, name == provider.beta_header)
+                for name, value in provider.extra_headers.items()
+            ),
+        )
 
 
 class EmulatorApp:
-    """The ASGI application. All state lives in `store`; `settings` can be replaced at any time."""
+    """The ASGI application: the Work API face, and the admin face under `/_emulator/`, over one core."""
 
-    def __init__(self, settings: EmulatorSettings) -> None:
-        self.store = Store(settings)
-        self.faults = Faults()
-        self.log = RequestLog(settings.request_log_limit)
-        self.started_at = rfc3339(utcnow())
-        from ._admin import admin_router
-
-        self.admin: Router = admin_router(self)
+    def __init__(self, settings: EmulatorSettings | EmulatorCore, flavours: Sequence[Flavour] = FLAVOURS) -> None:
+        self.core = settings if isinstance(settings, EmulatorCore) else EmulatorCore(settings)
+        self.routes = RouteTable(flavours)
+        self.admin: Router = admin_router(self.core)
+        self._store = self.core.store
+        self._faults = self.core.faults
+        self._log = self.core.log
+        read: set[str] = {"authorization", "x-api-key"}
+        for flavour in self.routes.flavours:
+            provider = flavour.provider
+            read |= {name.lower() for name in (provider.worker_id_header, *provider.extra_headers)}
+            if provider.request_id_header:
+                read.add(provider.request_id_header.lower())
+        self._headers = frozenset(name.encode() for name in read)
+        self._wire = {f.name: _FlavourHeaders.of(f) for f in self.routes.flavours}
 
     @property
-    def settings(self) -> EmulatorSettings:
-        return self.store.settings
-
-    def replace_settings(self, settings: EmulatorSettings) -> None:
-        self.store.settings = settings
-        self.log.resize(settings.request_log_limit)
-
-    def reset(self) -> None:
-        self.store.reset()
-        self.faults.clear()
-        self.log.clear()
-        self.log.clear_counts()
+    def store(self) -> Store:
+        """The core's store (for tests that drive it directly)."""
+        return self._store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if scope["path"].startswith("/_emulator/"):
+            if scope["path"].startswith(ADMIN_PREFIX):
                 await self.admin(scope, receive, _with_request_id(send))
             else:
                 await self._work_api(scope, receive, send)
@@ -186,17 +198,19 @@ class EmulatorApp:
         method: str = scope["method"]
         path: str = scope["path"]
         headers: dict[bytes, str] = {}
+        wanted = self._headers
         for name, value in scope["headers"]:
-            if name in _HEADERS:
+            if name in wanted:
                 headers[name] = value.decode("latin-1")
         raw_query: bytes = scope.get("query_string", b"")
         query = _parse_query(raw_query) if raw_query else {}
-        found = route(method, path)
-        flavour = found.flavour if isinstance(found, Route) else ("qoder" if path.startswith("/api/") else "anthropic")
-        client_request_id = headers.get(b"x-request-id")
-        rid = client_request_id if flavour == "qoder" and client_request_id else request_id()
-        worker_id = headers.get(WORKER_HEADER[flavour].encode(), "")
-        entry = self.log.open(
+        found = self.routes.route(method, path)
+        flavour = found.flavour if isinstance(found, Route) else self.routes.flavour_of(path)
+        wire = self._wire[flavour.name]
+        client_request_id = headers.get(wire.request_id) if wire.request_id else None
+        rid = client_request_id or request_id()
+        worker_id = headers.get(wire.worker_id, "")
+        entry = self._log.open(
             {
                 "method": method,
                 "path": path,
@@ -204,20 +218,20 @@ class EmulatorApp:
                 "status": None,
                 "at": time.time(),  # formatted when read
                 "operation": found.operation if isinstance(found, Route) else "unknown",
-                "flavour": flavour,
+                "flavour": flavour.name,
                 "environment_id": found.environment_id if isinstance(found, Route) else None,
                 "work_id": found.work_id if isinstance(found, Route) else None,
                 "worker_id": worker_id or None,
                 "request_id": rid,
             }
         )
-        extra_headers: dict[str, str] = {}
+        extra_headers: Mapping[str, str] = {}
         status = 500
         try:
             if isinstance(found, ApiError):
                 raise found
-            if self.faults:
-                latency_ms, fault = self.faults.take(found.operation, found.environment_id)
+            if self._faults:
+                latency_ms, fault = self._faults.take(found.operation, found.environment_id)
                 if latency_ms:
                     await asyncio.sleep(latency_ms / 1000)
                 if fault is not None and fault.drop:
@@ -230,42 +244,43 @@ class EmulatorApp:
             status, body = 200, _dumps(await self._dispatch(found, query, worker_id, receive))
         except ApiError as error:
             status, body, extra_headers = error.status, _dumps(error.body(rid)), error.headers
-            if error.status == 405:
-                extra_headers = {**extra_headers, "allow": "POST" if method == "GET" else "GET"}
         except Exception:
             log.exception("emulator: unexpected error on %s %s", method, path)
             status, body = 500, _dumps(ApiError(500, "internal error in the emulator").body(rid))
         finally:
-            self.log.close(entry, status, started)
-        response_headers = [_JSON, (b"content-length", str(len(body)).encode()), (b"request-id", rid.encode())]
-        if flavour == "qoder":
-            response_headers.append((b"x-request-id", rid.encode()))
+            self._log.close(entry, status, started)
+        response_headers = [_JSON, (b"content-length", str(len(body)).encode()), (_REQUEST_ID, rid.encode())]
+        if wire.request_id:
+            response_headers.append((wire.request_id, rid.encode()))
         response_headers.extend((k.encode(), v.encode()) for k, v in extra_headers.items())
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": body})
 
     def _authorize(self, headers: dict[bytes, str], found: Route) -> None:
-        settings = self.settings
-        flavour, operation = found.flavour, found.operation
+        settings = self._store.settings
+        flavour, operation, provider = found.flavour, found.operation, found.flavour.provider
         credential: str | None = None
         scheme, _, token = headers.get(b"authorization", "").strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             credential = token.strip()
-        elif flavour == "anthropic":  # Qoder takes no X-Api-Key
+        elif CredentialStyle.X_API_KEY in provider.credential_styles:
             credential = headers.get(b"x-api-key", "").strip() or None
         if credential is None:
-            hint = " (Qoder takes a personal access token as Authorization: Bearer only)" if flavour == "qoder" else ""
-            raise ApiError(401, f"missing credentials{hint}")
+            raise ApiError(401, f"missing credentials{flavour.credential_hint}")
+        item = None
         if secrets.compare_digest(credential, settings.key):
             kind = "environment"
         elif settings.management_key is not None and secrets.compare_digest(credential, settings.management_key):
             kind = "management"
-        elif flavour == "anthropic" and settings.accept_item_token and credential in self.store.tokens:
+        elif (
+            provider.secret_on_poll
+            and settings.accept_item_token
+            and (item := self._store.item_for_token(credential)) is not None
+        ):
             kind = "item"
         else:
             raise ApiError(401, "invalid credentials")
-        if kind == "item":
-            item = self.store.tokens[credential]
+        if item is not None:
             if operation not in ITEM_TOKEN_OPERATIONS or (item.id, item.environment_id) != (
                 found.work_id,
                 found.environment_id,
@@ -276,36 +291,42 @@ class EmulatorApp:
                 raise ApiError(403, f"{operation} takes an API key; it rejects the environment key")
             if kind == "management" and operation in ENVIRONMENT_KEY_OPERATIONS:
                 raise ApiError(403, f"{operation} takes the environment key; it rejects an API key")
-        if flavour == "anthropic" and settings.require_anthropic_headers:
-            if not headers.get(b"anthropic-version"):
-                raise ApiError(400, "anthropic-version: header is required")
-            betas = headers.get(b"anthropic-beta", "")
-            if BETA not in (b.strip() for b in betas.split(",")):
-                raise ApiError(400, f"anthropic-beta: this endpoint requires the {BETA} beta")
+        required = self._wire[flavour.name].required
+        if required and settings.require_anthropic_headers:
+            for name, key, value, is_beta in required:
+                sent = headers.get(key, "")
+                if not is_beta:
+                    if not sent:
+                        raise ApiError(400, f"{name}: header is required")
+                elif value not in (b.strip() for b in sent.split(",")):
+                    raise ApiError(400, f"{name}: this endpoint requires the {value} beta")
 
     async def _dispatch(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
         flavour, operation, work_id = found.flavour, found.operation, found.work_id or ""
-        store, settings = self.store, self.settings
+        store = self._store
         # Parameters first (400), then the environment (404, 403, 400 not self-hosted), then the item.
         if operation == "poll":
             block_ms = _int_param(query, "block_ms")
-            if block_ms is not None and not 1 <= block_ms <= 999:
-                raise ApiError(400, "block_ms must be between 1 and 999 (omit it for a non-blocking poll)")
+            if block_ms is not None and not MIN_BLOCK_MS <= block_ms <= MAX_BLOCK_MS:
+                raise ApiError(
+                    400,
+                    f"block_ms must be between {MIN_BLOCK_MS} and {MAX_BLOCK_MS} (omit it for a non-blocking poll)",
+                )
             reclaim_ms = _int_param(query, "reclaim_older_than_ms")
             if reclaim_ms is not None and reclaim_ms < 0:
                 raise ApiError(400, "reclaim_older_than_ms must not be negative")
-            self._environment(found)
+            store.check_access(found.environment_id)
             item = await store.poll(found.environment_id, worker_id, block_ms, reclaim_ms)
             if item is None:
                 return None
-            if flavour == "anthropic":
+            if flavour.provider.secret_on_poll:
                 store.issue_secret(item)
                 return item.to_json(with_secret=True)
             return item.to_json()
         if operation == "heartbeat":
             expected = query.get("expected_last_heartbeat")
             if (
-                flavour == "qoder"
+                flavour.strict_heartbeats
                 and expected is not None
                 and expected != NO_HEARTBEAT
                 and parse_rfc3339(expected) is None
@@ -317,18 +338,18 @@ class EmulatorApp:
                 if not _DIGITS.fullmatch(desired) or int(desired) <= 0:
                     raise ApiError(400, "desired_ttl_seconds must be a positive integer")
                 ttl = int(desired)
-            self._environment(found)
+            store.check_access(found.environment_id)
             return store.heartbeat(
                 found.environment_id,
                 work_id,
                 expected=expected,
                 desired_ttl=ttl,
-                flavour=flavour,
-                precondition_type=PRECONDITION_TYPE[flavour],
+                strict=flavour.strict_heartbeats,
+                precondition_type=flavour.provider.precondition_error_type,
             )
         if operation == "ack":
-            self._environment(found)
-            same_worker = flavour == "qoder" or settings.ack_requires_polling_worker
+            store.check_access(found.environment_id)
+            same_worker = flavour.ack_requires_polling_worker or store.settings.ack_requires_polling_worker
             return store.ack(found.environment_id, work_id, worker_id, same_worker=same_worker).to_json()
         if operation == "stop":
             body = await _json_body(receive, required=False)
@@ -340,70 +361,64 @@ class EmulatorApp:
                 if not isinstance(force_value, bool):
                     raise ApiError(400, "force must be a boolean")
                 force = force_value
-            self._environment(found)
+            store.check_access(found.environment_id)
             return store.stop(found.environment_id, work_id, force=force).to_json()
         if operation == "get":
-            self._environment(found)
+            store.check_access(found.environment_id)
             return store.item(found.environment_id, work_id).to_json()
         if operation == "update":
             body = await _json_body(receive, required=True)
             if not isinstance(body, dict):
                 raise ApiError(400, 'the body is {"metadata": {"key": "value" | null}}')
-            self._environment(found)
+            store.check_access(found.environment_id)
             return store.update(found.environment_id, work_id, body.get("metadata")).to_json()
         if operation == "list":
             return self._list(found, query)
         if operation == "stats":
-            self._environment(found)
+            store.check_access(found.environment_id)
             return store.stats(found.environment_id)
-        raise ApiError(404, f"unknown operation {operation}")  # pragma: no cover - route() names only these
-
-    def _environment(self, found: Route) -> None:
-        env = self.store.environment(found.environment_id)
-        if not env.permitted:
-            raise ApiError(403, f"this credential is not authorized for environment {found.environment_id}")
-        if not env.self_hosted:
-            raise ApiError(400, f"environment {found.environment_id} is not self_hosted")
+        raise ApiError(404, f"unknown operation {operation}")  # pragma: no cover - the route table names only these
 
     def _list(self, found: Route, query: dict[str, str]) -> dict[str, Any]:
-        default, maximum = LIST_LIMITS[found.flavour]
+        provider, store = found.flavour.provider, self._store
         limit = _int_param(query, "limit")
         if limit is None:
-            limit = default
-        if not 1 <= limit <= maximum:
-            raise ApiError(400, f"limit must be between 1 and {maximum}")
+            limit = provider.list_default_limit
+        if not 1 <= limit <= provider.list_max_limit:
+            raise ApiError(400, f"limit must be between 1 and {provider.list_max_limit}")
         page = query.get("page") or None
+        by_id = provider.pagination is Pagination.PAGE_OR_AFTER_ID
         after_id = before_id = None
-        if found.flavour == "qoder":
+        if by_id:
             after_id, before_id = query.get("after_id") or None, query.get("before_id") or None
             if page is not None and (after_id or before_id):
                 raise ApiError(400, "use either page or after_id/before_id")
-        self._environment(found)
-        env = self.store.environment(found.environment_id)
+        store.check_access(found.environment_id)
         after_seq = decode_cursor(page) if page is not None else None
         before_seq = None
         for name, work_id in (("after_id", after_id), ("before_id", before_id)):
             if work_id is not None:
-                anchor = env.items.get(work_id)
+                anchor = store.seq_of(found.environment_id, work_id)
                 if anchor is None:
                     raise ApiError(400, f"{name}: no work item {work_id} in environment {found.environment_id}")
                 if name == "after_id":
-                    after_seq = anchor.seq
+                    after_seq = anchor
                 else:
-                    before_seq = anchor.seq
-        items, has_more = self.store.list_page(
-            found.environment_id, limit=limit, after_seq=after_seq, before_seq=before_seq
-        )
+                    before_seq = anchor
+        items, has_more = store.list_page(found.environment_id, limit=limit, after_seq=after_seq, before_seq=before_seq)
         forward_more = has_more if before_seq is None or after_seq is not None else bool(items)
         result: dict[str, Any] = {
             "data": [item.to_json() for item in items],
             "next_page": encode_cursor(items[-1].seq) if items and forward_more else None,
         }
-        if found.flavour == "qoder":
+        if by_id:
             result["first_id"] = items[0].id if items else None
             result["last_id"] = items[-1].id if items else None
             result["has_more"] = has_more
         return result
+
+
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
 
 
 def _parse_query(raw: bytes) -> dict[str, str]:

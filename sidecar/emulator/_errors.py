@@ -4,25 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-ERROR_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    409: "invalid_request_error",  # the work endpoints use invalid_request_error on 409 (not conflict_error)
-    412: "precondition_failed_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
+from ..wire import ERROR_TYPE, error_type_for
 
-
-def error_type_for(status: int) -> str:
-    return ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+__all__ = ["ApiError", "error_type_for"]
 
 
 class ApiError(Exception):
@@ -48,4 +32,4 @@ class ApiError(Exception):
         error: dict[str, Any] = {"type": self.error_type, "message": self.message}
         if self.details is not None:
             error["details"] = self.details
-        return {"type": "error", "error": error, "request_id": request_id}
+        return {"type": ERROR_TYPE, "error": error, "request_id": request_id}

@@ -11,9 +11,9 @@ import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..wire import OPERATIONS, RETRY_AFTER_HEADER, RETRY_AFTER_MS_HEADER, SHOULD_RETRY_HEADER
 from ._errors import ApiError
 
-OPERATIONS = ("poll", "ack", "heartbeat", "stop", "get", "update", "list", "stats")
 _FIELDS = {
     "operation",
     "environment_id",
@@ -59,7 +59,7 @@ class Fault:
         if unknown:
             raise ApiError(400, f"unknown fault fields: {', '.join(sorted(unknown))}")
         operation = body.get("operation")
-        if operation != "*" and operation not in OPERATIONS:
+        if not isinstance(operation, str) or (operation != "*" and operation not in OPERATIONS):
             raise ApiError(400, f"operation must be * or one of {', '.join(OPERATIONS)}")
         count = body.get("count", 1)
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
@@ -107,11 +107,11 @@ class Fault:
         assert self.status is not None
         headers: dict[str, str] = {}
         if self.retry_after is not None:
-            headers["retry-after"] = self.retry_after
+            headers[RETRY_AFTER_HEADER] = self.retry_after
         if self.retry_after_ms is not None:
-            headers["retry-after-ms"] = self.retry_after_ms
+            headers[RETRY_AFTER_MS_HEADER] = self.retry_after_ms
         if self.should_retry is not None:
-            headers["x-should-retry"] = "true" if self.should_retry else "false"
+            headers[SHOULD_RETRY_HEADER] = "true" if self.should_retry else "false"
         return ApiError(
             self.status,
             self.message or f"injected fault: HTTP {self.status}",

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import uvicorn
 
 from ._app import EmulatorApp
+from ._backend import Store
+from ._core import EmulatorCore
 from ._errors import ApiError
-from ._faults import Fault
+from ._flavours import FLAVOURS, Flavour
 from ._settings import EmulatorSettings
 
 T = TypeVar("T")
@@ -54,15 +55,19 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class Emulator:
-    """An in-memory Work API serving both flavours. It owns the store and the ASGI app (`.app`).
+    """An in-memory Work API serving every flavour of the flavour table: the in-process face of the emulator.
 
-    `async with emulator.serve() as url:` serves it on the running event loop. The methods below act on the store
-    directly; call them from the loop the emulator serves on (from another thread, use `EmulatorThread.call`).
-    Lookups of unknown environments or items raise `ApiError` (status 404).
+    `async with emulator.serve() as url:` serves it on the running event loop. The methods below are the same
+    controls as the admin API's (both are thin faces over `EmulatorCore`); call them from the loop the emulator
+    serves on (from another thread, use `EmulatorThread.call`). Lookups of unknown environments or items raise
+    `ApiError` (status 404).
     """
 
-    def __init__(self, settings: EmulatorSettings) -> None:
-        self.app = EmulatorApp(settings)
+    def __init__(
+        self, settings: EmulatorSettings, *, flavours: Sequence[Flavour] = FLAVOURS, store: Store | None = None
+    ) -> None:
+        self.core = EmulatorCore(settings, store)
+        self.app = EmulatorApp(self.core, flavours)
         self.url: str | None = None
         """The base URL while serving."""
 
@@ -70,13 +75,11 @@ class Emulator:
 
     @property
     def settings(self) -> EmulatorSettings:
-        return self.app.settings
+        return self.core.settings
 
     def update_settings(self, **changes: Any) -> EmulatorSettings:
         """Replace some settings (validated as a whole); takes effect for the next request."""
-        settings = dataclasses.replace(self.app.settings, **changes)
-        self.app.replace_settings(settings)
-        return settings
+        return self.core.update_settings(changes)
 
     # -- state --------------------------------------------------------------------------------------------
 
@@ -86,43 +89,37 @@ class Emulator:
         """Queue `count` new items (waking waiting polls); their work objects."""
         if count < 1:
             raise ValueError("count must be positive")
-        return [item.to_json() for item in self.app.store.enqueue(environment_id, count, data_type, metadata)]
+        return self.core.enqueue(environment_id, count, data_type, metadata)
 
     def get_item(self, environment_id: str, work_id: str) -> dict[str, Any]:
         """The emulator's internal view of an item: the work object (without `secret`) plus `last_heartbeat`,
         `ttl_seconds`, `lease_expires_at`, `lease_expires_in_seconds`, `holder`, `polled_by`, `acked_by`, `queue`,
         `deliveries`, `heartbeats`, `requeues`, `has_secret`."""
-        return self.app.store.internal(self.app.store.item(environment_id, work_id))
+        return self.core.item_view(environment_id, work_id)
 
     def items(self, environment_id: str) -> list[dict[str, Any]]:
         """Internal views of every item of an environment, oldest first."""
-        store = self.app.store
-        return [store.internal(item) for item in store.environment(environment_id, create=False).items.values()]
+        return self.core.item_views(environment_id)
 
     def steal_lease(self, environment_id: str, work_id: str) -> dict[str, Any]:
         """Lease theft: `last_heartbeat` changes as if another worker heartbeated, so the holder's next
         compare-and-swap fails with 412."""
-        return self.app.store.internal(self.app.store.steal(environment_id, work_id))
+        return self.core.steal(environment_id, work_id)
 
     def expire_lease(self, environment_id: str, work_id: str) -> dict[str, Any]:
         """Let an item's lease run out now (as if no heartbeat came for its TTL)."""
-        return self.app.store.internal(self.app.store.expire(environment_id, work_id))
+        return self.core.expire(environment_id, work_id)
 
     def set_environment(
         self, environment_id: str, *, self_hosted: bool | None = None, permitted: bool | None = None
     ) -> dict[str, Any]:
         """Create or change an environment: `self_hosted=False` makes every Work API call on it a 400,
         `permitted=False` a 403."""
-        env = self.app.store.environment(environment_id, create=True)
-        if self_hosted is not None:
-            env.self_hosted = self_hosted
-        if permitted is not None:
-            env.permitted = permitted
-        return env.view()
+        return self.core.store.set_environment(environment_id, self_hosted=self_hosted, permitted=permitted)
 
     def queue_stats(self, environment_id: str) -> dict[str, Any]:
         """What the Work API's stats endpoint answers for this environment."""
-        return self.app.store.stats(environment_id)
+        return self.core.store.stats(environment_id)
 
     # -- faults -------------------------------------------------------------------------------------------
 
@@ -130,38 +127,35 @@ class Emulator:
         """Add a fault (same fields as `POST /_emulator/faults`): `count` (default 1; None: until cleared),
         `environment_id`, `status` (+ `retry_after`, `retry_after_ms`, `should_retry`, `error_type`, `message`),
         `drop` (close the connection without a response), `latency_ms`. Raises `ApiError` (400) when invalid."""
-        return self.app.faults.add(Fault.from_json({"operation": operation, **spec})).to_json()
+        return self.core.add_fault({"operation": operation, **spec})
 
     def clear_faults(self) -> None:
-        self.app.faults.clear()
+        self.core.faults.clear()
 
     # -- the request log ----------------------------------------------------------------------------------
 
     @property
     def requests(self) -> list[dict[str, Any]]:
         """Every Work API request still in the log, in arrival order (`status` is None while in flight)."""
-        return self.app.log.since(0)
+        return self.core.log.since(0)
 
     def requests_since(self, seq: int) -> list[dict[str, Any]]:
-        return self.app.log.since(seq)
+        return self.core.log.since(seq)
 
     def clear_requests(self) -> None:
         """Forget the logged requests (not the counts of `request_counts`)."""
-        self.app.log.clear()
+        self.core.log.clear()
 
     def clear_request_counts(self) -> None:
-        self.app.log.clear_counts()
+        self.core.log.clear_counts()
 
     def request_counts(self) -> dict[str, dict[str, int]]:
         """Requests per operation and status (`{"heartbeat": {"200": 10, "412": 1}}`)."""
-        counts: dict[str, dict[str, int]] = {}
-        for (operation, status), count in self.app.log.counts.items():
-            counts.setdefault(operation, {})[str(status)] = count
-        return counts
+        return self.core.log.counts_by_operation()
 
     def reset(self) -> None:
         """Forget every environment, item, fault and logged request (settings stay)."""
-        self.app.reset()
+        self.core.reset()
 
     # -- serving ------------------------------------------------------------------------------------------
 
@@ -189,7 +183,7 @@ class Emulator:
         config.load()
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
-        store = self.app.store
+        store = self.core.store
         store.base_url = url
         store.bind(asyncio.get_running_loop())
         try:
@@ -213,7 +207,7 @@ class Emulator:
             listener.close()
         for connection in list(server.server_state.connections):
             connection.shutdown()  # idle keep-alive connections close now, busy ones after their response
-        self.app.store.unbind()  # waiting long polls answer null at once
+        self.core.store.unbind()  # waiting long polls answer null at once
         tasks = set(server.server_state.tasks)
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=5)

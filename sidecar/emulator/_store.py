@@ -24,12 +24,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..wire import (
+    HEARTBEAT_PRECONDITION_FAILED,
+    HEARTBEAT_TYPE,
+    LEASED_STATES,
+    NO_HEARTBEAT,
+    QUEUE_STATS_TYPE,
+    WORK_TIMESTAMPS,
+    work_object,
+)
 from ._errors import ApiError
 from ._ids import ONE_MICROSECOND, new_id, new_secret, rfc3339, utcnow
 from ._settings import EmulatorSettings
 
-NO_HEARTBEAT = "NO_HEARTBEAT"
-LEASED = frozenset({"starting", "active", "stopping"})
+__all__ = ["Environment", "Item", "MemoryStore", "decode_cursor", "encode_cursor"]
+
+LEASED = LEASED_STATES
 _EPSILON = 1e-6
 
 
@@ -68,21 +78,15 @@ class Item:
     requeues: int = 0
 
     def to_json(self, *, with_secret: bool = False) -> dict[str, Any]:
-        return {
-            "type": "work",
-            "id": self.id,
-            "environment_id": self.environment_id,
-            "data": {"type": self.data_type, "id": self.data_id},
-            "state": self.state,
-            "metadata": dict(self.metadata),
-            "created_at": self.created_at,
-            "acknowledged_at": self.acknowledged_at,
-            "started_at": self.started_at,
-            "latest_heartbeat_at": self.latest_heartbeat_at,
-            "stop_requested_at": self.stop_requested_at,
-            "stopped_at": self.stopped_at,
-            "secret": self.secret if with_secret else None,
-        }
+        return work_object(
+            id=self.id,
+            environment_id=self.environment_id,
+            data={"type": self.data_type, "id": self.data_id},
+            state=self.state,
+            metadata=self.metadata,
+            timestamps={name: getattr(self, name) for name in WORK_TIMESTAMPS},
+            secret=self.secret if with_secret else None,
+        )
 
     def lease_state(self) -> dict[str, Any]:
         """`details.current_state` of a 412."""
@@ -129,7 +133,9 @@ def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
         waiter.set_result(value)
 
 
-class Store:
+class MemoryStore:
+    """The in-memory `Store` (see `_backend.py`): every environment and item in this process."""
+
     def __init__(self, settings: EmulatorSettings) -> None:
         self.settings = settings
         self.base_url = ""
@@ -186,6 +192,43 @@ class Store:
         if item is None:
             raise ApiError(404, f"work item {work_id} not found in environment {environment_id}")
         return item
+
+    def items(self, environment_id: str) -> list[Item]:
+        """Every item of an existing environment, oldest first (404 when there is no such environment)."""
+        return list(self.environment(environment_id, create=False).items.values())
+
+    def item_for_token(self, token: str) -> Item | None:
+        """The item whose `secret` carries this sessions token."""
+        return self.tokens.get(token)
+
+    def check_access(self, environment_id: str) -> None:
+        """404 unknown (unless auto-created), 403 not permitted, 400 not self-hosted."""
+        env = self.environment(environment_id)
+        if not env.permitted:
+            raise ApiError(403, f"this credential is not authorized for environment {environment_id}")
+        if not env.self_hosted:
+            raise ApiError(400, f"environment {environment_id} is not self_hosted")
+
+    def environment_view(self, environment_id: str) -> dict[str, Any]:
+        return self.environment(environment_id, create=False).view()
+
+    def set_environment(
+        self, environment_id: str, *, self_hosted: bool | None = None, permitted: bool | None = None
+    ) -> dict[str, Any]:
+        env = self.environment(environment_id, create=True)
+        if self_hosted is not None:
+            env.self_hosted = self_hosted
+        if permitted is not None:
+            env.permitted = permitted
+        return env.view()
+
+    def environment_count(self) -> int:
+        return len(self.environments)
+
+    def seq_of(self, environment_id: str, work_id: str) -> int | None:
+        """The list position of an item (for `after_id` / `before_id`), None when it is not there."""
+        item = self.environment(environment_id).items.get(work_id)
+        return None if item is None else item.seq
 
     def enqueue(
         self, environment_id: str, count: int = 1, data_type: str = "session", metadata: dict[str, str] | None = None
@@ -322,17 +365,18 @@ class Store:
         *,
         expected: str | None,
         desired_ttl: int | None,
-        flavour: str,
+        strict: bool,
         precondition_type: str,
     ) -> dict[str, Any]:
+        """`strict`: the flavour's `strict_heartbeats` (see `_flavours.py`)."""
         item = self.item(environment_id, work_id)
         state = item.state
-        if flavour == "qoder" and state in ("queued", "stopped"):
+        if strict and state in ("queued", "stopped"):
             raise ApiError(409, f"work item {work_id} is {state} and cannot be heartbeated")
         if state == "stopped":  # Anthropic: answered, never compared, never extended
             return self._heartbeat_body(item, extended=False)
         compares = expected is not None and (
-            state != "stopping" or flavour == "qoder" or self.settings.anthropic_compare_while_stopping
+            state != "stopping" or strict or self.settings.anthropic_compare_while_stopping
         )
         if compares:
             matches = item.last_heartbeat is None if expected == NO_HEARTBEAT else expected == item.last_heartbeat
@@ -342,7 +386,7 @@ class Store:
                     "expected_last_heartbeat does not match the work item's last heartbeat: "
                     "another worker holds the lease or the item went back to the queue",
                     error_type=precondition_type,
-                    details={"error_code": "heartbeat_precondition_failed", "current_state": item.lease_state()},
+                    details={"error_code": HEARTBEAT_PRECONDITION_FAILED, "current_state": item.lease_state()},
                 )
         if state == "queued":
             raise ApiError(409, f"work item {work_id} is queued: acknowledge it before heartbeating")
@@ -359,7 +403,7 @@ class Store:
     @staticmethod
     def _heartbeat_body(item: Item, *, extended: bool) -> dict[str, Any]:
         return {
-            "type": "work_heartbeat",
+            "type": HEARTBEAT_TYPE,
             "last_heartbeat": item.last_heartbeat or item.latest_heartbeat_at or item.stopped_at or item.created_at,
             "lease_extended": extended,
             "state": item.state,
@@ -536,7 +580,7 @@ class Store:
             del env.pollers[worker]
         oldest = next(iter(env.stream.values())).queued_at if env.stream else None
         return {
-            "type": "work_queue_stats",
+            "type": QUEUE_STATS_TYPE,
             "depth": len(env.ready),
             "pending": len(env.pending),
             "oldest_queued_at": oldest,

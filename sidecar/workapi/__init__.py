@@ -1,5 +1,6 @@
 """A typed async client for the self-hosted Work API (Anthropic and Qoder flavours)."""
 
+from ..wire import ANTHROPIC, NO_HEARTBEAT, PROVIDERS, QODER, CredentialStyle, Pagination, Provider, get_provider
 from ._client import Timeouts, WorkApiClient, parse_retry_after
 from ._errors import (
     APIStatusError,
@@ -19,8 +20,7 @@ from ._errors import (
     TransportError,
     WorkApiError,
 )
-from ._models import NO_HEARTBEAT, HeartbeatResult, LeaseSnapshot, QueueStats, Work, WorkData, WorkPage, parse_time
-from ._providers import ANTHROPIC, PROVIDERS, QODER, CredentialStyle, Provider, get_provider
+from ._models import HeartbeatResult, LeaseSnapshot, QueueStats, Work, WorkData, WorkPage, parse_time
 from ._retry import CONFLICT_IS_TRANSIENT, RetryPolicies, RetryPolicy, is_retryable
 from ._secret import SecretDecodeError, SessionCredentials, WorkSecret
 from ._transport import HTTP_BACKENDS
@@ -43,6 +43,7 @@ __all__ = [
     "LeaseSnapshot",
     "NotFoundError",
     "OverloadedError",
+    "Pagination",
     "PermissionDeniedError",
     "PreconditionFailedError",
     "Provider",

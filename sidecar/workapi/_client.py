@@ -15,6 +15,19 @@ from typing import Any, TypeVar
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_before_delay
 
+from ..wire import (
+    MAX_BLOCK_MS,
+    MIN_BLOCK_MS,
+    NO_HEARTBEAT,
+    OPERATIONS,
+    REQUEST_ID_HEADER,
+    RETRY_AFTER_HEADER,
+    RETRY_AFTER_MS_HEADER,
+    SHOULD_RETRY_HEADER,
+    CredentialStyle,
+    Provider,
+    get_provider,
+)
 from . import _telemetry
 from ._errors import (
     APIStatusError,
@@ -24,8 +37,7 @@ from ._errors import (
     WorkApiError,
     status_error_class,
 )
-from ._models import NO_HEARTBEAT, HeartbeatResult, ModelError, QueueStats, Work, WorkPage
-from ._providers import CredentialStyle, Provider, get_provider
+from ._models import HeartbeatResult, ModelError, QueueStats, Work, WorkPage, cursor_params
 from ._retry import RetryPolicies, backoff_wait, is_retryable
 from ._transport import describe_failure, make_transport
 
@@ -33,8 +45,6 @@ __all__ = ["Timeouts", "WorkApiClient"]
 
 log = logging.getLogger("sidecar.workapi")
 T = TypeVar("T")
-
-MAX_BLOCK_MS = 999
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +69,7 @@ class WorkApiClient:
     """Talks to one environment's Work API.
 
     >>> client = WorkApiClient(provider="anthropic", api_key=KEY, environment_id="env_…")
-    >>> work = await client.poll(block_ms=999)
+    >>> work = await client.poll(block_ms=MAX_BLOCK_MS)
     """
 
     def __init__(
@@ -85,7 +95,7 @@ class WorkApiClient:
         self.retry = retry or RetryPolicies()
         headers = {"user-agent": "work-sidecar/0.1", "accept": "application/json", **self.provider.extra_headers}
         headers[self.provider.worker_id_header] = self.worker_id
-        if self.provider.credential_style is CredentialStyle.BEARER:
+        if self.provider.credential_styles[0] is CredentialStyle.BEARER:
             headers["authorization"] = f"Bearer {api_key}"
         else:
             headers["x-api-key"] = api_key
@@ -121,24 +131,24 @@ class WorkApiClient:
     # -- the eight operations -------------------------------------------------------------------------
 
     async def poll(self, *, block_ms: int | None = None, reclaim_older_than_ms: int | None = None) -> Work | None:
-        """Long-poll for one item; None when nothing came within block_ms (1..999; None returns at once)."""
+        """Long-poll for one item; None when nothing came within block_ms (1..MAX_BLOCK_MS; None returns at once)."""
         params: dict[str, str] = {}
         read_timeout = self.timeouts.read
         if block_ms is not None:
-            if not 1 <= block_ms <= MAX_BLOCK_MS:
-                raise ValueError(f"block_ms must be 1..{MAX_BLOCK_MS}, not {block_ms}")
+            if not MIN_BLOCK_MS <= block_ms <= MAX_BLOCK_MS:
+                raise ValueError(f"block_ms must be {MIN_BLOCK_MS}..{MAX_BLOCK_MS}, not {block_ms}")
             params["block_ms"] = str(block_ms)
             read_timeout = block_ms / 1000 + self.timeouts.poll_margin
         if reclaim_older_than_ms is not None:
             if reclaim_older_than_ms < 0:
                 raise ValueError("reclaim_older_than_ms must not be negative")
             params["reclaim_older_than_ms"] = str(reclaim_older_than_ms)
-        body = await self._call("poll", "GET", "/poll", params=params, read_timeout=read_timeout)
+        body = await self._call("poll", params=params, read_timeout=read_timeout)
         return None if body is None else self._parse(Work.from_json, body, "poll")
 
     async def ack(self, work_id: str) -> Work:
         """Acknowledge a polled item: queued → starting. A 409 is final (not this worker's to take)."""
-        body = await self._call("ack", "POST", f"/{self._work_id(work_id)}/ack")
+        body = await self._call("ack", work_id)
         return self._parse(Work.from_json, body, "ack")
 
     async def heartbeat(
@@ -162,19 +172,17 @@ class WorkApiClient:
             if desired_ttl_seconds <= 0:
                 raise ValueError("desired_ttl_seconds must be a positive integer")
             params["desired_ttl_seconds"] = str(int(desired_ttl_seconds))
-        body = await self._call(
-            "heartbeat", "POST", f"/{self._work_id(work_id)}/heartbeat", params=params, deadline=deadline
-        )
+        body = await self._call("heartbeat", work_id, params=params, deadline=deadline)
         return self._parse(HeartbeatResult.from_json, body, "heartbeat")
 
     async def stop(self, work_id: str, *, force: bool = False) -> Work:
         """Request a graceful stop (force=False) or stop at once (force=True)."""
-        body = await self._call("stop", "POST", f"/{self._work_id(work_id)}/stop", json={"force": force})
+        body = await self._call("stop", work_id, json={"force": force})
         return self._parse(Work.from_json, body, "stop")
 
     async def get(self, work_id: str) -> Work:
         """Read an item (its secret is always null here)."""
-        body = await self._call("get", "GET", f"/{self._work_id(work_id)}")
+        body = await self._call("get", work_id)
         return self._parse(Work.from_json, body, "get")
 
     async def update_metadata(self, work_id: str, metadata: Mapping[str, str | None]) -> Work:
@@ -182,49 +190,51 @@ class WorkApiClient:
         for key, value in metadata.items():
             if not isinstance(key, str) or not (value is None or isinstance(value, str)):
                 raise ValueError("metadata keys must be strings and values strings or None")
-        body = await self._call("update", "POST", f"/{self._work_id(work_id)}", json={"metadata": dict(metadata)})
+        body = await self._call("update", work_id, json={"metadata": dict(metadata)})
         return self._parse(Work.from_json, body, "update")
 
     async def list_page(
         self,
         *,
         limit: int | None = None,
+        cursor: str | None = None,
         page: str | None = None,
         after_id: str | None = None,
         before_id: str | None = None,
     ) -> WorkPage:
-        """One page of the environment's items; pass `next_page` back as `page` for the next one."""
+        """One page of the environment's items; pass its `next_cursor` back as `cursor` for the next one.
+
+        `page`, `after_id` and `before_id` are the provider's own parameters, for callers that want them.
+        """
         params: dict[str, str] = {}
         if limit is not None:
             if not 1 <= limit <= self.provider.list_max_limit:
                 raise ValueError(f"limit must be 1..{self.provider.list_max_limit}")
             params["limit"] = str(limit)
+        params.update(cursor_params(cursor, self.provider.pagination))
         if page:
             params["page"] = page
         if after_id:
             params["after_id"] = after_id
         if before_id:
             params["before_id"] = before_id
-        body = await self._call("list", "GET", "", params=params)
-        return self._parse(WorkPage.from_json, body, "list")
+        body = await self._call("list", params=params)
+        pagination = self.provider.pagination
+        return self._parse(lambda obj: WorkPage.from_json(obj, pagination), body, "list")
 
     async def iter_work(self, *, page_size: int | None = None) -> AsyncIterator[Work]:
         """Every item of the environment, fetching pages as needed."""
-        page: str | None = None
-        after_id: str | None = None
+        cursor: str | None = None
         while True:
-            result = await self.list_page(limit=page_size, page=page, after_id=after_id)
+            result = await self.list_page(limit=page_size, cursor=cursor)
             for item in result.data:
                 yield item
-            if result.next_page:
-                page, after_id = result.next_page, None
-            elif result.extra.get("has_more") and isinstance(result.extra.get("last_id"), str):
-                page, after_id = None, result.extra["last_id"]
-            else:
+            cursor = result.next_cursor
+            if cursor is None:
                 return
 
     async def stats(self) -> QueueStats:
-        body = await self._call("stats", "GET", "/stats")
+        body = await self._call("stats")
         return self._parse(QueueStats.from_json, body, "stats")
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -247,8 +257,7 @@ class WorkApiClient:
     async def _call(
         self,
         operation: str,
-        method: str,
-        suffix: str,
+        work_id: str | None = None,
         *,
         params: Mapping[str, str] | None = None,
         json: Any = None,
@@ -258,6 +267,8 @@ class WorkApiClient:
         policy = self.retry.for_operation(operation)
         total = policy.deadline if deadline is None else min(deadline, policy.deadline)
         started = time.monotonic()
+        method, route = OPERATIONS[operation].method, OPERATIONS[operation].route
+        suffix = route if work_id is None else route.format(work_id=self._work_id(work_id))
         path = self.provider.work_path(self.environment_id, suffix)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(total),
@@ -296,7 +307,7 @@ class WorkApiClient:
         read_timeout: float,
         attempt: int,
     ) -> Any:
-        route = self.provider.path_prefix + _telemetry.ROUTES[operation]
+        route = self.provider.path_prefix + OPERATIONS[operation].route
         with _telemetry.request_span(operation, method, route, self.provider.name, attempt) as span:
             started = time.monotonic()
             try:
@@ -315,7 +326,7 @@ class WorkApiClient:
                 raise TransportError(f"{operation} failed: {name}: {exc}", operation=operation) from None
             finally:
                 _telemetry.record_latency(operation, time.monotonic() - started)
-            request_id = response.headers.get("request-id")
+            request_id = response.headers.get(REQUEST_ID_HEADER)
             span.answered(response.status_code, request_id)
             if response.status_code >= 400:
                 raise self._status_error(operation, response, request_id)
@@ -340,7 +351,7 @@ class WorkApiClient:
                 error_type = str(error.get("type") or error_type)
                 message = str(error.get("message") or message)
                 details = error.get("details") if isinstance(error.get("details"), dict) else None
-        should_retry_header = response.headers.get("x-should-retry")
+        should_retry_header = response.headers.get(SHOULD_RETRY_HEADER)
         should_retry = {"true": True, "false": False}.get((should_retry_header or "").lower())
         cls = status_error_class(response.status_code, operation)
         return cls(
@@ -357,7 +368,7 @@ class WorkApiClient:
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms`, or `retry-after` as seconds or an HTTP date."""
-    value = headers.get("retry-after-ms")
+    value = headers.get(RETRY_AFTER_MS_HEADER)
     if value:
         try:
             ms = float(value)
@@ -365,7 +376,7 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
                 return ms / 1000
         except ValueError:
             pass
-    value = headers.get("retry-after")
+    value = headers.get(RETRY_AFTER_HEADER)
     if not value:
         return None
     try:

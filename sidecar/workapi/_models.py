@@ -12,12 +12,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ..wire import (
+    HEARTBEAT_FIELDS,
+    LEASE_SNAPSHOT_FIELDS,
+    LIST_PAGE_KEYS,
+    QUEUE_STATS_FIELDS,
+    WORK_DATA_FIELDS,
+    WORK_FIELDS,
+    WORK_TIMESTAMPS,
+    Pagination,
+    work_object,
+)
 from ._secret import WorkSecret
 
-NO_HEARTBEAT = "NO_HEARTBEAT"
-"""The `expected_last_heartbeat` value that claims a lease nobody has heartbeated yet."""
-
-WORK_STATES = ("queued", "starting", "active", "stopping", "stopped")
+AFTER_ID_CURSOR = "after_id:"
+"""`WorkPage.next_cursor` of a page that continues after an id (not a `page` token)."""
 
 
 class ModelError(ValueError):
@@ -60,12 +69,6 @@ class WorkData:
         return self.type == "healthcheck"
 
 
-_WORK_FIELDS = (
-    "type", "id", "environment_id", "data", "state", "metadata", "created_at", "acknowledged_at",
-    "started_at", "latest_heartbeat_at", "stop_requested_at", "stopped_at", "secret",
-)  # fmt: skip
-
-
 @dataclass(frozen=True, slots=True)
 class Work:
     """A work item. `secret` is a `WorkSecret` (redacted in repr) or None."""
@@ -99,44 +102,34 @@ class Work:
         if not isinstance(metadata, Mapping):
             raise ModelError("field 'metadata' is not an object")
         secret = _str(obj, "secret", required=False)
+        times = {name: _str(obj, name, required=False) for name in WORK_TIMESTAMPS}
         return cls(
             id=_str(obj, "id") or "",
             environment_id=_str(obj, "environment_id", required=False) or "",
             data=WorkData(
                 type=_str(data, "type") or "",
                 id=_str(data, "id", required=False) or "",
-                extra=_extra(data, ("type", "id")),
+                extra=_extra(data, WORK_DATA_FIELDS),
             ),
             state=_str(obj, "state") or "",
             metadata={str(k): str(v) for k, v in metadata.items()},
-            created_at=_str(obj, "created_at", required=False),
-            acknowledged_at=_str(obj, "acknowledged_at", required=False),
-            started_at=_str(obj, "started_at", required=False),
-            latest_heartbeat_at=_str(obj, "latest_heartbeat_at", required=False),
-            stop_requested_at=_str(obj, "stop_requested_at", required=False),
-            stopped_at=_str(obj, "stopped_at", required=False),
+            **times,
             secret=WorkSecret(secret) if secret else None,
-            extra=_extra(obj, _WORK_FIELDS),
+            extra=_extra(obj, WORK_FIELDS),
         )
 
     def to_json(self) -> dict[str, Any]:
         """The work object as JSON, with `secret` always null (for handing to scripts and logs)."""
-        return {
-            "type": "work",
-            "id": self.id,
-            "environment_id": self.environment_id,
-            "data": {"type": self.data.type, "id": self.data.id, **self.data.extra},
-            "state": self.state,
-            "metadata": dict(self.metadata),
-            "created_at": self.created_at,
-            "acknowledged_at": self.acknowledged_at,
-            "started_at": self.started_at,
-            "latest_heartbeat_at": self.latest_heartbeat_at,
-            "stop_requested_at": self.stop_requested_at,
-            "stopped_at": self.stopped_at,
-            "secret": None,
-            **self.extra,
-        }
+        work = work_object(
+            id=self.id,
+            environment_id=self.environment_id,
+            data={"type": self.data.type, "id": self.data.id, **self.data.extra},
+            state=self.state,
+            metadata=self.metadata,
+            timestamps={name: getattr(self, name) for name in WORK_TIMESTAMPS},
+            secret=None,
+        )
+        return {**work, **self.extra}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +152,7 @@ class HeartbeatResult:
             lease_extended=bool(obj.get("lease_extended")),
             state=_str(obj, "state") or "",
             ttl_seconds=int(ttl) if isinstance(ttl, int | float) else 0,
-            extra=_extra(obj, ("type", "last_heartbeat", "lease_extended", "state", "ttl_seconds")),
+            extra=_extra(obj, HEARTBEAT_FIELDS),
         )
 
 
@@ -186,7 +179,7 @@ class LeaseSnapshot:
             lease_extended=extended if isinstance(extended, bool) else None,
             ttl_seconds=int(ttl) if isinstance(ttl, int | float) else None,
             lease_updated_at=_str(obj, "lease_updated_at", required=False),
-            extra=_extra(obj, ("state", "last_heartbeat", "lease_extended", "ttl_seconds", "lease_updated_at")),
+            extra=_extra(obj, LEASE_SNAPSHOT_FIELDS),
         )
 
 
@@ -212,24 +205,45 @@ class QueueStats:
             pending=count("pending"),
             oldest_queued_at=_str(obj, "oldest_queued_at", required=False),
             workers_polling=count("workers_polling"),
-            extra=_extra(obj, ("type", "depth", "pending", "oldest_queued_at", "workers_polling")),
+            extra=_extra(obj, QUEUE_STATS_FIELDS),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class WorkPage:
-    """One page of a list. `next_page` is the opaque cursor for the next one (None on the last)."""
+    """One page of a list.
+
+    `next_cursor` is the cursor of the next page (None on the last), whatever way the provider pages: pass it back
+    as `list_page(cursor=...)`. `next_page` is the provider's own `page` token as sent (None when it sent none).
+    """
 
     data: list[Work]
     next_page: str | None
     extra: dict[str, Any] = field(default_factory=dict)
+    next_cursor: str | None = None
 
     @classmethod
-    def from_json(cls, obj: Any) -> WorkPage:
+    def from_json(cls, obj: Any, pagination: Pagination = Pagination.PAGE) -> WorkPage:
         if not isinstance(obj, Mapping) or not isinstance(obj.get("data"), list):
             raise ModelError("a work list page has no 'data' array")
+        next_page = _str(obj, "next_page", required=False)
+        cursor = next_page
+        last_id = obj.get("last_id")
+        after_id_pages = pagination is Pagination.PAGE_OR_AFTER_ID
+        if not cursor and after_id_pages and obj.get("has_more") and isinstance(last_id, str):
+            cursor = AFTER_ID_CURSOR + last_id
         return cls(
             data=[Work.from_json(item) for item in obj["data"]],
-            next_page=_str(obj, "next_page", required=False),
-            extra=_extra(obj, ("data", "next_page")),
+            next_page=next_page,
+            extra=_extra(obj, LIST_PAGE_KEYS),
+            next_cursor=cursor or None,
         )
+
+
+def cursor_params(cursor: str | None, pagination: Pagination) -> dict[str, str]:
+    """The query parameters that ask for the page a `WorkPage.next_cursor` names."""
+    if not cursor:
+        return {}
+    if pagination is Pagination.PAGE_OR_AFTER_ID and cursor.startswith(AFTER_ID_CURSOR):
+        return {"after_id": cursor[len(AFTER_ID_CURSOR) :]}
+    return {"page": cursor}

@@ -22,7 +22,6 @@ from tenacity import RetryCallState
 
 from ._errors import APIStatusError, ResponseError, TransportError, WorkApiError
 
-OPERATIONS = ("poll", "ack", "heartbeat", "stop", "get", "update", "list", "stats")
 CONFLICT_IS_TRANSIENT = frozenset({"get", "update", "list", "stats"})
 
 

@@ -12,17 +12,6 @@ from contextlib import contextmanager
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-ROUTES = {
-    "poll": "/poll",
-    "ack": "/{work_id}/ack",
-    "heartbeat": "/{work_id}/heartbeat",
-    "stop": "/{work_id}/stop",
-    "get": "/{work_id}",
-    "update": "/{work_id}",
-    "list": "",
-    "stats": "/stats",
-}
-
 _tracer = trace.get_tracer("sidecar.workapi")
 _meter = metrics.get_meter("sidecar.workapi")
 _latency = _meter.create_histogram(

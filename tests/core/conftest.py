@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from sidecar.core import Sidecar, SidecarSettings
-from sidecar.emulator import Emulator, EmulatorSettings
+from sidecar.emulator import AdminClient, Emulator, EmulatorSettings
+from sidecar.wire import get_provider
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 
@@ -36,55 +37,40 @@ class Api:
     http: httpx.AsyncClient
     environment_id: str = ENV
 
+    @property
+    def admin(self) -> AdminClient:
+        return AdminClient(self.url, http=self.http)
+
     async def enqueue(self, count: int = 1, data_type: str = "session") -> list[dict[str, Any]]:
-        response = await self.http.post(
-            f"/_emulator/environments/{self.environment_id}/work", json={"count": count, "data_type": data_type}
-        )
-        response.raise_for_status()
-        items: list[dict[str, Any]] = response.json()["data"]
-        return items
+        return await self.admin.enqueue(self.environment_id, count, data_type)
 
     async def requests(self, operation: str | None = None, work_id: str | None = None) -> list[dict[str, Any]]:
-        response = await self.http.get("/_emulator/requests")
-        response.raise_for_status()
-        entries: list[dict[str, Any]] = response.json()["data"]
-        if operation is not None:
-            entries = [e for e in entries if e.get("operation") == operation]
+        entries = await self.admin.requests(operation)
         if work_id is not None:
             entries = [e for e in entries if work_id in e["path"]]
         return entries
 
     async def item(self, work_id: str) -> dict[str, Any]:
-        response = await self.http.get(f"/_emulator/environments/{self.environment_id}/work/{work_id}")
-        response.raise_for_status()
-        item: dict[str, Any] = response.json()
-        return item
+        return await self.admin.get_item(self.environment_id, work_id)
 
     async def state(self, work_id: str) -> str:
         return str((await self.item(work_id))["state"])
 
-    async def fault(self, **spec: Any) -> None:
-        response = await self.http.post("/_emulator/faults", json=spec)
-        response.raise_for_status()
+    async def fault(self, operation: str, **spec: Any) -> None:
+        await self.admin.inject_fault(operation, **spec)
 
     async def clear_faults(self) -> None:
-        (await self.http.delete("/_emulator/faults")).raise_for_status()
+        await self.admin.clear_faults()
 
     async def steal(self, work_id: str) -> None:
-        response = await self.http.post(f"/_emulator/environments/{self.environment_id}/work/{work_id}/steal")
-        response.raise_for_status()
+        await self.admin.steal_lease(self.environment_id, work_id)
 
     async def platform_stop(self, work_id: str, *, force: bool = False, provider: str = "anthropic") -> None:
         """Stop an item the way the platform would (through the public Work API)."""
-        prefix = (
-            f"/v1/environments/{self.environment_id}/work"
-            if provider == "anthropic"
-            else f"/api/v1/cloud/environments/{self.environment_id}/work"
-        )
-        headers = {"authorization": f"Bearer {KEY}"}
-        if provider == "anthropic":
-            headers |= {"anthropic-version": "2023-06-01", "anthropic-beta": "managed-agents-2026-04-01"}
-        response = await self.http.post(f"{prefix}/{work_id}/stop", json={"force": force}, headers=headers)
+        profile = get_provider(provider)
+        headers = {"authorization": f"Bearer {KEY}", **profile.extra_headers}
+        path = profile.work_path(self.environment_id, f"/{work_id}/stop")
+        response = await self.http.post(path, json={"force": force}, headers=headers)
         response.raise_for_status()
 
 

@@ -11,12 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.emulator import Emulator, EmulatorSettings
+from sidecar import wire
+from sidecar.emulator import AdminClient, Emulator, EmulatorSettings
 
 KEY = "sk-ant-oat01-emulator-tests"
 MANAGEMENT_KEY = "sk-ant-api03-emulator-tests"
 ENV = "env_011CZkZ9X2dpNyB7HsEFoRfW"
-NO_HEARTBEAT = "NO_HEARTBEAT"
+NO_HEARTBEAT = wire.NO_HEARTBEAT
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Api:
     emulator: Emulator
     url: str
     http: httpx.AsyncClient
+    admin: AdminClient
 
     async def call(
         self,
@@ -83,12 +85,7 @@ class Api:
     async def enqueue(
         self, count: int = 1, data_type: str = "session", environment_id: str = ENV, **extra: Any
     ) -> list[dict[str, Any]]:
-        response = await self.http.post(
-            f"/_emulator/environments/{environment_id}/work", json={"count": count, "data_type": data_type, **extra}
-        )
-        assert response.status_code == 200, response.text
-        items: list[dict[str, Any]] = response.json()["data"]
-        return items
+        return await self.admin.enqueue(environment_id, count, data_type, **extra)
 
     async def poll(self, flavour: Flavour, worker: str | None = None, **params: Any) -> httpx.Response:
         return await self.call(flavour, "GET", "/poll", worker=worker, params=params)
@@ -130,21 +127,17 @@ class Api:
         return work, str(beat.json()["last_heartbeat"])
 
     async def view(self, work_id: str, environment_id: str = ENV) -> dict[str, Any]:
-        response = await self.http.get(f"/_emulator/environments/{environment_id}/work/{work_id}")
-        assert response.status_code == 200, response.text
-        view: dict[str, Any] = response.json()
-        return view
+        return await self.admin.get_item(environment_id, work_id)
 
     async def requests(self, operation: str | None = None) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = (await self.http.get("/_emulator/requests")).json()["data"]
-        return [e for e in entries if operation is None or e["operation"] == operation]
+        return await self.admin.requests(operation)
 
 
 @pytest.fixture
 async def api() -> AsyncIterator[Api]:
     emulator = Emulator(EmulatorSettings(key=KEY, min_ttl_seconds=1))
     async with emulator.serve() as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
-        yield Api(emulator, url, http)
+        yield Api(emulator, url, http, AdminClient(url, http=http))
 
 
 def decode_secret(secret: str) -> dict[str, Any]:
@@ -152,18 +145,4 @@ def decode_secret(secret: str) -> dict[str, Any]:
     return decoded
 
 
-WORK_FIELDS = {
-    "type",
-    "id",
-    "environment_id",
-    "data",
-    "state",
-    "metadata",
-    "created_at",
-    "acknowledged_at",
-    "started_at",
-    "latest_heartbeat_at",
-    "stop_requested_at",
-    "stopped_at",
-    "secret",
-}
+WORK_FIELDS = set(wire.WORK_FIELDS)

@@ -8,7 +8,6 @@ import json
 from collections.abc import AsyncIterator, Iterator
 
 import anthropic
-import httpx
 import pytest
 from anthropic.types.beta.environments import BetaHeartbeatPreconditionFailedError
 
@@ -31,17 +30,16 @@ async def served() -> AsyncIterator[tuple[Emulator, str]]:
         yield emulator, url
 
 
-def _enqueue(url: str, count: int = 1, data_type: str = "session") -> list[dict[str, object]]:
-    response = httpx.post(f"{url}/_emulator/environments/{ENV}/work", json={"count": count, "data_type": data_type})
-    response.raise_for_status()
-    items: list[dict[str, object]] = response.json()["data"]
+def _enqueue(running: EmulatorThread, count: int = 1, data_type: str = "session") -> list[dict[str, object]]:
+    """Through the in-process face, on the emulator's own loop."""
+    items: list[dict[str, object]] = running.call(running.emulator.enqueue, ENV, count, data_type)
     return items
 
 
 def test_sdk_worker_calls_all_succeed(emulator: EmulatorThread) -> None:
     client = anthropic.Anthropic(api_key=KEY, base_url=emulator.url, max_retries=0)  # sends X-Api-Key
     work_api = client.beta.environments.work
-    [queued] = _enqueue(emulator.url)
+    [queued] = _enqueue(emulator)
     stats = work_api.stats(ENV)
     assert stats.type == "work_queue_stats" and stats.depth == 1 and stats.pending == 0
     assert stats.oldest_queued_at == queued["created_at"]
@@ -83,7 +81,7 @@ def test_sdk_worker_calls_all_succeed(emulator: EmulatorThread) -> None:
 def test_sdk_parses_the_412(emulator: EmulatorThread) -> None:
     client = anthropic.Anthropic(api_key=KEY, base_url=emulator.url, max_retries=0)
     work_api = client.beta.environments.work
-    _enqueue(emulator.url)
+    _enqueue(emulator)
     work = work_api.poll(ENV)
     assert work is not None
     work_api.ack(work.id, environment_id=ENV)
@@ -120,7 +118,7 @@ def test_sdk_retries_an_injected_503_and_sees_a_dropped_connection(emulator: Emu
 def test_sdk_heartbeats_with_the_items_sessions_token(emulator: EmulatorThread) -> None:
     """Official workers heartbeat and stop with the sessions token from the item's secret."""
     client = anthropic.Anthropic(api_key=KEY, base_url=emulator.url, max_retries=0)
-    _enqueue(emulator.url)
+    _enqueue(emulator)
     work = client.beta.environments.work.poll(ENV)
     assert work is not None and work.secret is not None
     client.beta.environments.work.ack(work.id, environment_id=ENV)

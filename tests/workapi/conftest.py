@@ -6,7 +6,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.emulator import Emulator, EmulatorSettings
+from sidecar.emulator import AdminClient, Emulator, EmulatorSettings
 from sidecar.workapi import HTTP_BACKENDS, RetryPolicies, RetryPolicy, WorkApiClient
 
 KEY = "sk-ant-oat01-test-environment-key"
@@ -63,17 +63,18 @@ async def make_client(
         await client.aclose()
 
 
+def admin_client(http: httpx.AsyncClient) -> AdminClient:
+    """The package's admin client over the test's HTTP client to the emulator."""
+    return AdminClient(str(http.base_url), http=http)
+
+
 async def enqueue(admin: httpx.AsyncClient, count: int = 1, data_type: str = "session") -> list[dict[str, Any]]:
-    response = await admin.post(f"/_emulator/environments/{ENV}/work", json={"count": count, "data_type": data_type})
-    response.raise_for_status()
-    items: list[dict[str, Any]] = response.json()["data"]
-    return items
+    return await admin_client(admin).enqueue(ENV, count, data_type)
 
 
-async def fault(admin: httpx.AsyncClient, **spec: Any) -> None:
-    (await admin.post("/_emulator/faults", json=spec)).raise_for_status()
+async def fault(admin: httpx.AsyncClient, operation: str, **spec: Any) -> None:
+    await admin_client(admin).inject_fault(operation, **spec)
 
 
 async def requests(admin: httpx.AsyncClient, operation: str) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = (await admin.get("/_emulator/requests")).json()["data"]
-    return [e for e in entries if e.get("operation") == operation]
+    return await admin_client(admin).requests(operation)

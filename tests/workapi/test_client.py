@@ -28,7 +28,7 @@ from sidecar.workapi import (
     WorkApiClient,
 )
 
-from .conftest import ENV, KEY, MANAGEMENT_KEY, ClientFactory, enqueue, fault, requests
+from .conftest import ENV, KEY, MANAGEMENT_KEY, ClientFactory, admin_client, enqueue, fault, requests
 
 Emu = tuple[Emulator, str, httpx.AsyncClient]
 
@@ -135,7 +135,7 @@ async def test_400_rows(emulator: Emu, make_client: ClientFactory) -> None:
         headers={"authorization": f"Bearer {KEY}"},
     )
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
-    (await admin.put(f"/_emulator/environments/{ENV}", json={"self_hosted": False})).raise_for_status()
+    await admin_client(admin).set_environment(ENV, self_hosted=False)
     with pytest.raises(BadRequestError):
         await client.heartbeat(work.id)
     assert len(await requests(admin, "heartbeat")) == 3, "400s are not retried"
@@ -276,7 +276,7 @@ async def test_a_drop_and_a_timeout_are_told_apart(emulator: Emu, make_client: C
     with pytest.raises(TransportError) as dropped:
         await client.stats()
     assert not isinstance(dropped.value, RequestTimeout), str(dropped.value)
-    (await admin.delete("/_emulator/faults")).raise_for_status()  # the second drop, where one was enough
+    await admin_client(admin).clear_faults()  # the second drop, where one was enough
     await fault(admin, operation="stats", latency_ms=1500, count=1)
     with pytest.raises(RequestTimeout):
         await client.stats()
