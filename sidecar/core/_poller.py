@@ -41,6 +41,7 @@ from ..workapi import (
     WorkApiClient,
     WorkApiError,
     is_retryable,
+    parse_time,
 )
 from . import _telemetry as telemetry
 from ._config import SidecarConfig
@@ -279,8 +280,16 @@ class Poller:
         telemetry.heartbeats.add(1, {"result": "ok"})
         span.add_event("heartbeat", {"work.state": result.state, "lease.ttl_seconds": result.ttl_seconds})
         ttl = result.ttl_seconds or self._config.ttl_seconds
+        # The claim started the item: the ack's copy has neither started_at nor latest_heartbeat_at yet.
+        claimed_at = result.last_heartbeat if parse_time(result.last_heartbeat) else datetime.now(UTC).isoformat()
         lease = Lease(
-            work=dataclasses.replace(acked, state=result.state, secret=work.secret),
+            work=dataclasses.replace(
+                acked,
+                state=result.state,
+                secret=work.secret,
+                started_at=acked.started_at or claimed_at,
+                latest_heartbeat_at=claimed_at,
+            ),
             token=LeaseTable.new_token(),
             secret=work.secret,
             last_heartbeat=result.last_heartbeat,
