@@ -20,7 +20,7 @@ help:
 	@echo "make test           ruff, mypy --strict, buf lint, the stale-code check and the whole pytest suite"
 	@echo "make proto          regenerate sidecar/work/ from proto/"
 	@echo "make bench          benchmarks against the official SDK worker (writes bench/results/)"
-	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint"
+	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint (apt-get: needs root)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
