@@ -27,7 +27,7 @@ $(BIN)/python:
 
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	@echo "==> installing work-sidecar (runtime and the demo's grpcurl) into $(VENV)"
-	$(PIP) -e '.[demo]'
+	$(PIP) --no-compile -e '.[demo]'  # no byte-compiling of every package up front: imports compile what they use
 	@touch $@
 
 $(TEST_STAMP): pyproject.toml $(RUN_STAMP)
