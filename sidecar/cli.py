@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._address import ADDRESS_ENV, sidecar_address
 from .wire import MAX_BLOCK_MS, MIN_BLOCK_MS, PROVIDERS
 
 ENV_PREFIX = "WORK_SIDECAR_"
@@ -171,12 +172,38 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the sidecar")
     if serve_flags:  # off for `health`, so a probe does not import the core
         _add_flags(serve, SERVE_FLAGS)
-    sub.add_parser("emulator", help="run the local Work API emulator", add_help=False)
-    health = sub.add_parser("health", help="gRPC health check of a running sidecar (exit 0 when SERVING)")
-    health.add_argument("--sidecar", required=True, help="unix:///path or host:port")
-    health.add_argument("--service", default="", help="service name ('' = overall)")
-    health.add_argument("--timeout", type=float, default=3.0)
-    sub.add_parser("exec", help="run a command once per assigned item (like ant beta:worker --on-work)", add_help=False)
+    sub.add_parser("emulator", help="run the local Work API emulator (work-sidecar emulator --help)", add_help=False)
+    health = sub.add_parser(
+        "health",
+        help="gRPC health check of a running sidecar (exit 0 when SERVING)",
+        description=(
+            "Ask a running sidecar for its gRPC health (grpc.health.v1.Health/Check) and print the status.\n"
+            "Exit 0 while it is SERVING; 1 otherwise (NOT_SERVING while it drains, or unreachable); 2 on a bad\n"
+            "address. What the container HEALTHCHECK and the Kubernetes exec probes run."
+        ),
+        epilog="example:\n  work-sidecar health --sidecar unix:///var/run/work-sidecar/sidecar.sock",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    health.add_argument(
+        "--sidecar",
+        default=sidecar_address(),
+        metavar="ADDR",
+        help=f"the sidecar's address, unix:///path or host:port [env {ADDRESS_ENV}]",
+    )
+    health.add_argument(
+        "--service",
+        default="",
+        help="the service to ask about: '' (default: readiness, the server as a whole), sidecar.work.v1.WorkService "
+        "(the same), or liveness (fails only when the sidecar's own loops are dead)",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=3.0, metavar="S", help="seconds to wait for the answer (default 3)"
+    )
+    sub.add_parser(
+        "exec",
+        help="run a command once per assigned item (like ant beta:worker --on-work; work-sidecar exec --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -280,10 +307,17 @@ def _health(ns: argparse.Namespace) -> int:
 
     from .core import parse_listen
 
+    if not ns.sidecar:
+        print(
+            "work-sidecar health: --sidecar is required: pass --sidecar unix:///path or host:port, "
+            f"or set {ADDRESS_ENV}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         parse_listen(ns.sidecar)
     except ValueError as exc:
-        print(f"work-sidecar health: {exc}", file=sys.stderr)
+        print(f"work-sidecar health: {exc}; --sidecar takes unix:///absolute/path or host:port", file=sys.stderr)
         return 2
     with grpc.insecure_channel(ns.sidecar) as channel:
         try:
@@ -292,6 +326,17 @@ def _health(ns: argparse.Namespace) -> int:
             )
         except grpc.RpcError as exc:
             print(f"work-sidecar health: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                print(
+                    f"work-sidecar health: is the sidecar running at {ns.sidecar}? Start it (work-sidecar serve) or "
+                    f"point --sidecar / {ADDRESS_ENV} at it; a busy one may need a longer --timeout",
+                    file=sys.stderr,
+                )
+            elif exc.code() == grpc.StatusCode.NOT_FOUND:
+                print(
+                    "work-sidecar health: no such service: use --service '' or sidecar.work.v1.WorkService",
+                    file=sys.stderr,
+                )
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)

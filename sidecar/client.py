@@ -10,6 +10,9 @@
 On leaving the `async with`, the item is stopped with `force=True` (as the official workers do when their
 work ends), unless its lease was lost (then it is not ours to stop) or it was stopped already. A stop that
 fails for another reason raises the `grpc.aio.AioRpcError`.
+
+Without a target, `SidecarClient()` connects to `WORK_SIDECAR_ADDR` (`WORK_SIDECAR_ADDRESS` is an alias), the
+variable `work-sidecar exec` sets for its children and the Kubernetes manifests set for the sandbox.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from ._address import ADDRESS_ENV, sidecar_address
 from .work.v1 import work_service_pb2 as pb
 from .work.v1 import work_service_pb2_grpc as pb_grpc
 
@@ -123,24 +127,30 @@ class Assignment:
 
 
 class SidecarClient:
-    """A connection to a work-sidecar. `target` is unix:///path or host:port."""
+    """A connection to a work-sidecar. `target` is unix:///path or host:port; None reads `WORK_SIDECAR_ADDR`."""
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         sandbox_id: str = "",
         auth_token: str | None = None,
         keepalive_interval: float = 5.0,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self.target = target
+        if target is None and channel is None:
+            target = sidecar_address()
+            if target is None:
+                raise ValueError(
+                    f"no sidecar address: pass SidecarClient('unix:///path' or 'host:port') or set {ADDRESS_ENV}"
+                )
+        self.target = target or ""
         self.sandbox_id = sandbox_id
         self.keepalive_interval = keepalive_interval
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self._own_channel = channel is None
         self.channel = channel or grpc.aio.insecure_channel(
-            target, options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
+            self.target, options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
         )
         self.stub = pb_grpc.WorkServiceStub(self.channel)
         self.draining = asyncio.Event()

@@ -4,9 +4,12 @@
 
 Parity with `ant beta:worker poll --on-work SCRIPT`: the child gets `ANTHROPIC_WORK_ID`,
 `ANTHROPIC_ENVIRONMENT_ID`, `ANTHROPIC_SESSION_ID`, the item's session credential
-(`ANTHROPIC_SESSION_TOKEN`, plus `ANTHROPIC_BASE_URL` when the secret names one) and the work object as
-JSON on stdin (its `secret` is null, as in a GET). Unlike a script that backgrounds the sandbox, the
-adapter keeps the child in the foreground and the lease alive while it runs:
+(`ANTHROPIC_SESSION_TOKEN`, plus `ANTHROPIC_BASE_URL` when the secret names one), `TRACEPARENT` (always a valid
+W3C traceparent: the item's trace when the sidecar traces, else a fresh random one), `WORK_SIDECAR_ADDR` and
+`WORK_SIDECAR_LEASE_TOKEN` (to call the sidecar about its item itself: GetWork, UpdateWorkMetadata, KeepAlive),
+and the work object as JSON on stdin (its `secret` is null, as in a GET; `state` active with `started_at` and
+`latest_heartbeat_at` from the claim). Unlike a script that backgrounds the sandbox, the adapter keeps the child in
+the foreground and the lease alive while it runs:
 
 - the child exits → the item is stopped (a graceful stop, confirmed), and its exit code is reported;
 - StopRequested → SIGTERM to the child (its exit then stops the item);
@@ -25,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -35,6 +39,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ._address import ADDRESS_ALIASES, ADDRESS_ENV, sidecar_address
 from ._logging import configure_logging
 from .wire import WORK_TIMESTAMPS, work_object
 from .work.v1 import work_service_pb2 as pb
@@ -62,21 +67,36 @@ def work_json(work: pb.Work) -> dict[str, Any]:
     )
 
 
-def child_environment(item: pb.WorkAssigned, sidecar: str, base: dict[str, str]) -> dict[str, str]:
+def random_traceparent() -> str:
+    """A valid W3C traceparent for a fresh trace (version 00, random non-zero ids, sampled), for when the sidecar
+    does not trace: the child can always parent its spans on `TRACEPARENT`."""
+    trace_id = secrets.token_hex(16)
+    span_id = secrets.token_hex(8)
+    if int(trace_id, 16) == 0 or int(span_id, 16) == 0:  # all-zero ids are invalid (odds: 2**-64)
+        return random_traceparent()
+    return f"00-{trace_id}-{span_id}-01"
+
+
+def child_environment(
+    item: pb.WorkAssigned, sidecar: str, base: dict[str, str], auth_token: str | None = None
+) -> dict[str, str]:
     env = dict(base)
     env.update(
         ANTHROPIC_WORK_ID=item.work.id,
         ANTHROPIC_ENVIRONMENT_ID=item.work.environment_id,
         ANTHROPIC_SESSION_ID=item.work.data.id,
+        TRACEPARENT=item.traceparent or random_traceparent(),
         WORK_SIDECAR_ADDR=sidecar,
         WORK_SIDECAR_LEASE_TOKEN=item.lease_token,
     )
+    for alias in ADDRESS_ALIASES:
+        env.pop(alias, None)  # one name for the address in the child: WORK_SIDECAR_ADDR
     if item.session_credentials.sessions_token:
         env["ANTHROPIC_SESSION_TOKEN"] = item.session_credentials.sessions_token
     if item.session_credentials.api_base_url:
         env["ANTHROPIC_BASE_URL"] = item.session_credentials.api_base_url
-    if item.traceparent:
-        env["TRACEPARENT"] = item.traceparent
+    if auth_token:
+        env["WORK_SIDECAR_AUTH_TOKEN"] = auth_token
     env.pop("WORK_SIDECAR_API_KEY", None)  # the environment key stays with the sidecar
     return env
 
@@ -178,6 +198,7 @@ class ExecAdapter:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.error("WatchWork failed", extra={"code": exc.code().name, "error": exc.details()})
+                print(f"work-sidecar exec: {watch_failure(exc, self.args.sidecar)}", file=sys.stderr, flush=True)
                 self.exit_codes.append(1)
         finally:
             if not self._tasks:
@@ -196,7 +217,7 @@ class ExecAdapter:
             child.signal(signal.SIGKILL)
 
     async def _run_item(self, item: pb.WorkAssigned, stop_watching: asyncio.Event) -> None:
-        env = child_environment(item, self.args.sidecar, dict(os.environ))
+        env = child_environment(item, self.args.sidecar, dict(os.environ), self.args.auth_token)
         process = await asyncio.create_subprocess_exec(
             *self.command, stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True
         )
@@ -236,6 +257,86 @@ class ExecAdapter:
             log.error("stop failed", extra={"work_id": child.work_id, "code": exc.code().name, "error": exc.details()})
 
 
+def watch_failure(exc: grpc.aio.AioRpcError, address: str) -> str:
+    """What went wrong with the watch, and what to do about it."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"cannot reach the sidecar at {address} ({exc.details()}): start it (work-sidecar serve), or point "
+            f"--sidecar / {ADDRESS_ENV} at it; check with: work-sidecar health --sidecar {address}"
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"the sidecar wants a bearer token: pass --auth-token or set WORK_SIDECAR_AUTH_TOKEN ({exc.details()})"
+    return f"WatchWork failed: {code.name}: {exc.details()}"
+
+
+EPILOG = f"""\
+environment:
+  {ADDRESS_ENV}        the sidecar's address when --sidecar is not given ({", ".join(ADDRESS_ALIASES)} is an alias)
+  WORK_SIDECAR_AUTH_TOKEN  the bearer token when --auth-token is not given
+
+the child gets:
+  ANTHROPIC_WORK_ID, ANTHROPIC_ENVIRONMENT_ID, ANTHROPIC_SESSION_ID
+  ANTHROPIC_SESSION_TOKEN  the item's session credential (a secret); ANTHROPIC_BASE_URL when the secret names one
+  TRACEPARENT              a valid W3C traceparent (the item's trace, or a fresh one when the sidecar does not trace)
+  {ADDRESS_ENV}        the sidecar's address, to call it about the item (GetWork, UpdateWorkMetadata, KeepAlive)
+  WORK_SIDECAR_LEASE_TOKEN the item's lease token, needed on every such call (a secret: never log it)
+  stdin                    the work object as JSON (secret null)
+The environment key (WORK_SIDECAR_API_KEY) is never passed on.
+
+  work-sidecar exec --sidecar unix:///run/work-sidecar/sidecar.sock --max-in-flight 2 -- ./handle-session.sh
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="work-sidecar exec",
+        usage="work-sidecar exec [--sidecar ADDR] [options] -- COMMAND [ARGS...]",
+        description=(
+            "Run COMMAND once per item the sidecar assigns, in the foreground, keeping the item's lease alive\n"
+            "while it runs; the child's exit stops the item. Everything after -- is the command and its arguments."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--sidecar",
+        default=sidecar_address(),
+        metavar="ADDR",
+        help=f"the sidecar's address, unix:///path or host:port [env {ADDRESS_ENV}]",
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=1, metavar="N", help="children running at once (default 1)"
+    )
+    parser.add_argument(
+        "--sandbox-id",
+        default="",
+        metavar="ID",
+        help="this sandbox's name in the sidecar's logs (default: exec:HOST:PID)",
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("WORK_SIDECAR_AUTH_TOKEN"),
+        metavar="TOKEN",
+        help="bearer token, when the sidecar was started with one [env WORK_SIDECAR_AUTH_TOKEN]",
+    )
+    parser.add_argument(
+        "--kill-grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between SIGTERM and SIGKILL when a lease is lost or the adapter is stopped (default 10)",
+    )
+    parser.add_argument("--once", action="store_true", help="exit after one item, with the child's exit code")
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=("auto", "json", "text"),
+        help="the adapter's own log lines: auto (text on a TTY, else JSON), json or text",
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
@@ -243,20 +344,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         own, command = argv[:split], argv[split + 1 :]
     else:
         own, command = argv, []
-    parser = argparse.ArgumentParser(prog="work-sidecar exec", description=__doc__.splitlines()[0])
-    parser.add_argument("--sidecar", default=os.environ.get("WORK_SIDECAR_ADDR"), help="unix:///path or host:port")
-    parser.add_argument("--max-in-flight", type=int, default=1)
-    parser.add_argument("--sandbox-id", default="")
-    parser.add_argument("--auth-token", default=os.environ.get("WORK_SIDECAR_AUTH_TOKEN"))
-    parser.add_argument("--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
-    parser.add_argument("--once", action="store_true", help="exit after one item, with the child's exit code")
-    parser.add_argument("--log-format", default="auto", choices=("auto", "json", "text"))
-    args = parser.parse_args(own)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(own)
+    if unknown:
+        hint = "" if command else f"; put the command after --: work-sidecar exec [options] -- {' '.join(unknown)}"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if not args.sidecar:
-        parser.error("--sidecar is required")
+        parser.error(
+            f"--sidecar is required: pass --sidecar unix:///path or host:port, or set {ADDRESS_ENV} "
+            f"(e.g. {ADDRESS_ENV}=unix:///run/work-sidecar/sidecar.sock)"
+        )
     if not command:
-        parser.error("give the command after --: work-sidecar exec --sidecar ADDR -- COMMAND ARGS...")
+        parser.error("give the command after --: work-sidecar exec --sidecar ADDR -- COMMAND [ARGS...]")
     if args.max_in_flight < 1:
-        parser.error("--max-in-flight must be at least 1")
+        parser.error("--max-in-flight must be at least 1 (the children that may run at once)")
+    if args.kill_grace < 0:
+        parser.error("--kill-grace must be 0 or more seconds")
     configure_logging(fmt=args.log_format, secrets=[args.auth_token])
     return asyncio.run(ExecAdapter(args, command).run())

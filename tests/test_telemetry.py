@@ -94,10 +94,10 @@ def _value(kv: KeyValue) -> Any:
 
 @pytest.fixture
 async def traced_sidecar(
-    api: Api, receiver: tuple[Receiver, int], tmp_path: Path
+    api: Api, receiver: tuple[Receiver, int], tmp_path: Path, short_dir: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
     _, port = receiver
-    socket = f"/tmp/ws-otel-{os.getpid()}.sock"
+    socket = f"{short_dir}/otel.sock"  # a short path (Unix sockets), removed with the directory
     log_path = tmp_path / "sidecar.log"
     env = {
         **os.environ,

@@ -7,6 +7,10 @@
 #         golang-google-grpc-dev would pull in otherwise, panics on protoc-gen-go 1.28 messages
 #   protoc with protoc-gen-go and protoc-gen-go-grpc (the Go stubs are generated at build time, never committed)
 #   Node: `npm ci` at the repo root (@bufbuild/buf, pinned) and in examples/node (@grpc/grpc-js, @grpc/proto-loader)
+#
+# The Go part apt-installs Debian packages: it needs root (or sudo). Without either it is skipped with the reason
+# (the Go tests then skip too) and only the npm part runs: Node example and buf need no root. With
+# WORK_SIDECAR_REQUIRE_POLYGLOT set (CI) a skipped part is an error instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,19 +48,33 @@ for package in "${APT_PACKAGES[@]}"; do
   fi
 done
 
+tools=(go protoc protoc-gen-go protoc-gen-go-grpc node npm)
+if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null 2>&1; then
+  echo "skipping apt-get install ${missing[*]}: it needs root and sudo is not installed" >&2
+  echo "  (the Go example and its tests are skipped; run this as root to add them)" >&2
+  if [ -n "${WORK_SIDECAR_REQUIRE_POLYGLOT:-}" ]; then
+    echo "error: WORK_SIDECAR_REQUIRE_POLYGLOT is set, so every toolchain is required" >&2
+    exit 1
+  fi
+  tools=(node npm)
+  missing=()
+fi
+
 if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
-  say "apt-get update (missing: ${missing[*]})"
+  say "apt-get update (missing: ${missing[*]}; needs root: ${SUDO[*]:-running as root})"
   "${SUDO[@]}" apt-get update -q
   say "apt-get install ${missing[*]}"
   "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-for tool in go protoc protoc-gen-go protoc-gen-go-grpc node npm; do
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is still missing after the install" >&2; exit 1; }
 done
-say "go: $(go version)"
-say "protoc: $(protoc --version)"
+if command -v go >/dev/null 2>&1; then
+  say "go: $(go version)"
+  say "protoc: $(protoc --version)"
+fi
 say "node: $(node --version), npm: $(npm --version)"
 
 for dir in . examples/node; do

@@ -10,7 +10,7 @@
 // Usage:
 //
 //	sandbox unix:///tmp/work-sidecar.sock [-once] [-max-in-flight 2] [-work-seconds 2]
-//	WORK_SIDECAR_ADDRESS=127.0.0.1:50051 sandbox
+//	WORK_SIDECAR_ADDR=127.0.0.1:50051 sandbox        (WORK_SIDECAR_ADDRESS is accepted as an alias)
 package main
 
 import (
@@ -316,7 +316,10 @@ func parseOptions(args []string) (options, error) {
 		}
 	}
 	if address == "" {
-		address = os.Getenv("WORK_SIDECAR_ADDRESS")
+		address = os.Getenv("WORK_SIDECAR_ADDR")
+	}
+	if address == "" {
+		address = os.Getenv("WORK_SIDECAR_ADDRESS") // the alias
 	}
 	if address == "" {
 		address = "unix:///tmp/work-sidecar.sock"

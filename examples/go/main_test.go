@@ -24,17 +24,31 @@ func TestAddressBeforeOrAfterFlags(t *testing.T) {
 }
 
 func TestAddressFromTheEnvironment(t *testing.T) {
-	t.Setenv("WORK_SIDECAR_ADDRESS", "127.0.0.1:50051")
+	t.Setenv("WORK_SIDECAR_ADDR", "127.0.0.1:50051")
+	t.Setenv("WORK_SIDECAR_ADDRESS", "127.0.0.1:1")
 	opts, err := parseOptions([]string{"-max-in-flight", "3"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if opts.address != "127.0.0.1:50051" || opts.maxInFlight != 3 || opts.once {
-		t.Errorf("got %+v", opts)
+		t.Errorf("WORK_SIDECAR_ADDR wins: got %+v", opts)
+	}
+}
+
+func TestAddressFromTheAlias(t *testing.T) {
+	t.Setenv("WORK_SIDECAR_ADDR", "")
+	t.Setenv("WORK_SIDECAR_ADDRESS", "127.0.0.1:50052")
+	opts, err := parseOptions(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.address != "127.0.0.1:50052" {
+		t.Errorf("WORK_SIDECAR_ADDRESS is an alias: got %+v", opts)
 	}
 }
 
 func TestDefaults(t *testing.T) {
+	t.Setenv("WORK_SIDECAR_ADDR", "")
 	t.Setenv("WORK_SIDECAR_ADDRESS", "")
 	opts, err := parseOptions(nil)
 	if err != nil {

@@ -8,13 +8,20 @@
 # EMULATOR     the Work API emulator's URL, to queue an item through its admin API (default http://127.0.0.1:8787)
 # ENVIRONMENT  the environment the sidecar serves    (default env_local)
 # AUTH_TOKEN   the sidecar's bearer token, if it was started with --auth-token
-# GRPCURL      the grpcurl binary                    (default: grpcurl on PATH, e.g. .venv/bin/grpcurl)
+# GRPCURL      the grpcurl binary                    (default: grpcurl on PATH, else the repo's .venv/bin/grpcurl,
+#                                                    which make run installs)
 set -euo pipefail
 
 SIDECAR=${SIDECAR:-127.0.0.1:50051}
 EMULATOR=${EMULATOR:-http://127.0.0.1:8787}
 ENVIRONMENT=${ENVIRONMENT:-env_local}
-GRPCURL=${GRPCURL:-grpcurl}
+if [[ -z "${GRPCURL:-}" ]]; then
+    GRPCURL=$(command -v grpcurl || echo "$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/grpcurl")
+fi
+[[ -x "$GRPCURL" ]] || command -v "$GRPCURL" >/dev/null || {
+    echo "grpcurl not found: run make run (it installs .venv/bin/grpcurl) or set GRPCURL" >&2
+    exit 1
+}
 SERVICE=sidecar.work.v1.WorkService
 
 common=(-plaintext)
@@ -33,7 +40,7 @@ grpc "$SIDECAR" grpc.health.v1.Health/Check
 grpc -d "{\"service\":\"$SERVICE\"}" "$SIDECAR" grpc.health.v1.Health/Check
 
 step "4. queue statistics"
-grpc "$SIDECAR" "$SERVICE/GetQueueStats"
+grpc -emit-defaults "$SIDECAR" "$SERVICE/GetQueueStats"
 
 step "5. watch for work (in the background) and queue one item through the emulator's admin API"
 umask 077  # the watch output holds the item's lease token and secret: keep it private, delete it at the end
@@ -63,6 +70,6 @@ step "7. the work is done: stop it"
 grpc -d "{\"work_id\":\"$work_id\",\"lease_token\":\"$lease_token\",\"force\":true}" "$SIDECAR" "$SERVICE/StopWork"
 
 step "8. queue statistics again"
-grpc "$SIDECAR" "$SERVICE/GetQueueStats"
+grpc -emit-defaults "$SIDECAR" "$SERVICE/GetQueueStats"
 echo
 echo "done: $work_id stopped"

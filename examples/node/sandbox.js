@@ -8,7 +8,7 @@
 //   Draining means no new work will come.
 //
 //   node sandbox.js unix:///tmp/work-sidecar.sock [--once] [--max-in-flight 2] [--work-seconds 2]
-//   WORK_SIDECAR_ADDRESS=127.0.0.1:50051 node sandbox.js
+//   WORK_SIDECAR_ADDR=127.0.0.1:50051 node sandbox.js        (WORK_SIDECAR_ADDRESS is accepted as an alias)
 'use strict';
 
 const path = require('node:path');
@@ -228,7 +228,7 @@ function parseOptions(argv, env) {
   });
   return {
     help: values.help,
-    address: positionals[0] || env.WORK_SIDECAR_ADDRESS || 'unix:///tmp/work-sidecar.sock',
+    address: positionals[0] || env.WORK_SIDECAR_ADDR || env.WORK_SIDECAR_ADDRESS || 'unix:///tmp/work-sidecar.sock',
     once: values.once,
     maxInFlight: Number(values['max-in-flight'] || (values.once ? 1 : 2)),
     sandboxId: values['sandbox-id'],
@@ -241,7 +241,7 @@ if (require.main === module) {
   const options = parseOptions(process.argv.slice(2), process.env);
   if (options.help) {
     say('usage: node sandbox.js [unix:///path | host:port] [--once] [--max-in-flight N] [--sandbox-id ID]');
-    say('       [--work-seconds S] [--ping-seconds S]   (address default: $WORK_SIDECAR_ADDRESS)');
+    say('       [--work-seconds S] [--ping-seconds S]   (address default: $WORK_SIDECAR_ADDR)');
     process.exit(0);
   }
   process.on('SIGINT', () => process.exit(130));

@@ -10,6 +10,7 @@ const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
 const fs = require('node:fs');
+const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
@@ -110,46 +111,54 @@ function healthCheck(address) {
   }).catch(() => false);
 }
 
+/** A TCP port that was free a moment ago (the sidecar binds it next). */
+async function freePort() {
+  const server = net.createServer();
+  await new Promise((resolve, reject) => server.once('error', reject).listen(0, '127.0.0.1', resolve));
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+// Starting a Python process can take long on a loaded machine: readiness is gRPC health SERVING, polled with a
+// generous deadline (never a fixed wait for a log line).
+const STARTUP_TIMEOUT_MS = 120000;
+
 /**
  * Starts `work-sidecar serve` in demo mode on a Unix socket and a free TCP port, with the embedded emulator on a
- * free port. Its JSON log line "work-sidecar serving" names the bound addresses and the emulator URL; readiness is
- * gRPC health SERVING.
+ * free port; ready once gRPC health answers SERVING. Its files live in a directory of os.tmpdir() (TMPDIR), removed
+ * when it is closed or fails to start.
  */
 async function startSidecar() {
   assert.ok(fs.existsSync(SIDECAR_BIN), `${SIDECAR_BIN} is missing: run make venv (or set WORK_SIDECAR_BIN)`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ws-node-'));
   const socket = path.join(dir, 'sidecar.sock');
+  const unix = `unix://${socket}`;
+  const tcp = `127.0.0.1:${await freePort()}`;
+  const emulatorPort = await freePort();
   // The key is ours, so the test can also play the platform (a graceful stop through the Work API).
   const run = launch(SIDECAR_BIN, [
-    'serve', '--listen', `unix://${socket}`, '--listen', '127.0.0.1:0', '--emulator-port', '0',
+    'serve', '--listen', unix, '--listen', tcp, '--emulator-port', String(emulatorPort),
     '--environment-id', ENV, '--ttl', '10', '--log-format', 'json',
   ], { env: { ...process.env, WORK_SIDECAR_API_KEY: KEY } }); // prettier-ignore
-  const serving = await eventually(
-    () => {
-      if (run.exit) throw new Error(`the sidecar exited (${JSON.stringify(run.exit)}): ${run.stderr.slice(-2000)}`);
-      for (const line of run.stderr.split('\n')) {
-        if (line.includes('"work-sidecar serving"')) return JSON.parse(line);
-      }
-      return null;
-    },
-    { message: 'the sidecar logs "work-sidecar serving"' },
-  ).catch(async (error) => {
+  const close = async () => {
     await stop(run);
-    throw error;
-  });
-  const unix = serving.listen.find((address) => address.startsWith('unix://'));
-  const tcp = serving.listen.find((address) => !address.startsWith('unix://'));
-  await eventually(() => healthCheck(unix), { message: 'sidecar health SERVING' });
-  return {
-    run,
-    unix,
-    tcp,
-    apiUrl: serving.api_url,
-    async close() {
-      await stop(run);
-      fs.rmSync(dir, { recursive: true, force: true });
-    },
+    fs.rmSync(dir, { recursive: true, force: true });
   };
+  try {
+    const deadline = Date.now() + STARTUP_TIMEOUT_MS;
+    while (!(await healthCheck(unix))) {
+      if (run.exit) throw new Error(`the sidecar exited (${JSON.stringify(run.exit)}): ${run.stderr.slice(-2000)}`);
+      if (Date.now() > deadline) {
+        throw new Error(`sidecar health not SERVING within ${STARTUP_TIMEOUT_MS} ms: ${run.stderr.slice(-2000)}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  } catch (error) {
+    await close();
+    throw error;
+  }
+  return { run, unix, tcp, apiUrl: `http://127.0.0.1:${emulatorPort}`, close };
 }
 
 /** GetQueueStats, with the sandbox's own loader of sidecar.work.v1. */
@@ -231,11 +240,11 @@ test('--once on a unix:// address from argv: each run takes one item, keeps it a
   }
 });
 
-test('WORK_SIDECAR_ADDRESS over TCP; a graceful stop by the platform ends the work early (StopRequested)', async () => {
+test('WORK_SIDECAR_ADDR over TCP; a graceful stop by the platform ends the work early (StopRequested)', async () => {
   const sidecar = shared || (shared = await startSidecar());
   const workId = await enqueue(sidecar);
   const started = Date.now();
-  const sandbox = runSandbox(['--once', '--work-seconds', '120'], { WORK_SIDECAR_ADDRESS: sidecar.tcp });
+  const sandbox = runSandbox(['--once', '--work-seconds', '120'], { WORK_SIDECAR_ADDR: sidecar.tcp });
   try {
     await eventually(() => sandbox.stdout.includes(`UpdateWorkMetadata ${workId}`) || sandbox.exit, {
       message: 'the sandbox is working on the item',
@@ -287,4 +296,13 @@ test('Draining: a sidecar that is shut down makes an idle sandbox leave cleanly'
   } finally {
     await sidecar.close();
   }
+});
+
+test('the address: argv, else WORK_SIDECAR_ADDR, else its alias WORK_SIDECAR_ADDRESS', () => {
+  const { parseOptions } = require('./sandbox.js');
+  const both = { WORK_SIDECAR_ADDR: 'unix:///a.sock', WORK_SIDECAR_ADDRESS: '127.0.0.1:1' };
+  assert.equal(parseOptions(['127.0.0.1:2'], both).address, '127.0.0.1:2');
+  assert.equal(parseOptions([], both).address, 'unix:///a.sock');
+  assert.equal(parseOptions([], { WORK_SIDECAR_ADDRESS: '127.0.0.1:1' }).address, '127.0.0.1:1');
+  assert.equal(parseOptions([], {}).address, 'unix:///tmp/work-sidecar.sock');
 });

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from datetime import UTC, datetime
 
 from opentelemetry.trace import Span
 
@@ -34,6 +35,7 @@ from ..workapi import (
     WorkApiClient,
     WorkApiError,
     is_retryable,
+    parse_time,
 )
 from . import _telemetry as telemetry
 from ._convert import work_message
@@ -160,8 +162,16 @@ class HandOver:
             return None
         telemetry.heartbeats.add(1, {"result": "ok"})
         span.add_event("heartbeat", {"work.state": result.state, "lease.ttl_seconds": result.ttl_seconds})
+        # The claim started the item: the ack's copy has neither started_at nor latest_heartbeat_at yet.
+        claimed_at = result.last_heartbeat if parse_time(result.last_heartbeat) else datetime.now(UTC).isoformat()
         return self._leases.claim(
-            dataclasses.replace(acked, state=result.state, secret=work.secret),
+            dataclasses.replace(
+                acked,
+                state=result.state,
+                secret=work.secret,
+                started_at=acked.started_at or claimed_at,
+                latest_heartbeat_at=claimed_at,
+            ),
             result,
             sent_at=sent,
             ttl_seconds=self._policy.ttl_seconds,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,16 +30,19 @@ def _numbers(value: object) -> list[object]:
 
 
 @pytest.mark.timeout(180)
-def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
+def test_smoke_run_writes_every_figure(tmp_path: Path, short_dir: str) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
+    # The harness's TMPDIR (short: its sidecars' Unix sockets live there); it must be left empty.
     completed = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--no-progress", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=170,
+        env=os.environ | {"TMPDIR": short_dir},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert not os.listdir(short_dir), f"the harness left files in TMPDIR: {os.listdir(short_dir)}"
     results = json.loads((tmp_path / "latest.json").read_text())
     figures = results["figures"]
     ns = [str(n) for n in results["meta"]["ns"]]

@@ -225,10 +225,14 @@ def test_locked_down_containers(pod: dict[str, Any]) -> None:
 def test_env_names_are_real_flags(pod: dict[str, Any], sidecar: dict[str, Any], serve_help: set[str]) -> None:
     names = set(_env(sidecar))
     assert names <= serve_help, f"not `work-sidecar serve` variables: {names - serve_help}"
-    exec_source = (ROOT / "sidecar" / "exec.py").read_text()
+    # what `work-sidecar exec` reads from its environment, as its --help lists it
+    exec_help = subprocess.run(
+        [str(BIN / "work-sidecar"), "exec", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    reads = exec_help.split("environment:")[1].split("the child gets:")[0]
     for container in pod["containers"]:
         for name in (n for n in _env(container) if n.startswith("WORK_SIDECAR_")):
-            assert f'"{name}"' in exec_source, f"{container['name']}: {name} is read by `work-sidecar exec`"
+            assert f"{name} " in reads, f"{container['name']}: {name} is read by `work-sidecar exec`"
 
 
 # -- the sidecar container's configuration, run -------------------------------------------------------------

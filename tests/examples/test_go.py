@@ -209,7 +209,7 @@ async def test_go_sandbox_ends_work_early_on_a_stop_request(
     api: Api, sidecar: SidecarProcess, run_sandbox: RunSandbox
 ) -> None:
     [work] = await api.enqueue(1)
-    sandbox = await run_sandbox("-once", "-work-seconds", "120", env={"WORK_SIDECAR_ADDRESS": sidecar.tcp})
+    sandbox = await run_sandbox("-once", "-work-seconds", "120", env={"WORK_SIDECAR_ADDR": sidecar.tcp})
     await eventually(
         lambda: f"UpdateWorkMetadata {work['id']}" in sandbox.out or sandbox.process.returncode is not None,
         timeout=20,

@@ -2,7 +2,8 @@
 enqueued through the emulator's admin API, the sandbox run as a child process) must pass.
 
 Guarantee checked: a sandbox written with plain @grpc/grpc-js and the .proto takes items to `stopped` (argv and
-environment addresses, Unix socket and TCP), ends work early on a platform stop request and leaves on Draining."""
+environment addresses, Unix socket and TCP), ends work early on a platform stop request and leaves on Draining. The
+node test waits for the sidecar on gRPC health (not a log line) and keeps its files in TMPDIR, which it empties."""
 
 from __future__ import annotations
 
@@ -34,9 +35,14 @@ def _node() -> str:
 
 @pytest.mark.polyglot
 @pytest.mark.timeout(240)
-def test_node_example_sandbox_end_to_end() -> None:
+def test_node_example_sandbox_end_to_end(tmp_path: Path) -> None:
     node = _node()
-    env = os.environ | {"WORK_SIDECAR_BIN": str(Path(sys.executable).parent / "work-sidecar")}  # this venv's
+    scratch = tmp_path / "tmp"  # the node test's os.tmpdir(): nothing of it may be left in /tmp
+    scratch.mkdir()
+    env = os.environ | {
+        "WORK_SIDECAR_BIN": str(Path(sys.executable).parent / "work-sidecar"),  # this venv's
+        "TMPDIR": str(scratch),
+    }
     # Its own process group: on a timeout or failure the node test runner and the sidecars it started all go.
     process = subprocess.Popen(
         [node, "--test", "examples/node/"],
@@ -49,6 +55,7 @@ def test_node_example_sandbox_end_to_end() -> None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == 0, out[-6000:]
-    assert re.search(r"^# pass 3$", out, re.MULTILINE), out[-3000:]
+    assert re.search(r"^# pass 4$", out, re.MULTILINE), out[-3000:]
     assert re.search(r"^# fail 0$", out, re.MULTILINE), out[-3000:]
     assert "# skipped 0" in out
+    assert not list(scratch.iterdir()), "the node test removed the sidecar directories it made"

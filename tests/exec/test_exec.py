@@ -7,20 +7,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from sidecar.exec import child_environment, random_traceparent
+from sidecar.work.v1 import work_service_pb2 as pb
+from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 from tests.core.conftest import Api, SidecarFactory
 from tests.helpers import eventually
 
 BIN = Path(sys.executable).parent
+TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-0[01]")  # W3C trace-context, version 00
 
 CHILD = r"""
 import json, os, signal, sys, time
 work = json.load(sys.stdin)
-out = {"work": work, "env": {k: v for k, v in os.environ.items() if k.startswith(("ANTHROPIC_", "WORK_SIDECAR_"))}}
+keep = ("ANTHROPIC_", "WORK_SIDECAR_", "TRACEPARENT")
+out = {"work": work, "env": {k: v for k, v in os.environ.items() if k.startswith(keep)}}
 open(sys.argv[1], "w").write(json.dumps(out))
 mode = sys.argv[2]
 if mode == "exit":
@@ -67,6 +75,16 @@ async def test_child_exit_ends_the_item(api: Api, start_sidecar: SidecarFactory,
     assert env["ANTHROPIC_SESSION_ID"] == queued["data"]["id"]
     assert env["ANTHROPIC_SESSION_TOKEN"].startswith("sk-ant-req-")
     assert "WORK_SIDECAR_API_KEY" not in env
+    # what the child needs to call the sidecar about its item, and a trace context that is always valid
+    assert env["WORK_SIDECAR_ADDR"] == running.address
+    assert env["WORK_SIDECAR_LEASE_TOKEN"], "the lease token (test_stop_requested_sends_sigterm calls GetWork with it)"
+    assert TRACEPARENT.fullmatch(env["TRACEPARENT"]), env["TRACEPARENT"]
+    # the work JSON says what the claim did: active, started and heartbeated (not null)
+    work = seen["work"]
+    assert work["state"] == "active"
+    assert work["started_at"] and work["latest_heartbeat_at"], work
+    assert work["started_at"] <= work["latest_heartbeat_at"]
+    assert work["started_at"] == (await api.item(queued["id"]))["started_at"], "the Work API's own started_at"
     assert await api.state(queued["id"]) == "stopped"
     assert adapter.stderr is not None
     assert b"exit code 3" in await adapter.stderr.read()
@@ -96,6 +114,13 @@ async def test_stop_requested_sends_sigterm(api: Api, start_sidecar: SidecarFact
     [queued] = await api.enqueue(1)
     adapter, report = await _adapter(running.address, tmp_path, "wait", "--once")
     await eventually(report.exists, timeout=20, message="child started")
+    env = _report(report)["env"]
+    # the child's WORK_SIDECAR_ADDR and WORK_SIDECAR_LEASE_TOKEN let it call the sidecar about its own item
+    async with grpc.aio.insecure_channel(env["WORK_SIDECAR_ADDR"]) as channel:
+        got = await pb_grpc.WorkServiceStub(channel).GetWork(
+            pb.GetWorkRequest(work_id=queued["id"], lease_token=env["WORK_SIDECAR_LEASE_TOKEN"])
+        )
+    assert got.work.id == queued["id"] and got.work.state == pb.WORK_STATE_ACTIVE
     await api.platform_stop(queued["id"], force=False)
     assert await asyncio.wait_for(adapter.wait(), 20) == 0
     assert Path(str(report) + ".term").read_text() == "term"
@@ -131,3 +156,23 @@ async def test_adapter_sigterm_stops_child_and_keeps_the_item(
 
 async def _is(api: Api, work_id: str, state: str) -> bool:
     return await api.state(work_id) == state
+
+
+def test_traceparent_is_always_valid() -> None:
+    """The item's traceparent when the sidecar traces; a fresh valid one (not a constant) when it does not."""
+    traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    item = pb.WorkAssigned(work=pb.Work(id="work_1"), lease_token="tok", traceparent=traced)
+    assert child_environment(item, "unix:///s.sock", {})["TRACEPARENT"] == traced
+    untraced = pb.WorkAssigned(work=pb.Work(id="work_1"), lease_token="tok")
+    fresh = {child_environment(untraced, "unix:///s.sock", {})["TRACEPARENT"] for _ in range(20)}
+    assert len(fresh) == 20 and all(TRACEPARENT.fullmatch(value) for value in fresh), fresh
+    assert TRACEPARENT.fullmatch(random_traceparent())
+
+
+def test_child_environment_uses_one_address_name() -> None:
+    item = pb.WorkAssigned(work=pb.Work(id="work_1"), lease_token="tok")
+    base = {"WORK_SIDECAR_ADDRESS": "127.0.0.1:1", "WORK_SIDECAR_API_KEY": "sk-secret", "PATH": "/bin"}
+    env = child_environment(item, "unix:///s.sock", base, auth_token="bearer-1")
+    assert env["WORK_SIDECAR_ADDR"] == "unix:///s.sock" and "WORK_SIDECAR_ADDRESS" not in env
+    assert env["WORK_SIDECAR_AUTH_TOKEN"] == "bearer-1" and env["WORK_SIDECAR_LEASE_TOKEN"] == "tok"
+    assert "WORK_SIDECAR_API_KEY" not in env and env["PATH"] == "/bin"
