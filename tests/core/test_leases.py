@@ -80,7 +80,7 @@ async def test_stolen_lease_is_lost_within_one_interval(api: Api, start_sidecar:
 
 
 async def test_outage_shorter_than_ttl_keeps_the_lease(api: Api, start_sidecar: SidecarFactory, provider: str) -> None:
-    running = await start_sidecar(provider, ttl_seconds=4)  # heartbeat every 2 s, fence after 4 s
+    running = await start_sidecar(provider, ttl_seconds=6)  # heartbeat every 3 s, fence 1 s before the TTL: 5 s
     watch, item = await running.take_one(api)
     before = len(await api.requests("heartbeat", item.work.id))
     await api.fault(operation="heartbeat", status=503, count=2)
@@ -89,7 +89,7 @@ async def test_outage_shorter_than_ttl_keeps_the_lease(api: Api, start_sidecar: 
         beats = (await api.requests("heartbeat", item.work.id))[before:]
         return any(b["status"] == 503 for b in beats) and beats[-1]["status"] == 200
 
-    await eventually(recovered, timeout=8, message="heartbeats fail twice, then succeed")
+    await eventually(recovered, timeout=12, message="heartbeats fail twice, then succeed")
     got = await running.stub.GetWork(pb.GetWorkRequest(work_id=item.work.id, lease_token=item.lease_token))
     assert got.lease.state == pb.LEASE_STATE_ACTIVE
     assert watch.events.empty(), "no LeaseLost"
