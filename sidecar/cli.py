@@ -1,4 +1,4 @@
-"""`work-sidecar`: serve | emulator | health | exec.
+"""`work-sidecar`: serve | emulator | health | exec | scaler.
 
 Every `serve` flag can also come from a `WORK_SIDECAR_*` environment variable (the flag wins); the
 names are a public contract (deployments and other tools rely on them).
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="service name ('' = overall)")
     health.add_argument("--timeout", type=float, default=3.0)
     sub.add_parser("exec", help="run a command once per assigned item (like ant beta:worker --on-work)", add_help=False)
+    sub.add_parser("scaler", help="KEDA external scaler on the Work API queue (stats only)", add_help=False)
     return parser
 
 
@@ -207,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .exec import main as exec_main
 
         return int(exec_main(argv[1:]))
+    if argv[:1] == ["scaler"]:
+        from .scaler import main as scaler_main
+
+        return int(scaler_main(argv[1:]))
     ns = build_parser().parse_args(argv)
     if ns.command == "serve":
         return _serve(ns)
