@@ -26,6 +26,7 @@ while [ "$stopping" = 0 ]; do
   # The handler runs inside a wrapper that marks the item in hand.
   work-sidecar exec --once -- /bin/sh -c ': > "$0"; "$@"; code=$?; rm -f "$0"; exit "$code"' "$busy" "$@" &
   pid=$!
+  [ "$stopping" = 0 ] || on_term  # SIGTERM came before $pid was known
   while kill -0 "$pid" 2>/dev/null; do
     wait "$pid"  # returns early when SIGTERM arrives; keep waiting for the item in hand
   done
