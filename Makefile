@@ -19,7 +19,7 @@ help:
 	@echo "make run            start the sidecar on an embedded emulator and run the example sandbox"
 	@echo "make test           ruff, mypy --strict, buf lint, the stale-code check and the whole pytest suite"
 	@echo "make proto          regenerate sidecar/work/ from proto/"
-	@echo "make bench          benchmarks against the official SDK worker (writes bench/results/)"
+	@echo "make bench          benchmarks against the official SDK worker, then the fleet (writes bench/results/)"
 	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint (apt-get: needs root)"
 
 $(BIN)/python:
@@ -77,6 +77,7 @@ run: $(RUN_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench --fleet
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick

@@ -1,4 +1,4 @@
-"""`work-sidecar`: serve | emulator | health | exec.
+"""`work-sidecar`: serve | emulator | health | exec | scaler.
 
 Every `serve` flag can also come from a `WORK_SIDECAR_*` environment variable (the flag wins); the
 names are a public contract (deployments and other tools rely on them).
@@ -204,6 +204,11 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
         help="run a command once per assigned item (like ant beta:worker --on-work; work-sidecar exec --help)",
         add_help=False,
     )
+    sub.add_parser(
+        "scaler",
+        help="KEDA external scaler on the Work API queue (stats only; work-sidecar scaler --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -353,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .exec import main as exec_main
 
         return int(exec_main(argv[1:]))
+    if argv[:1] == ["scaler"]:
+        from .scaler import main as scaler_main
+
+        return int(scaler_main(argv[1:]))
     ns = build_parser(serve_flags=argv[:1] != ["health"]).parse_args(argv)
     if ns.command == "serve":
         return _serve(ns)

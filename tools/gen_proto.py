@@ -1,4 +1,5 @@
-"""Generate the Python code for proto/ into sidecar/work/ (the generated-API package).
+"""Generate the Python code for proto/ into the generated-API packages: sidecar/work/ (the sidecar's
+WorkService) and sidecar/keda/ (KEDA's external scaler API, served by `work-sidecar scaler`).
 
 `make proto` runs this; tests/test_generated.py runs it into a temporary folder and fails when the
 committed code differs, so the generated package can never drift from the .proto files.
@@ -15,8 +16,11 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-GENERATED_PACKAGE = Path("sidecar") / "work"
-INIT_TEXT = '"""Generated from proto/sidecar/work: do not edit, run `make proto`."""\n'
+GENERATED_PACKAGES = (Path("sidecar") / "work", Path("sidecar") / "keda")
+
+
+def init_text(package: Path) -> str:
+    return f'"""Generated from proto/{package.as_posix()}: do not edit, run `make proto`."""\n'
 
 
 def proto_files() -> list[Path]:
@@ -42,11 +46,14 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
-    package = out_dir / GENERATED_PACKAGE
-    for folder in [package, *[p for p in package.rglob("*") if p.is_dir()]]:
-        (folder / "__init__.py").write_text(INIT_TEXT)
-    (package / "py.typed").write_text("")
-    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    generated: list[Path] = []
+    for relative in GENERATED_PACKAGES:
+        package = out_dir / relative
+        for folder in [package, *[p for p in package.rglob("*") if p.is_dir()]]:
+            (folder / "__init__.py").write_text(init_text(relative))
+        (package / "py.typed").write_text("")
+        generated += [p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    return sorted(generated)
 
 
 def main(argv: list[str] | None = None) -> int:

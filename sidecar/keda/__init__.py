@@ -1,0 +1,1 @@
+"""Generated from proto/sidecar/keda: do not edit, run `make proto`."""

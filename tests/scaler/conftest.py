@@ -1,0 +1,69 @@
+"""A real `Scaler` (gRPC server in the test's event loop) against the real emulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from sidecar.keda import externalscaler_pb2 as pb
+from sidecar.keda import externalscaler_pb2_grpc as pb_grpc
+from sidecar.scaler import Scaler, ScalerConfig
+from tests.core.conftest import ENV, KEY, Api
+
+INTERVAL = 0.2
+
+
+@dataclass
+class RunningScaler:
+    scaler: Scaler
+    channel: grpc.aio.Channel
+    stub: pb_grpc.ExternalScalerStub
+    address: str
+
+    @staticmethod
+    def ref(name: str = "workers", namespace: str = "default", **metadata: str) -> pb.ScaledObjectRef:
+        return pb.ScaledObjectRef(name=name, namespace=namespace, scalerMetadata=metadata)
+
+    async def items(self, **metadata: str) -> float:
+        answer = await self.stub.GetMetrics(
+            pb.GetMetricsRequest(scaledObjectRef=self.ref(**metadata), metricName="work-items"), timeout=5
+        )
+        [value] = answer.metricValues
+        assert value.metricValue == value.metricValueFloat, "both fields carry the same count"
+        return value.metricValueFloat
+
+
+ScalerFactory = Callable[..., Awaitable[RunningScaler]]
+
+
+@pytest.fixture
+async def start_scaler(api: Api) -> AsyncIterator[ScalerFactory]:
+    started: list[RunningScaler] = []
+
+    async def start(**overrides: Any) -> RunningScaler:
+        options: dict[str, Any] = {
+            "api_url": api.url,
+            "api_key": KEY,
+            "environment_id": ENV,
+            "listen": ("127.0.0.1:0",),
+            "stats_interval": INTERVAL,
+            "max_backoff": 1.0,
+            "max_age": 2.0,
+            "worker_id": "scaler-under-test",
+        }
+        options.update(overrides)
+        scaler = Scaler(ScalerConfig(**options))
+        await scaler.start()
+        channel = grpc.aio.insecure_channel(scaler.addresses[0])
+        running = RunningScaler(scaler, channel, pb_grpc.ExternalScalerStub(channel), scaler.addresses[0])
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.channel.close()
+        await running.scaler.close()
