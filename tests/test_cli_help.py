@@ -15,6 +15,7 @@ import pytest
 from sidecar import cli
 from sidecar import exec as exec_cli
 from sidecar.emulator import _cli as emulator_cli
+from sidecar.scaler import _cli as scaler_cli
 
 BIN = Path(sys.executable).parent
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("WORK_SIDECAR_")} | {"COLUMNS": "200"}
@@ -49,7 +50,7 @@ def test_every_subcommand_has_help() -> None:
         if isinstance(action, argparse._SubParsersAction)
         for choice in action._choices_actions
     }
-    assert set(helps) == {"serve", "emulator", "health", "exec"}
+    assert set(helps) == {"serve", "emulator", "health", "exec", "scaler"}
     assert all(text and text.strip() for text in helps.values()), helps
     top = _run("--help").stdout
     for name in helps:
@@ -63,6 +64,7 @@ def test_every_subcommand_has_help() -> None:
         pytest.param(lambda: _subparsers(cli.build_parser())["health"], id="health"),
         pytest.param(exec_cli.build_parser, id="exec"),
         pytest.param(emulator_cli.build_parser, id="emulator"),
+        pytest.param(scaler_cli.build_parser, id="scaler"),
     ],
 )
 def test_every_option_has_help(parser: object) -> None:
