@@ -250,7 +250,7 @@ class Sidecar:
         deadline = time.time() + drain_timeout
         log.info("draining", extra={"leases": len(self.leases), "drain_timeout": drain_timeout})
         self.health_reporter.draining = True
-        await self.health.enter_graceful_shutdown()
+        await self.health_reporter.update()  # readiness NOT_SERVING at once; liveness stays SERVING while draining
         notice = pb.Draining(deadline=Timestamp(seconds=int(deadline), nanos=int((deadline % 1) * 1e9)))
         self.dispatcher.start_drain(notice)
         await self.poller.stop()
