@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.trace import Span
 
@@ -43,15 +43,38 @@ from ._policy import LeasePolicy
 log = logging.getLogger("sidecar.handover")
 
 
+class ClaimIntents(Protocol):
+    """Told before an item is acked and when its claim settled (the lease journal, with `--state-dir`)."""
+
+    def acking(self, work_id: str) -> None: ...
+    def settled(self, work_id: str) -> None: ...
+
+
+class _NoIntents:
+    def acking(self, work_id: str) -> None:
+        pass
+
+    def settled(self, work_id: str) -> None:
+        pass
+
+
 class HandOver:
     def __init__(
-        self, client: WorkApiClient, policy: LeasePolicy, leases: Leases, leaser: Leaser, dispatcher: Dispatcher
+        self,
+        client: WorkApiClient,
+        policy: LeasePolicy,
+        leases: Leases,
+        leaser: Leaser,
+        dispatcher: Dispatcher,
+        *,
+        intents: ClaimIntents | None = None,
     ) -> None:
         self._client = client
         self._policy = policy
         self._leases = leases
         self._leaser = leaser
         self._dispatcher = dispatcher
+        self._intents: ClaimIntents = intents or _NoIntents()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
@@ -74,12 +97,14 @@ class HandOver:
     async def take(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
         """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it."""
         span = telemetry.start_work_span(work, self._client.provider.name)
+        self._intents.acking(work.id)
         try:
             lease = await self._claim(work, span)
         except BaseException:
             self._dispatcher.unreserve(watcher)
             telemetry.end_unassigned_span(span, "not_acked", "error")
-            raise
+            raise  # an interrupted claim stays unsettled: a successor releases the item
+        self._intents.settled(work.id)
         if lease is None:
             self._dispatcher.unreserve(watcher)
             return
