@@ -128,31 +128,43 @@ async def adoption_time(leases_count: int) -> dict[str, Any]:
                         break
             took = time.monotonic() - took
             call.cancel()
-        await asyncio.sleep(1.0)  # let the last claims' records reach the journal (they are written at once)
+        await asyncio.sleep(1.0)  # let the last renewals' records reach the journal
+        held_before_kill = {item["id"] for item in await emulator.items(ENV) if item["state"] == "active"}
         first.child.popen.send_signal(signal.SIGKILL)
         first.child.popen.wait()
         CHILDREN.discard(first.child)
+        first_log = first.child.log_path.rename(first.child.log_path.with_suffix(".first.log"))
         since = await emulator.next_seq()
         started = time.time()
         second = await SidecarProcess.start(emulator, ENV, ttl=60, extra=extra)
         serving = time.time() - started
+        journaled = held_before_kill
         first_renewal: dict[str, tuple[float, int | None]] = {}
         deadline = time.monotonic() + 120
         cursor = since
-        while len(first_renewal) < leases_count and time.monotonic() < deadline:
+        quiet_since = time.monotonic()
+        while len(first_renewal) < len(journaled) and time.monotonic() < deadline:
             entries, cursor = await emulator.requests(cursor)
             for entry in entries:
-                if entry.operation == "heartbeat" and entry.work_id and entry.work_id not in first_renewal:
+                if entry.operation == "heartbeat" and entry.work_id in journaled and entry.work_id not in first_renewal:
                     first_renewal[entry.work_id] = (entry.at, entry.status)
+                    quiet_since = time.monotonic()
+            if time.monotonic() - quiet_since > 10:
+                break
             await asyncio.sleep(0.2)
         lines = second.child.log_path.read_text().splitlines()
+        first_lines = first_log.read_text().splitlines()
+        ended_before_kill = sum(1 for line in first_lines if '"lease ended"' in line)
         adopted_line = next((json.loads(line) for line in lines if "adopted the leases" in line), {})
         second.stop()
         times = sorted(at - started for at, _ in first_renewal.values())
         return {
             "leases": leases_count,
+            "held_at_kill": len(journaled),
             "claim_phase_seconds": round(took, 2),
             "new_process_serving_seconds": round(serving, 3),
+            "ended_before_kill": ended_before_kill,
+            "adopted": adopted_line.get("leases"),
             "adopt_in_process_seconds": adopted_line.get("seconds"),
             "renewals_seen": len(first_renewal),
             "renewals_ok": sum(1 for _, status in first_renewal.values() if status == 200),

@@ -38,6 +38,8 @@ from ._policy import LeasePolicy
 log = logging.getLogger("sidecar.adoption")
 
 RELEASED_REASONS = frozenset({pb.LEASE_LOST_REASON_SANDBOX_GONE, pb.LEASE_LOST_REASON_DRAINED})
+CHUNK = 256
+"""Leases adopted between two yields to the event loop (the leaser starts renewing them meanwhile)."""
 SIDE_CONCURRENCY = 32
 """Release heartbeats (acked items, interrupted releases) in flight at once."""
 
@@ -70,9 +72,9 @@ class Adoption:
         self._limit = asyncio.Semaphore(SIDE_CONCURRENCY)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def adopt(self, recovered: Recovered) -> AdoptionReport:
-        """Adopt everything at once (no awaiting: 10,000 leases take a few tens of milliseconds); the renewals
-        and release heartbeats run in the background."""
+    async def adopt(self, recovered: Recovered) -> AdoptionReport:
+        """Adopt everything, yielding to the event loop every `CHUNK` leases so that the renewals of the first
+        ones are under way while the rest are adopted; the release heartbeats run in the background."""
         started = time.monotonic()
         report = AdoptionReport()
         environment_id = self._client.environment_id
@@ -88,7 +90,9 @@ class Adoption:
             if end.reason in RELEASED_REASONS and end.last_heartbeat and end.expires_at > time.time():
                 report.releases += 1
                 self._spawn(self._release(end))
-        for journaled in recovered.leases:
+        # The most urgent first: the renewals go out in this order (the leaser's heap breaks ties by arrival).
+        urgent_first = sorted(recovered.leases, key=lambda journaled: journaled.expires_at)
+        for count, journaled in enumerate(urgent_first, 1):
             stopping = journaled.state == pb.LEASE_STATE_STOP_REQUESTED
             lease = self._leases.adopt(
                 _work(
@@ -107,8 +111,10 @@ class Adoption:
                 sandbox_id=journaled.sandbox_id,
             )
             self._leaser.track(lease, at_once=True)
-            self._liveness.check(lease)  # absent until its sandbox re-attaches: the grace starts now
+            self._liveness.adopted(lease)  # absent until its sandbox re-attaches: the grace starts now
             report.adopted += 1
+            if count % CHUNK == 0:
+                await asyncio.sleep(0)
         for work_id in recovered.acked:
             if self._leases.get(work_id) is None:
                 report.acked += 1

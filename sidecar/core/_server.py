@@ -149,7 +149,7 @@ class Sidecar:
             # and retry), and no new item is taken before the old ones are back in hand.
             recovered = await asyncio.to_thread(self.journal.open)
             self._tasks.append(asyncio.ensure_future(self.journal.run()))
-            self.adoption.adopt(recovered)
+            await self.adoption.adopt(recovered)
         unix_paths = self._bind()
         old_umask = os.umask(0o177)  # sockets are created 0600 (never, even briefly, open to others) ...
         try:

@@ -351,3 +351,67 @@ def _journal_says(sidecar: Sidecar, work_id: str, op: str) -> bool:
     except FileNotFoundError:
         return False
     return any(f'"op":"{op}","work":"{work_id}"'.encode() in line for line in data.split(b"\n"))
+
+
+async def test_the_python_client_carries_its_item_across_a_restart(api: Api, sidecar: Sidecar) -> None:
+    from sidecar.client import SidecarClient
+
+    await sidecar.start()
+    async with SidecarClient(f"unix://{sidecar.socket}", keepalive_interval=0.2, reconnect_timeout=30) as client:
+        assignments = client.assignments()
+        first = asyncio.ensure_future(anext(assignments))
+        await api.enqueue(1)
+        item = await asyncio.wait_for(first, 10)
+        async with item:
+            await sidecar.kill9()
+            await sidecar.start()
+            second = asyncio.ensure_future(anext(assignments))  # the watch reconnects and resumes the item
+            await eventually(lambda: _resumed(sidecar), timeout=10, message="the new watch resumed the lease")
+            assert not item.lost.is_set()
+        assert item.stopped.is_set(), "the item was stopped through the restarted sidecar"
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+        await assignments.aclose()
+    view = await api.item(item.work_id)
+    assert (view["state"], view["deliveries"]) == ("stopped", 1)
+
+
+async def test_exec_children_keep_running_across_a_restart(api: Api, sidecar: Sidecar, short_dir: str) -> None:
+    done = Path(short_dir) / "done"
+    started = Path(short_dir) / "started"
+    script = (
+        "import os, pathlib, sys, time\n"
+        f"pathlib.Path({str(started)!r}).open('a').write(f'{{os.getpid()}}\\n')\n"
+        f"while not os.path.exists({str(done)!r}): time.sleep(0.05)\n"
+    )
+    await sidecar.start()
+    adapter = await asyncio.create_subprocess_exec(
+        str(BIN / "work-sidecar"), "exec", "--sidecar", f"unix://{sidecar.socket}", "--once",
+        "--", sys.executable, "-c", script,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        [queued] = await api.enqueue(1)
+        await eventually(started.exists, timeout=15, message="the child started")
+        await sidecar.kill9()
+        await sidecar.start()
+        await eventually(lambda: _resumed(sidecar), timeout=15, message="the adapter resumed its item")
+        done.touch()  # the child finishes its work after the restart
+        assert await asyncio.wait_for(adapter.wait(), 20) == 0
+    finally:
+        if adapter.returncode is None:
+            adapter.kill()
+            await adapter.wait()
+    assert len(started.read_text().split()) == 1, "one child, never restarted"
+    view = await api.item(queued["id"])
+    assert (view["state"], view["deliveries"]) == ("stopped", 1)
+
+
+async def _resumed(sidecar: Sidecar) -> bool:
+    """One watcher, and its only slot taken by the lease it resumed (seen through the public stats)."""
+    try:
+        stats = await sidecar.stub.GetQueueStats(pb.GetQueueStatsRequest())
+    except grpc.aio.AioRpcError:
+        return False
+    return stats.sidecar.watchers == 1 and stats.sidecar.free_capacity == 0 and stats.sidecar.active_leases == 1
