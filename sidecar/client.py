@@ -224,9 +224,9 @@ class SidecarClient:
         given = 0
         while True:
             resume = [pb.HeldLease(work_id=i.work_id, lease_token=i.lease_token) for i in self._items.values()]
-            left = max_items - given if max_items else 0
+            left = max_items - (given - len(resume)) if max_items else 0  # resumed ones count as given again
             if max_items and left <= 0:
-                return  # all given: their KeepAlive streams re-attach them
+                return  # all given and done
             call = self.stub.WatchWork(
                 pb.WatchWorkRequest(
                     max_in_flight=max_in_flight, sandbox_id=self.sandbox_id, max_items=left, resume=resume

@@ -87,7 +87,8 @@ class Adoption:
                 message="ended before the sidecar restarted",
             )
             report.tombstones += 1
-            if end.reason in RELEASED_REASONS and end.last_heartbeat and end.expires_at > time.time():
+            interrupted = not recovered.clean and end.reason in RELEASED_REASONS
+            if interrupted and end.last_heartbeat and end.expires_at > time.time():
                 report.releases += 1
                 self._spawn(self._release(end))
         # The most urgent first: the renewals go out in this order (the leaser's heap breaks ties by arrival).

@@ -131,9 +131,11 @@ class Dispatcher:
         self._update()
 
     def attach(self, watcher: Watcher, work_id: str) -> None:
-        """A lease the sandbox already holds is held by this watcher again (WatchWork resume): it takes a slot,
-        but counts as neither given nor reserved."""
-        watcher.held.add(work_id)
+        """A lease the sandbox already holds is held by this watcher again (WatchWork resume): it takes a slot
+        and counts as given (towards `max_items`)."""
+        if work_id not in watcher.held:
+            watcher.held.add(work_id)
+            watcher.given += 1
         self._update()
 
     def release(self, watcher: Watcher, work_id: str) -> None:

@@ -10,7 +10,8 @@ lease. The file `DIR/leases.journal` is an append-only log of one-line records:
 - `L` the full state of a held lease: work id, item data, the last `last_heartbeat` (the CAS value), TTL,
   expiry (wall clock), sandbox id, stop state and the token's nonce (never the token, never the `secret`);
 - `E` a lease ended (with its reason: kept as a tombstone so a sandbox re-attaching later learns how);
-- `A` an item is about to be acked; `S` its claim settled without a lease (a later `L` settles it too).
+- `A` an item is about to be acked; `S` its claim settled without a lease (a later `L` settles it too);
+- `C` the sidecar drained and closed the journal cleanly (its releases were sent).
 
 The last record of a work id wins. Writes: records are collected per event-loop iteration and written with one
 `write(2)` at the end of it (claims and acks at once, before the token or the ack leaves the process), so a
@@ -144,6 +145,8 @@ class Recovered:
     corrupt: int = 0
     refused: str | None = None
     """Why the journal was not adopted at all (it was moved aside), or None."""
+    clean: bool = False
+    """The predecessor drained and closed the journal (nothing after): its releases were all sent."""
     moved_to: str | None = None
 
 
@@ -237,9 +240,12 @@ class Journal:
         self._rewrite()
         return recovered
 
-    def close(self) -> None:
-        """Write what is pending, fsync, release the state dir."""
+    def close(self, *, clean: bool = False) -> None:
+        """Write what is pending, fsync, release the state dir. `clean`: the sidecar drained, so every release
+        was sent (a successor does not send them again)."""
         if self._fd is not None:
+            if clean:
+                self._put("", ("C", encode({"op": "C", "work": "", "at": round(time.time(), 3)})))
             self._flush()
             with contextlib.suppress(OSError):
                 os.fsync(self._fd)
@@ -283,10 +289,14 @@ class Journal:
         acked: dict[str, bytes] = {}
         for line in lines[1:]:
             record = decode(line)
+            if record is not None and record["op"] == "C":
+                recovered.clean = True
+                continue
             work_id = record.get("work") if record is not None else None
             if record is None or not isinstance(work_id, str) or not work_id:
                 recovered.corrupt += 1
                 continue
+            recovered.clean = False
             raw = line + b"\n"
             op = record["op"]
             if op == "L":

@@ -47,9 +47,7 @@ class Liveness:
         adoption logs one line for all of them)."""
         presence = self._of(lease)
         presence.absent_since = time.monotonic()
-        presence.timer = asyncio.get_running_loop().call_later(
-            self._policy.reattach_grace + 0.01, self.check, lease
-        )
+        presence.timer = asyncio.get_running_loop().call_later(self._policy.reattach_grace + 0.01, self.check, lease)
 
     def watcher_closed(self, work_ids: set[str]) -> None:
         for work_id in list(work_ids):

@@ -235,6 +235,7 @@ class Sidecar:
     async def close(self) -> None:
         if self.state is Lifecycle.CLOSED:
             return
+        drained = self.state is Lifecycle.DRAINED
         self.state = Lifecycle.CLOSED
         await self.server.stop(grace=1.0)
         await self.poller.stop()
@@ -246,7 +247,7 @@ class Sidecar:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.journal is not None:
-            self.journal.close()
+            self.journal.close(clean=drained)
         await self._exit.aclose()
         for path in self._bound_paths:  # only what this process bound
             with contextlib.suppress(OSError):

@@ -163,3 +163,15 @@ def test_tokens_verify_only_with_the_same_key_and_nonce(tmp_path: Path) -> None:
     (tmp_path / KEY_FILE).write_bytes(b"short")
     assert TokenIssuer.in_dir(tmp_path).token("w1", nonce) != token, "a damaged key is replaced, not fatal"
     assert any(name.startswith(KEY_FILE + ".corrupt-") for name in os.listdir(tmp_path))
+
+
+def test_a_clean_close_tells_the_successor_its_releases_were_sent(tmp_path: Path) -> None:
+    journal, leases = _journaled(tmp_path)
+    lease = leases.claim(_work("w1"), _beat(1), sent_at=time.monotonic(), ttl_seconds=60)
+    leases.lose(lease, pb.LEASE_LOST_REASON_DRAINED, "drained")
+    journal.close(clean=True)
+    successor = Journal(tmp_path, BINDING)
+    recovered = successor.open()
+    assert recovered.clean and [end.work_id for end in recovered.ended] == ["w1"]
+    successor.close()  # not clean: a crash after this start
+    assert not Journal(tmp_path, BINDING).open().clean

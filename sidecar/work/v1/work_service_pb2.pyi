@@ -398,7 +398,7 @@ class WatchWorkRequest(_message.Message):
         """Leases this sandbox already holds, to re-attach them to this stream (after the stream broke, or the
         sidecar restarted with the same --state-dir): each live one counts as held by this watch again, and the
         stream carries its events again (StopRequested at once when a stop is pending). One the sidecar knows as
-        ended, or does not know at all, gets LeaseLost at once. Resumed leases do not count against max_items.
+        ended, or does not know at all, gets LeaseLost at once. Resumed leases count as given (max_items).
         """
 
     def __init__(
