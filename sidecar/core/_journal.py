@@ -225,6 +225,7 @@ class Journal:
         self._carry: list[bytes] | None = None
         self._size = 0
         self._dirty = False
+        self._written = asyncio.Event()
         self._failing = False
         self.records_written = 0
         self.writes = 0
@@ -365,8 +366,11 @@ class Journal:
     # -- the background task: fsync, compaction ----------------------------------------------------------
 
     async def run(self) -> None:
+        """fsync what was written, at most every `fsync_interval`; an idle journal never wakes up."""
         while True:
+            await self._written.wait()
             await asyncio.sleep(self._fsync_interval)
+            self._written.clear()
             await self.sync()
             state = len(self._header) + sum(map(len, self._live.values())) + sum(map(len, self._ended.values()))
             if self._size > max(MIN_COMPACT_BYTES, COMPACT_FACTOR * state):
@@ -478,6 +482,7 @@ class Journal:
             self._failing = False
         self._size += len(chunk)
         self._dirty = True
+        self._written.set()
         self.records_written += len(lines)
         self.writes += 1
 
