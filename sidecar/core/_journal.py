@@ -238,7 +238,10 @@ class Journal:
         prepare_state_dir(self.dir)
         self._lock()
         recovered = self._read()
-        self._rewrite()
+        try:
+            self._rewrite()
+        except OSError as exc:
+            raise StateDirError(f"cannot write the lease journal in {self.dir}: {exc}") from exc
         return recovered
 
     def close(self, *, clean: bool = False) -> None:
@@ -273,6 +276,8 @@ class Journal:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return recovered
+        except OSError as exc:
+            raise StateDirError(f"cannot read the lease journal {self.path}: {exc}") from exc
         if not data:
             return recovered
         lines = data.split(b"\n")
@@ -343,7 +348,10 @@ class Journal:
 
     def _move_aside(self, recovered: Recovered, kind: str, why: str) -> Recovered:
         target = self.path.with_name(f"{JOURNAL_FILE}.{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-        os.replace(self.path, target)
+        try:
+            os.replace(self.path, target)
+        except OSError as exc:  # it is replaced by a fresh journal all the same: never adopted, never a crash loop
+            log.error("the lease journal could not be moved aside", extra={"path": str(self.path), "error": str(exc)})
         recovered.refused = why
         recovered.moved_to = str(target)
         log.error(
