@@ -42,9 +42,9 @@ LABEL org.opencontainers.image.title="work-sidecar" \
 RUN groupadd --system --gid 10001 work-sidecar \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin work-sidecar \
- && mkdir -p /var/run/work-sidecar \
- && chown 10001:10001 /var/run/work-sidecar \
- && chmod 0700 /var/run/work-sidecar
+ && mkdir -p /var/run/work-sidecar /var/lib/work-sidecar \
+ && chown 10001:10001 /var/run/work-sidecar /var/lib/work-sidecar \
+ && chmod 0700 /var/run/work-sidecar /var/lib/work-sidecar
 
 COPY --from=builder /opt/work-sidecar /opt/work-sidecar
 
@@ -66,9 +66,13 @@ ENV WORK_SIDECAR_DRAIN_TIMEOUT=30
 # a real deployment sets WORK_SIDECAR_API_URL, WORK_SIDECAR_ENVIRONMENT_ID and WORK_SIDECAR_API_KEY (the
 # key from a secret, never baked into an image).
 ENV WORK_SIDECAR_PROVIDER=anthropic
+# Leases survive a crash or restart of the sidecar: the lease journal and the token key live here (0700, never
+# shared with the sandbox). A volume: `docker restart` (same container) keeps it, a new `docker run` starts
+# empty; in Kubernetes an emptyDir survives a container restart, not a pod deletion. '' turns it off.
+ENV WORK_SIDECAR_STATE_DIR=/var/lib/work-sidecar
 
 USER 10001:10001
-VOLUME ["/var/run/work-sidecar"]
+VOLUME ["/var/run/work-sidecar", "/var/lib/work-sidecar"]
 # gRPC (loopback by default, see WORK_SIDECAR_LISTEN above).
 EXPOSE 50051
 

@@ -74,7 +74,7 @@ class Flag:
             return f"{value:04o}"
         if name == "release_ttl_seconds":
             return value or 0
-        return value
+        return None if value == "" else value
 
 
 SERVE_FLAGS: tuple[Flag, ...] = (
@@ -116,6 +116,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO"),
     Flag("--emulator-port", "port of the embedded emulator (0: any free port)", type=int, default=8787),
     Flag("--metrics-listen", "host:port for a Prometheus scrape endpoint (off by default)"),
+    Flag("--state-dir", "directory where leases survive a sidecar crash or restart (journal, token key; "
+         "'' = off)", setting="StateSettings.state_dir"),
 )  # fmt: skip
 
 
@@ -215,7 +217,7 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
 def serve_settings(values: dict[str, Any]) -> Any:
     """The core's settings from resolved flag values. With no --api-url, `api_url` stays empty: `_serve`
     starts the demo emulator and fills it in."""
-    from .core import LeasePolicy, PollPolicy, ServerSettings, SidecarSettings, WorkApiSettings
+    from .core import LeasePolicy, PollPolicy, ServerSettings, SidecarSettings, StateSettings, WorkApiSettings
 
     emulated = not values["api_url"]
     api_key = values["api_key"] or (secrets.token_urlsafe(24) if emulated else None)
@@ -253,6 +255,7 @@ def serve_settings(values: dict[str, Any]) -> Any:
             max_pollers=values["max_pollers"],
             unclaimed_wait=values["unclaimed_wait"],
         ),
+        state=StateSettings(state_dir=values["state_dir"] or ""),
     )
 
 
@@ -271,13 +274,13 @@ def _serve(ns: argparse.Namespace) -> int:
         level=values["log_level"],
         secrets=[settings.work_api.api_key, settings.server.auth_token],
     )
-    from .core import StartupError
+    from .core import StartupError, StateDirError
     from .telemetry import setup_telemetry
 
     try:
         with setup_telemetry(values["metrics_listen"] or None):
             return asyncio.run(_run_sidecar(settings, emulator_port=values["emulator_port"]))
-    except StartupError as exc:
+    except (StartupError, StateDirError) as exc:
         raise UsageError(str(exc)) from None
 
 

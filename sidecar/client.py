@@ -13,15 +13,22 @@ fails for another reason raises the `grpc.aio.AioRpcError`.
 
 Without a target, `SidecarClient()` connects to `WORK_SIDECAR_ADDR` (`WORK_SIDECAR_ADDRESS` is an alias), the
 variable `work-sidecar exec` sets for its children and the Kubernetes manifests set for the sandbox.
+
+The sidecar may restart under a running item (a crash, a container update): while it cannot be reached, the
+watch, the KeepAlive stream and the stop reconnect with backoff for up to `reconnect_timeout` seconds; the new
+watch resumes the items still held (`WatchWorkRequest.resume`), so a sidecar restarted with its `--state-dir`
+carries on with them. A sidecar that does not know an item any more (restarted without one) reports it lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -30,6 +37,41 @@ from .work.v1 import work_service_pb2 as pb
 from .work.v1 import work_service_pb2_grpc as pb_grpc
 
 __all__ = ["Assignment", "SidecarClient"]
+
+T = TypeVar("T")
+
+
+def sidecar_unreachable(error: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE from the transport (the sidecar is down or restarting), not an answer of the sidecar's (those
+    carry status details: a Work API outage, a drain)."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return not any(key == "grpc-status-details-bin" for key, _ in (error.trailing_metadata() or ()))
+
+
+class _Reconnect:
+    """Backoff with full jitter between attempts (0.1 s doubling to 2 s), giving up `timeout` seconds after
+    the sidecar was last reachable."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._failures = 0
+        self._since: float | None = None
+
+    def reached(self) -> None:
+        self._failures = 0
+        self._since = None
+
+    async def wait(self, error: grpc.aio.AioRpcError) -> None:
+        """Sleep before the next attempt; re-raise `error` once the timeout has passed."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if self.timeout is not None and now - self._since >= self.timeout:
+            raise error
+        self._failures += 1
+        ceiling = min(2.0, 0.1 * 2 ** (self._failures - 1))
+        await asyncio.sleep(random.uniform(ceiling / 2, ceiling))
 
 
 class Assignment:
@@ -89,23 +131,38 @@ class Assignment:
 
     async def _keep_alive(self) -> None:
         interval = self._client.keepalive_interval
+        reconnect = _Reconnect(self._client.reconnect_timeout)
 
         async def pings() -> AsyncIterator[pb.KeepAliveRequest]:
             while True:
                 yield pb.KeepAliveRequest(work_id=self.work.id, lease_token=self.lease_token)
                 await asyncio.sleep(interval)
 
-        call = self._client.stub.KeepAlive(pings(), metadata=self._client.metadata)
-        async for response in call:
-            self._apply(response.lease)
-            if self.lost.is_set() or self.stopped.is_set():
-                call.cancel()
+        while True:  # the same token re-attaches the lease to a restarted sidecar
+            call = self._client.stub.KeepAlive(pings(), metadata=self._client.metadata)
+            try:
+                async for response in call:
+                    reconnect.reached()
+                    self._apply(response.lease)
+                    if self.lost.is_set() or self.stopped.is_set():
+                        call.cancel()
+                        return
                 return
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.PERMISSION_DENIED:  # a sidecar restarted without its state
+                    self.lost_reason = pb.LEASE_LOST_REASON_UNKNOWN
+                    self.lost.set()
+                    return
+                if not sidecar_unreachable(error):
+                    raise
+                await reconnect.wait(error)
 
     async def stop(self, *, force: bool = True) -> pb.Work:
-        response = await self._client.stub.StopWork(
-            pb.StopWorkRequest(work_id=self.work.id, lease_token=self.lease_token, force=force),
-            metadata=self._client.metadata,
+        response = await self._client.call(
+            lambda: self._client.stub.StopWork(
+                pb.StopWorkRequest(work_id=self.work.id, lease_token=self.lease_token, force=force),
+                metadata=self._client.metadata,
+            )
         )
         if response.work.state == pb.WORK_STATE_STOPPED:
             self.stopped.set()
@@ -137,6 +194,7 @@ class SidecarClient:
         auth_token: str | None = None,
         keepalive_interval: float = 5.0,
         channel: grpc.aio.Channel | None = None,
+        reconnect_timeout: float | None = 60.0,
     ) -> None:
         if target is None and channel is None:
             target = sidecar_address()
@@ -147,6 +205,8 @@ class SidecarClient:
         self.target = target or ""
         self.sandbox_id = sandbox_id
         self.keepalive_interval = keepalive_interval
+        self.reconnect_timeout = reconnect_timeout
+        """How long to keep reconnecting to an unreachable sidecar (None: for ever)."""
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self._own_channel = channel is None
         self.channel = channel or grpc.aio.insecure_channel(
@@ -168,29 +228,60 @@ class SidecarClient:
 
     async def assignments(self, *, max_in_flight: int = 1, max_items: int = 0) -> AsyncIterator[Assignment]:
         """Yield each assigned item; stop requests and lease losses are applied to their Assignment.
-        `max_items` > 0: the sidecar gives this watch no more than that many items in all."""
-        call = self.stub.WatchWork(
-            pb.WatchWorkRequest(max_in_flight=max_in_flight, sandbox_id=self.sandbox_id, max_items=max_items),
-            metadata=self.metadata,
-        )
-        try:
-            async for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "work_assigned":
-                    item = Assignment(self, event.work_assigned)
-                    self._items[item.work_id] = item
-                    yield item
-                elif kind == "stop_requested":
-                    if found := self._items.get(event.stop_requested.work_id):
-                        found.stop_requested.set()
-                elif kind == "lease_lost":
-                    if found := self._items.get(event.lease_lost.work_id):
-                        found.lost_reason = event.lease_lost.reason
-                        found.lost.set()
-                elif kind == "draining":
-                    self.draining.set()
-        finally:
-            call.cancel()
+        `max_items` > 0: the sidecar gives this watch no more than that many items in all.
+        When the sidecar cannot be reached, the watch reconnects and resumes the items still held."""
+        reconnect = _Reconnect(self.reconnect_timeout)
+        given = 0
+        while True:
+            resume = [pb.HeldLease(work_id=i.work_id, lease_token=i.lease_token) for i in self._items.values()]
+            left = max_items - (given - len(resume)) if max_items else 0  # resumed ones count as given again
+            if max_items and left <= 0:
+                return  # all given and done
+            call = self.stub.WatchWork(
+                pb.WatchWorkRequest(
+                    max_in_flight=max_in_flight, sandbox_id=self.sandbox_id, max_items=left, resume=resume
+                ),
+                metadata=self.metadata,
+            )
+            began = time.monotonic()
+            try:
+                async for event in call:
+                    reconnect.reached()
+                    kind = event.WhichOneof("event")
+                    if kind == "work_assigned":
+                        item = Assignment(self, event.work_assigned)
+                        self._items[item.work_id] = item
+                        given += 1
+                        yield item
+                    elif kind == "stop_requested":
+                        if found := self._items.get(event.stop_requested.work_id):
+                            found.stop_requested.set()
+                    elif kind == "lease_lost":
+                        if found := self._items.get(event.lease_lost.work_id):
+                            found.lost_reason = event.lease_lost.reason
+                            found.lost.set()
+                    elif kind == "draining":
+                        self.draining.set()
+                return
+            except grpc.aio.AioRpcError as error:
+                if not sidecar_unreachable(error):
+                    raise
+                if time.monotonic() - began > 1.0:
+                    reconnect.reached()  # it was connected: a new outage
+                await reconnect.wait(error)
+            finally:
+                call.cancel()
+
+    async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """A unary call, retried with backoff while the sidecar cannot be reached."""
+        reconnect = _Reconnect(self.reconnect_timeout)
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as error:
+                if not sidecar_unreachable(error):
+                    raise
+                await reconnect.wait(error)
 
     async def queue_stats(self) -> pb.GetQueueStatsResponse:
         return await self.stub.GetQueueStats(pb.GetQueueStatsRequest(), metadata=self.metadata)

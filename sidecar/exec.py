@@ -16,6 +16,9 @@ the foreground and the lease alive while it runs:
 - LeaseLost → SIGTERM, then SIGKILL after `--kill-grace`; the item is not stopped (it is not ours);
 - SIGTERM/SIGINT to the adapter → forwarded to every child; interrupted items are *not* stopped: the
   adapter disconnects and the sidecar releases them to the queue, so no work is lost. Exit 143 / 130.
+- the sidecar restarts (crash, container update) → the children keep running; the adapter reconnects with
+  backoff (for up to `--reconnect-timeout`) and resumes their leases on a new watch (`resume`): a sidecar
+  restarted with its `--state-dir` carries on with them, one without reports them lost (→ SIGTERM).
 
 The child runs in its own process group; signals go to the whole group.
 """
@@ -32,6 +35,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +45,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ._address import ADDRESS_ALIASES, ADDRESS_ENV, sidecar_address
 from ._logging import configure_logging
+from .client import _Reconnect, sidecar_unreachable
 from .wire import WORK_TIMESTAMPS, work_object
 from .work.v1 import work_service_pb2 as pb
 from .work.v1 import work_service_pb2_grpc as pb_grpc
@@ -139,20 +144,12 @@ class ExecAdapter:
             loop.add_signal_handler(signum, self._on_signal, signum, stop_watching)
         async with grpc.aio.insecure_channel(self.args.sidecar) as channel:
             self.stub = pb_grpc.WorkServiceStub(channel)
-            sandbox_id = self.args.sandbox_id or f"exec:{socket.gethostname()}:{os.getpid()}"
-            call = self.stub.WatchWork(
-                pb.WatchWorkRequest(
-                    max_in_flight=self.args.max_in_flight,
-                    sandbox_id=sandbox_id,
-                    max_items=1 if self.args.once else 0,  # --once is never handed a second item as it leaves
-                ),
-                metadata=self.metadata,
-            )
-            watcher = asyncio.ensure_future(self._watch(call, stop_watching))
+            self.sandbox_id = self.args.sandbox_id or f"exec:{socket.gethostname()}:{os.getpid()}"
+            watcher = asyncio.ensure_future(self._reconnecting_watch(stop_watching))
             await stop_watching.wait()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            call.cancel()
+            watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await watcher
         if self.signalled is not None:
@@ -170,7 +167,42 @@ class ExecAdapter:
             self._spawn(self._kill_after_grace(child))
         stop_watching.set()
 
-    async def _watch(self, call: Any, stop_watching: asyncio.Event) -> None:
+    async def _reconnecting_watch(self, stop_watching: asyncio.Event) -> None:
+        """Watch; while the sidecar cannot be reached, reconnect with backoff and resume the running items."""
+        reconnect = _Reconnect(self.args.reconnect_timeout)
+        while True:
+            began = time.monotonic()
+            call = self.stub.WatchWork(
+                pb.WatchWorkRequest(
+                    max_in_flight=self.args.max_in_flight,
+                    sandbox_id=self.sandbox_id,
+                    max_items=1 if self.args.once else 0,  # --once is never handed a second item as it leaves
+                    resume=[
+                        pb.HeldLease(work_id=child.work_id, lease_token=child.item.lease_token)
+                        for child in self.children.values()
+                    ],
+                ),
+                metadata=self.metadata,
+            )
+            try:
+                error = await self._watch(call, stop_watching)
+            finally:
+                call.cancel()
+            if error is None or stop_watching.is_set():
+                return
+            if time.monotonic() - began > 1.0:
+                reconnect.reached()
+            log.warning("the sidecar cannot be reached: reconnecting", extra={"children": len(self.children)})
+            try:
+                await reconnect.wait(error)
+            except grpc.aio.AioRpcError as exc:
+                log.error("WatchWork failed", extra={"code": exc.code().name, "error": exc.details()})
+                self.exit_codes.append(1)
+                stop_watching.set()
+                return
+
+    async def _watch(self, call: Any, stop_watching: asyncio.Event) -> grpc.aio.AioRpcError | None:
+        """One WatchWork stream; returns the error when the sidecar became unreachable (reconnect)."""
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
@@ -196,13 +228,15 @@ class ExecAdapter:
                     if not self.children:
                         stop_watching.set()
         except grpc.aio.AioRpcError as exc:
+            if sidecar_unreachable(exc) and self.signalled is None and not (self.args.once and self.completed):
+                return exc  # the children keep running; the caller reconnects
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.error("WatchWork failed", extra={"code": exc.code().name, "error": exc.details()})
                 print(f"work-sidecar exec: {watch_failure(exc, self.args.sidecar)}", file=sys.stderr, flush=True)
                 self.exit_codes.append(1)
-        finally:
-            if not self._tasks:
-                stop_watching.set()
+        if not self._tasks:
+            stop_watching.set()
+        return None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -248,10 +282,22 @@ class ExecAdapter:
 
     async def _stop(self, child: Child) -> None:
         request = pb.StopWorkRequest(work_id=child.work_id, lease_token=child.item.lease_token)
+        reconnect = _Reconnect(self.args.reconnect_timeout)
+
+        async def stop() -> pb.StopWorkResponse:
+            while True:  # the sidecar may be restarting: it knows the lease again once it is back
+                try:
+                    response: pb.StopWorkResponse = await self.stub.StopWork(request, metadata=self.metadata)
+                    return response
+                except grpc.aio.AioRpcError as exc:
+                    if not sidecar_unreachable(exc):
+                        raise
+                    await reconnect.wait(exc)
+
         try:
-            response = await self.stub.StopWork(request, metadata=self.metadata)
+            response = await stop()
             if response.work.state == pb.WORK_STATE_STOPPING:  # a graceful stop was requested: confirm it
-                response = await self.stub.StopWork(request, metadata=self.metadata)
+                response = await stop()
             log.info("item stopped", extra={"work_id": child.work_id, "state": WORK_STATE_NAMES[response.work.state]})
         except grpc.aio.AioRpcError as exc:
             log.error("stop failed", extra={"work_id": child.work_id, "code": exc.code().name, "error": exc.details()})
@@ -328,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between SIGTERM and SIGKILL when a lease is lost or the adapter is stopped (default 10)",
     )
     parser.add_argument("--once", action="store_true", help="exit after one item, with the child's exit code")
+    parser.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to keep reconnecting to an unreachable (restarting) sidecar; the children keep running "
+        "(default 60)",
+    )
     parser.add_argument(
         "--log-format",
         default="auto",

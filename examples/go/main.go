@@ -6,6 +6,9 @@
 //	"work" (GetWork + UpdateWorkMetadata to show the API), then StopWork(force=true).
 //	StopRequested finishes an item early; LeaseLost abandons it at once (no StopWork: it is not ours any more);
 //	Draining means no new work will come.
+//	The sidecar may restart under running items (a crash, a container update): while it cannot be reached
+//	(UNAVAILABLE), the watch, the KeepAlive stream and StopWork reconnect with backoff, and the new watch
+//	resumes the items still held (WatchWorkRequest.resume): a sidecar restarted with its --state-dir carries on.
 //
 // Usage:
 //
@@ -19,6 +22,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand"
 	"net"
 	"os"
 	"os/signal"
@@ -69,8 +73,27 @@ func dial(address string) (*grpc.ClientConn, error) {
 	return grpc.Dial(address, grpc.WithInsecure())
 }
 
+// reconnectFor is how long an unreachable (restarting) sidecar is retried before giving up.
+const reconnectFor = 60 * time.Second
+
+// unreachable says whether err is UNAVAILABLE from the transport (the sidecar is down or restarting), not an
+// answer of the sidecar's (those carry status details: a Work API outage, a drain).
+func unreachable(err error) bool {
+	return status.Code(err) == codes.Unavailable && len(status.Convert(err).Proto().GetDetails()) == 0
+}
+
+// backoff is the wait before reconnect attempt n (1, 2, ...): 0.1 s doubling to 2 s, with jitter.
+func backoff(n int) time.Duration {
+	ceiling := 100 * time.Millisecond << uint(n-1)
+	if n > 5 || ceiling > 2*time.Second {
+		ceiling = 2 * time.Second
+	}
+	return ceiling/2 + time.Duration(rand.Int63n(int64(ceiling/2)+1))
+}
+
 // item is one assigned work item: finish ends the work early (StopRequested, LeaseLost).
 type item struct {
+	token    string
 	finish   context.CancelFunc
 	mu       sync.Mutex
 	lost     bool
@@ -101,59 +124,26 @@ func workOn(client workv1.WorkServiceClient, assigned *workv1.WorkAssigned, it *
 	}
 
 	// KeepAlive: one bidi stream for this lease; each ping is answered with the lease status, and changes
-	// are pushed at once (LEASE_STATE_STOP_REQUESTED, LEASE_STATE_LOST).
+	// are pushed at once (LEASE_STATE_STOP_REQUESTED, LEASE_STATE_LOST). If the sidecar restarts, a new
+	// stream with the same token re-attaches the lease.
 	kaCtx, kaCancel := context.WithCancel(context.Background())
 	defer kaCancel()
-	keepAlive, err := client.KeepAlive(kaCtx)
-	if err != nil {
-		say("  keepalive %s failed: %v", work.GetId(), err)
-	} else {
-		go func() {
-			for {
-				response, err := keepAlive.Recv()
-				if err != nil {
-					if status.Code(err) != codes.Canceled && !errors.Is(err, io.EOF) {
-						say("  keepalive %s failed: %v", work.GetId(), err)
-					}
-					return
-				}
-				lease := response.GetLease()
-				say("  keepalive %s: %s ttl=%ds expires=%s",
-					lease.GetWorkId(), lease.GetState(), lease.GetTtlSeconds(), clock(lease.GetExpiresAt()))
-				switch lease.GetState() {
-				case workv1.LeaseState_LEASE_STATE_LOST:
-					it.markLost()
-				case workv1.LeaseState_LEASE_STATE_STOP_REQUESTED:
-					it.finish()
-				}
-			}
-		}()
-		go func() {
-			ticker := time.NewTicker(opts.ping)
-			defer ticker.Stop()
-			for {
-				if err := keepAlive.Send(&workv1.KeepAliveRequest{WorkId: work.GetId(), LeaseToken: token}); err != nil {
-					return
-				}
-				select {
-				case <-kaCtx.Done():
-					return
-				case <-ticker.C:
-				}
-			}
-		}()
-	}
+	go keepAlive(kaCtx, client, work.GetId(), token, it, opts)
 
 	// The "work": read the item, tag it, wait (or until a stop request or a lost lease ends it early).
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	current, err := client.GetWork(ctx, &workv1.GetWorkRequest{WorkId: work.GetId(), LeaseToken: token})
+	ctx, cancel := context.WithTimeout(context.Background(), reconnectFor)
+	current, err := retry(ctx, func() (*workv1.GetWorkResponse, error) {
+		return client.GetWork(ctx, &workv1.GetWorkRequest{WorkId: work.GetId(), LeaseToken: token})
+	})
 	if err == nil {
 		say("  GetWork %s: %s, lease %s", work.GetId(), current.GetWork().GetState(), current.GetLease().GetState())
 		var updated *workv1.UpdateWorkMetadataResponse
-		updated, err = client.UpdateWorkMetadata(ctx, &workv1.UpdateWorkMetadataRequest{
-			WorkId:     work.GetId(),
-			LeaseToken: token,
-			Set:        map[string]string{"handled_by": opts.sandboxID, "language": "go"},
+		updated, err = retry(ctx, func() (*workv1.UpdateWorkMetadataResponse, error) {
+			return client.UpdateWorkMetadata(ctx, &workv1.UpdateWorkMetadataRequest{
+				WorkId:     work.GetId(),
+				LeaseToken: token,
+				Set:        map[string]string{"handled_by": opts.sandboxID, "language": "go"},
+			})
 		})
 		if err == nil {
 			say("  UpdateWorkMetadata %s: metadata %v", work.GetId(), updated.GetWork().GetMetadata())
@@ -174,14 +164,96 @@ func workOn(client workv1.WorkServiceClient, assigned *workv1.WorkAssigned, it *
 		say("abandoned %s: the lease is lost, not stopping it (it is not ours any more)", work.GetId())
 		return
 	}
-	ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel = context.WithTimeout(context.Background(), reconnectFor)
 	defer cancel()
-	stopped, err := client.StopWork(ctx, &workv1.StopWorkRequest{WorkId: work.GetId(), LeaseToken: token, Force: true})
+	stopped, err := retry(ctx, func() (*workv1.StopWorkResponse, error) {
+		return client.StopWork(ctx, &workv1.StopWorkRequest{WorkId: work.GetId(), LeaseToken: token, Force: true})
+	})
 	if err != nil {
 		say("stop %s failed: %v", work.GetId(), err)
 		return
 	}
 	say("stopped %s: state %s", work.GetId(), stopped.GetWork().GetState())
+}
+
+// retry runs a unary call again, with backoff, while the sidecar cannot be reached (until ctx ends).
+func retry[T any](ctx context.Context, call func() (T, error)) (T, error) {
+	for attempt := 1; ; attempt++ {
+		response, err := call()
+		if err == nil || !unreachable(err) {
+			return response, err
+		}
+		select {
+		case <-ctx.Done():
+			return response, err
+		case <-time.After(backoff(attempt)):
+		}
+	}
+}
+
+// keepAlive pings the lease until ctx ends, re-opening the stream while the sidecar cannot be reached.
+func keepAlive(ctx context.Context, client workv1.WorkServiceClient, workID, token string, it *item, opts options) {
+	failures := 0
+	for ctx.Err() == nil {
+		err := keepAliveStream(ctx, client, workID, token, it, opts, func() { failures = 0 })
+		if ctx.Err() != nil || err == nil {
+			return
+		}
+		if !unreachable(err) {
+			if status.Code(err) != codes.Canceled && !errors.Is(err, io.EOF) {
+				say("  keepalive %s failed: %v", workID, err)
+			}
+			return
+		}
+		failures++
+		say("  keepalive %s: the sidecar cannot be reached, reconnecting", workID)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff(failures)):
+		}
+	}
+}
+
+// keepAliveStream is one KeepAlive stream: it returns the error that ended it.
+func keepAliveStream(ctx context.Context, client workv1.WorkServiceClient, workID, token string, it *item,
+	opts options, answered func()) error {
+	streamCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := client.KeepAlive(streamCtx)
+	if err != nil {
+		return err
+	}
+	go func() {
+		ticker := time.NewTicker(opts.ping)
+		defer ticker.Stop()
+		for {
+			if err := stream.Send(&workv1.KeepAliveRequest{WorkId: workID, LeaseToken: token}); err != nil {
+				return
+			}
+			select {
+			case <-streamCtx.Done():
+				return
+			case <-ticker.C:
+			}
+		}
+	}()
+	for {
+		response, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		answered()
+		lease := response.GetLease()
+		say("  keepalive %s: %s ttl=%ds expires=%s",
+			lease.GetWorkId(), lease.GetState(), lease.GetTtlSeconds(), clock(lease.GetExpiresAt()))
+		switch lease.GetState() {
+		case workv1.LeaseState_LEASE_STATE_LOST:
+			it.markLost()
+			return nil
+		case workv1.LeaseState_LEASE_STATE_STOP_REQUESTED:
+			it.finish()
+		}
+	}
 }
 
 // run watches until the watch ends, the sidecar drains, or (with once) the first item is done.
@@ -196,13 +268,6 @@ func run(opts options) error {
 	watchCtx, cancelWatch := context.WithCancel(context.Background())
 	defer cancelWatch()
 	say("watching %s as %s (max_in_flight=%d)", opts.address, opts.sandboxID, opts.maxInFlight)
-	watch, err := client.WatchWork(watchCtx, &workv1.WatchWorkRequest{
-		MaxInFlight: uint32(opts.maxInFlight),
-		SandboxId:   opts.sandboxID,
-	})
-	if err != nil {
-		return err
-	}
 
 	var (
 		mu      sync.Mutex
@@ -211,6 +276,22 @@ func run(opts options) error {
 		handled int
 		leaving bool
 	)
+	// openWatch opens a watch; after a reconnect, `resume` re-attaches the items still held to it.
+	openWatch := func() (workv1.WorkService_WatchWorkClient, error) {
+		request := &workv1.WatchWorkRequest{MaxInFlight: uint32(opts.maxInFlight), SandboxId: opts.sandboxID}
+		mu.Lock()
+		for workID, it := range items {
+			request.Resume = append(request.Resume, &workv1.HeldLease{WorkId: workID, LeaseToken: it.token})
+		}
+		mu.Unlock()
+		return client.WatchWork(watchCtx, request)
+	}
+	watch, err := openWatch()
+	if err != nil {
+		return err
+	}
+	failures := 0
+	var unreachableSince time.Time
 	// On Draining, keep the watch open until the last item is stopped: the open stream keeps this sandbox's
 	// leases alive and carries StopRequested / LeaseLost for them.
 	leave := func() {
@@ -234,9 +315,25 @@ func run(opts options) error {
 	for {
 		event, err := watch.Recv()
 		if err != nil {
-			running.Wait()
 			mu.Lock()
 			left := leaving
+			mu.Unlock()
+			if unreachable(err) && !left {
+				if unreachableSince.IsZero() {
+					unreachableSince = time.Now()
+				}
+				if time.Since(unreachableSince) < reconnectFor {
+					failures++
+					say("the sidecar cannot be reached: reconnecting the watch")
+					time.Sleep(backoff(failures))
+					if watch, err = openWatch(); err == nil {
+						continue
+					}
+				}
+			}
+			running.Wait()
+			mu.Lock()
+			left = leaving
 			count := handled
 			mu.Unlock()
 			if errors.Is(err, io.EOF) || (left && status.Code(err) == codes.Canceled) {
@@ -245,11 +342,12 @@ func run(opts options) error {
 			}
 			return err
 		}
+		failures, unreachableSince = 0, time.Time{}
 		switch ev := event.GetEvent().(type) {
 		case *workv1.WatchWorkResponse_WorkAssigned:
 			assigned := ev.WorkAssigned
 			finished, finish := context.WithCancel(context.Background())
-			it := &item{finish: finish, finished: finished}
+			it := &item{token: assigned.GetLeaseToken(), finish: finish, finished: finished}
 			workID := assigned.GetWork().GetId()
 			mu.Lock()
 			items[workID] = it

@@ -6,6 +6,9 @@
 //   "work" (GetWork + UpdateWorkMetadata to show the API), then StopWork(force=true).
 //   StopRequested finishes an item early; LeaseLost abandons it at once (no StopWork: it is not ours any more);
 //   Draining means no new work will come.
+//   The sidecar may restart under running items (a crash, a container update): while it cannot be reached
+//   (UNAVAILABLE), the watch, the KeepAlive stream and StopWork reconnect with backoff, and the new watch
+//   resumes the items still held (WatchWorkRequest.resume): a sidecar restarted with its --state-dir carries on.
 //
 //   node sandbox.js unix:///tmp/work-sidecar.sock [--once] [--max-in-flight 2] [--work-seconds 2]
 //   WORK_SIDECAR_ADDR=127.0.0.1:50051 node sandbox.js        (WORK_SIDECAR_ADDRESS is accepted as an alias)
@@ -41,11 +44,33 @@ function time(timestamp) {
   return new Date(Number(timestamp.seconds) * 1000).toISOString().slice(11, 19);
 }
 
-/** Promisifies a unary call of the client. */
-function unary(client, method, request) {
-  return new Promise((resolve, reject) => {
-    client[method](request, (error, response) => (error ? reject(error) : resolve(response)));
-  });
+/** UNAVAILABLE from the transport (the sidecar is down or restarting), not an answer of the sidecar's. */
+function unreachable(error) {
+  if (!error || error.code !== grpc.status.UNAVAILABLE) return false;
+  return !(error.metadata && error.metadata.get('grpc-status-details-bin').length > 0);
+}
+
+/** Backoff with jitter before reconnect attempt `n` (1, 2, ...): 0.1 s doubling to 2 s. */
+function backoffMs(n) {
+  const ceiling = Math.min(2000, 100 * 2 ** (n - 1));
+  return ceiling / 2 + (Math.random() * ceiling) / 2;
+}
+
+const RECONNECT_MS = 60_000; // give up on an unreachable sidecar after this long
+
+/** Promisifies a unary call of the client; retried with backoff while the sidecar cannot be reached. */
+async function unary(client, method, request) {
+  const started = Date.now();
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return await new Promise((resolve, reject) => {
+        client[method](request, (error, response) => (error ? reject(error) : resolve(response)));
+      });
+    } catch (error) {
+      if (!unreachable(error) || Date.now() - started > RECONNECT_MS) throw error;
+      await new Promise((resolve) => setTimeout(resolve, backoffMs(attempt)));
+    }
+  }
 }
 
 /** Resolves after `ms`, or as soon as `signal` aborts. */
@@ -79,19 +104,34 @@ async function workOn(client, assigned, item, options) {
 
   // KeepAlive: one bidi stream for this lease; each ping is answered with the lease status, and changes are
   // pushed at once (LEASE_STATE_STOP_REQUESTED, LEASE_STATE_LOST).
-  const keepAlive = client.KeepAlive();
-  keepAlive.on('data', ({ lease }) => {
-    say(`  keepalive ${lease.work_id}: ${lease.state} ttl=${lease.ttl_seconds}s expires=${time(lease.expires_at)}`);
-    if (lease.state === 'LEASE_STATE_LOST') {
-      item.lost = true;
-      item.finish.abort();
-    } else if (lease.state === 'LEASE_STATE_STOP_REQUESTED') {
-      item.finish.abort();
-    }
-  });
-  keepAlive.on('error', (error) => {
-    if (error.code !== grpc.status.CANCELLED) say(`  keepalive ${work.id} failed: ${error.message}`);
-  });
+  // If the sidecar restarts, a new KeepAlive stream with the same token re-attaches the lease.
+  let keepAlive = null;
+  let failures = 0;
+  const openKeepAlive = () => {
+    keepAlive = client.KeepAlive();
+    keepAlive.on('data', ({ lease }) => {
+      failures = 0;
+      say(`  keepalive ${lease.work_id}: ${lease.state} ttl=${lease.ttl_seconds}s expires=${time(lease.expires_at)}`);
+      if (lease.state === 'LEASE_STATE_LOST') {
+        item.lost = true;
+        item.finish.abort();
+      } else if (lease.state === 'LEASE_STATE_STOP_REQUESTED') {
+        item.finish.abort();
+      }
+    });
+    keepAlive.on('error', (error) => {
+      if (unreachable(error) && !item.finish.signal.aborted) {
+        failures += 1;
+        say(`  keepalive ${work.id}: the sidecar cannot be reached, reconnecting`);
+        setTimeout(() => {
+          if (!item.finish.signal.aborted) openKeepAlive();
+        }, backoffMs(failures));
+      } else if (error.code !== grpc.status.CANCELLED) {
+        say(`  keepalive ${work.id} failed: ${error.message}`);
+      }
+    });
+  };
+  openKeepAlive();
   const ping = () => keepAlive.write({ work_id: work.id, lease_token: token });
   ping();
   const pinger = setInterval(ping, options.pingSeconds * 1000);
@@ -137,7 +177,9 @@ function run(options) {
 
   return new Promise((resolve, reject) => {
     say(`watching ${options.address} as ${options.sandboxId} (max_in_flight=${options.maxInFlight})`);
-    const watch = client.WatchWork({ max_in_flight: options.maxInFlight, sandbox_id: options.sandboxId });
+    let watch = null;
+    let failures = 0;
+    let unreachableSince = 0;
 
     // On Draining, keep the watch open until the last item is stopped: the open stream keeps this sandbox's
     // leases alive and carries StopRequested / LeaseLost for them.
@@ -148,7 +190,7 @@ function run(options) {
       if (leaving) return;
       leaving = true;
       await settle();
-      watch.cancel();
+      if (watch) watch.cancel();
     };
     let finished = false;
     const finish = async (error) => {
@@ -161,11 +203,13 @@ function run(options) {
       resolve(handled);
     };
 
-    watch.on('data', (event) => {
+    const onEvent = (event) => {
+      failures = 0;
+      unreachableSince = 0;
       switch (event.event) {
         case 'work_assigned': {
           const assigned = event.work_assigned;
-          const item = { finish: new AbortController(), lost: false, done: null };
+          const item = { finish: new AbortController(), lost: false, done: null, token: assigned.lease_token };
           items.set(assigned.work.id, item);
           item.done = workOn(client, assigned, item, options).finally(() => {
             items.delete(assigned.work.id);
@@ -204,12 +248,30 @@ function run(options) {
         default:
           say(`unknown event ${event.event}`);
       }
-    });
-    // The watch ends: we cancelled it (leaving), the sidecar closed it, or it failed.
-    watch.on('error', (error) => finish(error.code === grpc.status.CANCELLED && leaving ? null : error));
-    watch.on('status', (status) => {
-      if (status.code === grpc.status.OK) finish(null);
-    });
+    };
+    const openWatch = () => {
+      // After a reconnect, `resume` re-attaches the items still held to the new watch.
+      const resume = [...items.entries()].map(([workId, item]) => ({ work_id: workId, lease_token: item.token }));
+      watch = client.WatchWork({ max_in_flight: options.maxInFlight, sandbox_id: options.sandboxId, resume });
+      watch.on('data', onEvent);
+      // The watch ends: we cancelled it (leaving), the sidecar closed it, it cannot be reached, or it failed.
+      watch.on('error', (error) => {
+        if (unreachable(error) && !leaving) {
+          unreachableSince = unreachableSince || Date.now();
+          if (Date.now() - unreachableSince < RECONNECT_MS) {
+            failures += 1;
+            say('the sidecar cannot be reached: reconnecting the watch');
+            setTimeout(openWatch, backoffMs(failures));
+            return;
+          }
+        }
+        finish(error.code === grpc.status.CANCELLED && leaving ? null : error);
+      });
+      watch.on('status', (status) => {
+        if (status.code === grpc.status.OK) finish(null);
+      });
+    };
+    openWatch();
   });
 }
 

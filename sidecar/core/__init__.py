@@ -3,7 +3,8 @@
 See ARCHITECTURE.md at the top of the repository for the modules and who owns which state.
 """
 
-from ._config import ServerSettings, SidecarSettings, WorkApiSettings, is_loopback, parse_listen
+from ._config import ServerSettings, SidecarSettings, StateSettings, WorkApiSettings, is_loopback, parse_listen
+from ._journal import StateDirError
 from ._policy import Backoff, LeasePolicy, PollPolicy
 from ._server import SERVICE_NAME, Lifecycle, Sidecar, StartupError
 from ._status import DOMAIN as ERROR_DOMAIN
@@ -19,6 +20,8 @@ __all__ = [
     "Sidecar",
     "SidecarSettings",
     "StartupError",
+    "StateDirError",
+    "StateSettings",
     "WorkApiSettings",
     "is_loopback",
     "parse_listen",

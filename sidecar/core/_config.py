@@ -4,8 +4,9 @@
     ServerSettings    → the gRPC server (listeners, auth, keepalive, drain)
     LeasePolicy       → the lease keeper and the hand-over       (_policy.py)
     PollPolicy        → the poller                               (_policy.py)
+    StateSettings     → the lease journal and the token key (--state-dir)
 
-`SidecarSettings` bundles the four for the composition root. Logging, telemetry exporters and the demo
+`SidecarSettings` bundles the five for the composition root. Logging, telemetry exporters and the demo
 emulator are the CLI's business and not here. Secrets are kept out of repr.
 """
 
@@ -105,6 +106,20 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Where leases survive a crash or restart of the sidecar (the lease journal and the token key)."""
+
+    state_dir: str = ""
+    """Directory for the lease journal and the token key ('' = none: leases die with the process)."""
+    fsync_interval: float = 1.0
+    """The journal is written at once and fsynced at most this often (s): only a machine crash can lose that."""
+
+    def __post_init__(self) -> None:
+        if self.fsync_interval <= 0:
+            raise ValueError("fsync interval must be positive")
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarSettings:
     """Everything the core needs, one part per component."""
 
@@ -112,6 +127,7 @@ class SidecarSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     leases: LeasePolicy = field(default_factory=LeasePolicy)
     polling: PollPolicy = field(default_factory=PollPolicy)
+    state: StateSettings = field(default_factory=StateSettings)
 
     @classmethod
     def of(cls, **values: Any) -> SidecarSettings:
@@ -131,6 +147,7 @@ _PARTS: dict[str, Any] = {
     "server": ServerSettings,
     "leases": LeasePolicy,
     "polling": PollPolicy,
+    "state": StateSettings,
 }
 _OWNER: dict[str, str] = {f.name: part for part, kind in _PARTS.items() for f in dataclasses.fields(kind)}
 assert len(_OWNER) == sum(len(dataclasses.fields(kind)) for kind in _PARTS.values()), "setting names are unique"

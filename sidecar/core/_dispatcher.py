@@ -130,6 +130,14 @@ class Dispatcher:
         watcher.queue.put_nowait(pb.WatchWorkResponse(work_assigned=message))
         self._update()
 
+    def attach(self, watcher: Watcher, work_id: str) -> None:
+        """A lease the sandbox already holds is held by this watcher again (WatchWork resume): it takes a slot
+        and counts as given (towards `max_items`)."""
+        if work_id not in watcher.held:
+            watcher.held.add(work_id)
+            watcher.given += 1
+        self._update()
+
     def release(self, watcher: Watcher, work_id: str) -> None:
         watcher.held.discard(work_id)
         self._update()

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Protocol
 
 from opentelemetry.trace import Span
 
@@ -48,6 +49,21 @@ from ._supervisor import Supervisor
 log = logging.getLogger("sidecar.handover")
 
 
+class ClaimIntents(Protocol):
+    """Told before an item is acked and when its claim settled (the lease journal, with `--state-dir`)."""
+
+    def acking(self, work_id: str) -> None: ...
+    def settled(self, work_id: str) -> None: ...
+
+
+class _NoIntents:
+    def acking(self, work_id: str) -> None:
+        pass
+
+    def settled(self, work_id: str) -> None:
+        pass
+
+
 class HandOver:
     def __init__(
         self,
@@ -58,6 +74,7 @@ class HandOver:
         dispatcher: Dispatcher,
         *,
         supervisor: Supervisor,
+        intents: ClaimIntents | None = None,
     ) -> None:
         self._client = client
         self._policy = policy
@@ -65,6 +82,7 @@ class HandOver:
         self._leaser = leaser
         self._dispatcher = dispatcher
         self._supervisor = supervisor
+        self._intents: ClaimIntents = intents or _NoIntents()
 
     def start(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
         """Hand `work` over to `watcher` (whose slot the caller reserved) in the background."""
@@ -76,12 +94,14 @@ class HandOver:
     async def take(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
         """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it."""
         span = telemetry.start_work_span(work, self._client.provider.name)
+        self._intents.acking(work.id)
         try:
             lease = await self._claim(work, span)
         except BaseException:
             self._dispatcher.unreserve(watcher)
             telemetry.end_unassigned_span(span, "not_acked", "error")
-            raise
+            raise  # an interrupted claim stays unsettled: a successor releases the item
+        self._intents.settled(work.id)
         if lease is None:
             self._dispatcher.unreserve(watcher)
             return

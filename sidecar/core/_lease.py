@@ -1,9 +1,11 @@
 """The lease state machine: one owner (`Leases`) for every lease the sidecar holds.
 
 The sidecar is the only holder of a lease towards the Work API; the sandbox holds a `lease_token`, a
-random capability that authorizes calls on that one item.
+capability that authorizes calls on that one item (`_tokens.TokenIssuer`: a MAC over the work id and a random
+nonce, so a sidecar restarted with the same `--state-dir` recomputes the tokens of the leases it adopts).
 
     claimed ──assign──▶ assigned ──renewed──▶ …            (ACTIVE)
+    adopted ──┘  (from the journal of a crashed predecessor, `adopt`; `bury` for one found ended)
        │                   │
        │                   └──request_stop──▶ STOP_REQUESTED
        └───────────────────┴──────end(reason)──▶ STOPPED | LOST   (final)
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import HeartbeatResult, Work, WorkSecret
 from ._convert import timestamp
+from ._tokens import TokenIssuer
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -67,6 +69,10 @@ class Lease:
     stop_notified: bool = False
     """The sandbox knows a stop was requested (it was told, or it asked for the stop itself)."""
     claimed_at: float = field(default_factory=time.monotonic)
+    nonce: str = field(default="", repr=False)
+    """The token's nonce (the journal keeps it; the token is recomputed from it with the key)."""
+    adopted: bool = False
+    """Taken over from the journal of a crashed predecessor (not claimed by this process)."""
 
     @property
     def work_id(self) -> str:
@@ -154,8 +160,15 @@ class LeaseTable:
 class Leases:
     """The owner of every lease: the table, the transitions, the KeepAlive subscribers."""
 
-    def __init__(self, observers: Sequence[LeaseObserver] = (), table: LeaseTable | None = None) -> None:
+    def __init__(
+        self,
+        observers: Sequence[LeaseObserver] = (),
+        table: LeaseTable | None = None,
+        *,
+        tokens: TokenIssuer | None = None,
+    ) -> None:
         self.table = table or LeaseTable()
+        self.tokens = tokens or TokenIssuer.ephemeral()
         self._observers = list(observers)
         self._subscribers: dict[Lease, set[Follower]] = {}
         self._all_ended = asyncio.Event()
@@ -183,9 +196,11 @@ class Leases:
                 "the Work API handed the item out again: this lease had expired there",
             )
         ttl = result.ttl_seconds or ttl_seconds
+        token, nonce = self.tokens.issue(work.id)
         lease = Lease(
             work=work,
-            token=secrets.token_urlsafe(24),
+            token=token,
+            nonce=nonce,
             secret=work.secret,
             last_heartbeat=result.last_heartbeat,
             ttl_seconds=ttl,
@@ -199,6 +214,72 @@ class Leases:
         self._all_ended.clear()
         for observer in self._observers:
             observer.claimed(lease)
+        return lease
+
+    def adopt(
+        self,
+        work: Work,
+        *,
+        nonce: str,
+        last_heartbeat: str,
+        ttl_seconds: int,
+        expires_at: datetime,
+        state: int = pb.LEASE_STATE_ACTIVE,
+        stop_notified: bool = False,
+        sandbox_id: str = "",
+    ) -> Lease:
+        """Take over a lease a crashed predecessor held (from its journal), under the token it issued.
+
+        The lease is held from now on as if its last successful heartbeat was sent a TTL before the journaled
+        expiry: the next renewal (at once, by CAS from `last_heartbeat`) confirms it or ends it, and self-fencing
+        counts from there. It has no watcher until its sandbox re-attaches."""
+        stale = self.table.get(work.id)
+        if stale is not None:
+            raise ValueError(f"a lease on {work.id} is already held")
+        remaining = (expires_at - datetime.now(UTC)).total_seconds()
+        lease = Lease(
+            work=work,
+            token=self.tokens.token(work.id, nonce),
+            nonce=nonce,
+            secret=None,
+            last_heartbeat=last_heartbeat,
+            ttl_seconds=ttl_seconds,
+            last_success=time.monotonic() + remaining - ttl_seconds,
+            expires_at=expires_at,
+            sandbox_id=sandbox_id,
+            state=pb.LEASE_STATE_STOP_REQUESTED if state == pb.LEASE_STATE_STOP_REQUESTED else pb.LEASE_STATE_ACTIVE,
+            stop_notified=stop_notified,
+            adopted=True,
+        )
+        self.table._add(lease)
+        self._all_ended.clear()
+        for observer in self._observers:
+            observer.claimed(lease)
+        return lease
+
+    def bury(self, work: Work, *, nonce: str, state: int, reason: int, message: str = "") -> Lease:
+        """A tombstone for a lease the predecessor held that has ended (or was found ended on adoption): its
+        sandbox, re-attaching with the old token, learns how it ended instead of getting a bare refusal.
+        Observers are not told: this process never held it."""
+        if state not in ENDED_STATES:
+            raise ValueError(f"{state} is not a final lease state")
+        lease = Lease(
+            work=work,
+            token=self.tokens.token(work.id, nonce),
+            nonce=nonce,
+            secret=None,
+            last_heartbeat="",
+            ttl_seconds=0,
+            last_success=time.monotonic(),
+            expires_at=datetime.now(UTC),
+            state=state,
+            lost_reason=reason,
+            lost_message=message,
+            stop_notified=True,
+            adopted=True,
+        )
+        if self.table.get(work.id) is None:
+            self.table._remove(lease)
         return lease
 
     def assign(self, lease: Lease, watcher: Watcher) -> None:

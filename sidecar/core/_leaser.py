@@ -59,9 +59,11 @@ class Leaser:
         # request against every connection on each request and response.
         self._limit = asyncio.Semaphore(max(1, concurrency))
 
-    def track(self, lease: Lease) -> None:
-        """Start renewing a freshly claimed lease (its first heartbeat already succeeded)."""
-        self._schedule(lease, time.monotonic() + self._policy.heartbeat_interval(lease.ttl_seconds))
+    def track(self, lease: Lease, *, at_once: bool = False) -> None:
+        """Start renewing a freshly claimed lease (its first heartbeat already succeeded); `at_once`: renew it
+        now (an adopted lease, confirmed by its first renewal)."""
+        delay = 0.0 if at_once else self._policy.heartbeat_interval(lease.ttl_seconds)
+        self._schedule(lease, time.monotonic() + delay)
 
     async def release(self, lease: Lease, reason: int, message: str) -> None:
         """Give a lease up on purpose: end it, then ask for a short TTL so the item requeues sooner.

@@ -42,6 +42,13 @@ class Liveness:
         self._of(lease).last_ping = time.monotonic()
         self.check(lease)
 
+    def adopted(self, lease: Lease) -> None:
+        """A lease adopted after a restart: absent until its sandbox re-attaches, the grace starting now (the
+        adoption logs one line for all of them)."""
+        presence = self._of(lease)
+        presence.absent_since = time.monotonic()
+        presence.timer = asyncio.get_running_loop().call_later(self._policy.reattach_grace + 0.01, self.check, lease)
+
     def watcher_closed(self, work_ids: set[str]) -> None:
         for work_id in list(work_ids):
             lease = self._leases.get(work_id)

@@ -1,7 +1,8 @@
 """The composition root of the core: builds the components from their settings, serves, drains on SIGTERM.
 
     poller ──▶ handover ──▶ leases (state machine) ◀── leaser (renewal), liveness, service (RPCs)
-                               └──▶ observers: telemetry, dispatcher (watcher streams), liveness
+                               └──▶ observers: telemetry, dispatcher (watcher streams), liveness, journal
+    (--state-dir) journal ──▶ adoption at start: the predecessor's leases, before binding and polling
 
 Drain (first SIGTERM or SIGINT): health turns NOT_SERVING, polling stops at once (an item a cancelled
 poll would have returned is never acked, so the Work API reclaims it), every watcher gets `Draining`,
@@ -40,11 +41,13 @@ from ..workapi import (
     WorkApiError,
 )
 from . import _telemetry as telemetry
+from ._adoption import Adoption
 from ._auth import BearerTokenInterceptor
 from ._config import ServerSettings, SidecarSettings, parse_listen
 from ._dispatcher import Dispatcher
 from ._handover import HandOver
 from ._health import HealthReporter
+from ._journal import Binding, Journal, prepare_state_dir
 from ._lease import Leases
 from ._leaser import Leaser
 from ._limits import add_to_server
@@ -52,6 +55,7 @@ from ._liveness import Liveness
 from ._poller import Poller
 from ._service import WorkService
 from ._supervisor import Supervisor
+from ._tokens import TokenIssuer
 
 log = logging.getLogger("sidecar")
 
@@ -107,12 +111,27 @@ class Sidecar:
         self.client = client
         self.supervisor = Supervisor()
         self.dispatcher = Dispatcher()
-        self.leases = Leases([telemetry.TelemetryObserver(), self.dispatcher])
+        self.journal: Journal | None = None
+        tokens: TokenIssuer | None = None
+        if settings.state.state_dir:  # leases survive a crash: journal them, issue tokens a successor can verify
+            tokens = TokenIssuer.in_dir(prepare_state_dir(settings.state.state_dir))
+            binding = Binding.of(
+                environment_id=api.environment_id, api_url=client.base_url, provider=api.provider, api_key=api.api_key
+            )
+            self.journal = Journal(settings.state.state_dir, binding, fsync_interval=settings.state.fsync_interval)
+        self.leases = Leases([telemetry.TelemetryObserver(), self.dispatcher], tokens=tokens)
+        if self.journal is not None:
+            self.leases.observe(self.journal)
         heartbeats = min(policy.heartbeat_concurrency, api.max_connections - polling.max_pollers)
         self.leaser = Leaser(client, policy, self.leases, concurrency=heartbeats, supervisor=self.supervisor)
         self.liveness = Liveness(policy, self.leases, self.leaser)
         self.leases.observe(self.liveness)
-        self.handover = HandOver(client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor)
+        self.handover = HandOver(
+            client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor, intents=self.journal
+        )
+        self.adoption = (
+            Adoption(client, policy, self.leases, self.leaser, self.liveness, self.journal) if self.journal else None
+        )
         self.poller = Poller(client, polling, self.dispatcher, self.handover, supervisor=self.supervisor)
         self.service = WorkService(
             client=client,
@@ -148,6 +167,13 @@ class Sidecar:
         if self.state is not Lifecycle.NEW:
             raise RuntimeError(f"start() on a sidecar that is {self.state.value}")
         await self._check_work_api()
+        self.supervisor.keep(self.leaser.run, name="renewal scheduler")
+        if self.journal is not None and self.adoption is not None:
+            # Before binding and polling: sandboxes re-attach to adopted leases (until then they get UNAVAILABLE
+            # and retry), and no new item is taken before the old ones are back in hand.
+            recovered = await asyncio.to_thread(self.journal.open)
+            self.supervisor.keep(self.journal.run, name="journal")
+            await self.adoption.adopt(recovered)
         unix_paths = self._bind()
         old_umask = os.umask(0o177)  # sockets are created 0600 (never, even briefly, open to others) ...
         try:
@@ -161,7 +187,6 @@ class Sidecar:
         telemetry.register_gauges(
             lambda: len(self.leases), lambda: len(self.dispatcher.watchers), self.dispatcher.free_capacity
         )
-        self.supervisor.keep(self.leaser.run, name="renewal scheduler")
         self.supervisor.keep(self.health_reporter.run, name="health")
         self.poller.start()
         self.state = Lifecycle.SERVING
@@ -272,10 +297,15 @@ class Sidecar:
     async def close(self) -> None:
         if self.state is Lifecycle.CLOSED:
             return
+        drained = self.state is Lifecycle.DRAINED
         self.state = Lifecycle.CLOSED
         await self.server.stop(grace=1.0)
         await self.poller.stop()
+        if self.adoption is not None:
+            await self.adoption.close()
         await self.supervisor.close()
+        if self.journal is not None:
+            self.journal.close(clean=drained)
         await self._exit.aclose()
         for path in self._bound_paths:  # only what this process bound
             with contextlib.suppress(OSError):

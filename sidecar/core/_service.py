@@ -16,7 +16,7 @@ from ..work.v1 import work_service_pb2_grpc as pb_grpc
 from ..workapi import ConflictError, NotFoundError, WorkApiClient, WorkApiError
 from . import _telemetry as telemetry
 from ._convert import queue_stats_message, work_message
-from ._dispatcher import Dispatcher
+from ._dispatcher import Dispatcher, Watcher
 from ._handover import HandOver
 from ._lease import Lease, Leases
 from ._limits import (
@@ -156,12 +156,26 @@ class WorkService(pb_grpc.WorkServiceServicer):
                     "INVALID_ARGUMENT",
                 ),
             )
+        if len(request.resume) > MAX_IN_FLIGHT:
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"resume at most {MAX_IN_FLIGHT} leases", "INVALID_ARGUMENT"
+                ),
+            )
         sandbox_id = request.sandbox_id or context.peer() or "sandbox"
         watcher = self._dispatcher.add_watcher(sandbox_id, request.max_in_flight or 1, request.max_items)
         log.info(
             "watcher connected",
-            extra={"sandbox_id": sandbox_id, "max_in_flight": watcher.max_in_flight, "max_items": request.max_items},
+            extra={
+                "sandbox_id": sandbox_id,
+                "max_in_flight": watcher.max_in_flight,
+                "max_items": request.max_items,
+                "resumed": len(request.resume),
+            },
         )
+        for held in request.resume:
+            self._resume(watcher, held)
         try:
             while True:
                 message = await watcher.queue.get()
@@ -174,6 +188,33 @@ class WorkService(pb_grpc.WorkServiceServicer):
                 self._handover.reassign(assignment)
             self._liveness.watcher_closed(watcher.held)
             log.info("watcher disconnected", extra={"sandbox_id": sandbox_id, "leases": len(watcher.held)})
+
+    def _resume(self, watcher: Watcher, held: pb.HeldLease) -> None:
+        """Re-attach a lease the sandbox holds to its new stream, and repeat what it may have missed."""
+        lease = self._leases.authorize(held.work_id, held.lease_token) if held.work_id else None
+        if lease is None:
+            lost = pb.LeaseLost(
+                work_id=held.work_id,
+                reason=pb.LEASE_LOST_REASON_UNKNOWN,
+                message="this sidecar does not know the lease (not issued here, or issued before a restart "
+                "without --state-dir); nobody renews it",
+            )
+            self._dispatcher.send(watcher, pb.WatchWorkResponse(lease_lost=lost))
+            return
+        if lease.ended:
+            if lease.state == pb.LEASE_STATE_LOST:
+                lost = pb.LeaseLost(work_id=lease.work_id, reason=lease.lost_reason, message=lease.lost_message)  # type: ignore[arg-type]
+                self._dispatcher.send(watcher, pb.WatchWorkResponse(lease_lost=lost))
+            return
+        if lease.watcher is not None and lease.watcher is not watcher:
+            self._dispatcher.release(lease.watcher, lease.work_id)
+        self._leases.assign(lease, watcher)
+        self._dispatcher.attach(watcher, lease.work_id)
+        self._liveness.check(lease)
+        if lease.state == pb.LEASE_STATE_STOP_REQUESTED:
+            event = pb.StopRequested(work_id=lease.work_id)
+            event.requested_at.GetCurrentTime()
+            self._dispatcher.send(watcher, pb.WatchWorkResponse(stop_requested=event))
 
     # -- KeepAlive ----------------------------------------------------------------------------------
 

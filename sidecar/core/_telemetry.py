@@ -126,6 +126,9 @@ class TelemetryObserver:
     """Turns lease transitions into metrics, span events and log lines (the only place that does)."""
 
     def claimed(self, lease: Lease) -> None:
+        if lease.adopted:  # after a restart: the adoption logs one line for all of them
+            log.debug("lease adopted", extra={"work_id": lease.work_id, "ttl_seconds": lease.ttl_seconds})
+            return
         log.info("lease started", extra={"work_id": lease.work_id, "ttl_seconds": lease.ttl_seconds})
 
     def assigned(self, lease: Lease) -> None:

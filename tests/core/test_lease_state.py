@@ -161,3 +161,33 @@ def test_policies_declare_the_documented_rules() -> None:
         PollPolicy(block_ms=1000)
     with pytest.raises(ValueError, match="ttl"):
         LeasePolicy(ttl_seconds=0)
+
+
+async def test_an_adopted_lease_keeps_its_token_and_a_buried_one_tells_how_it_ended() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sidecar.core._tokens import TokenIssuer
+
+    tokens = TokenIssuer.ephemeral()
+    first = Leases(tokens=tokens)
+    held = first.claim(_work("work_1"), _beat(), sent_at=time.monotonic(), ttl_seconds=60)
+    ended = first.claim(_work("work_2"), _beat(), sent_at=time.monotonic(), ttl_seconds=60)
+    recorder = Recorder()
+    successor = Leases([recorder], tokens=tokens)
+    expires = datetime.now(UTC) + timedelta(seconds=50)
+    adopted = successor.adopt(
+        _work("work_1"), nonce=held.nonce, last_heartbeat=held.last_heartbeat, ttl_seconds=60, expires_at=expires,
+        state=pb.LEASE_STATE_STOP_REQUESTED, stop_notified=True, sandbox_id="sb",
+    )  # fmt: skip
+    assert successor.authorize("work_1", held.token) is adopted and adopted.adopted
+    assert adopted.state == pb.LEASE_STATE_STOP_REQUESTED and adopted.watcher is None
+    assert 9 < adopted.fence_at - time.monotonic() <= 50, "self-fencing counts from the journaled heartbeat"
+    assert recorder.heard == [("claimed", "work_1")]
+    with pytest.raises(ValueError, match="already held"):
+        successor.adopt(_work("work_1"), nonce="n", last_heartbeat="x", ttl_seconds=60, expires_at=expires)
+    buried = successor.bury(
+        _work("work_2"), nonce=ended.nonce, state=pb.LEASE_STATE_LOST, reason=pb.LEASE_LOST_REASON_SANDBOX_GONE
+    )
+    assert successor.authorize("work_2", ended.token) is buried and buried.ended
+    assert successor.get("work_2") is None and len(successor) == 1
+    assert successor.authorize("work_1", ended.token) is None, "a token is bound to its work id"

@@ -235,6 +235,9 @@ async def test_entrypoint_serves_passes_healthcheck_and_drains_on_stopsignal(
     env["PATH"] = env["PATH"].replace(f"{venv}/bin", str(BIN))  # the image's venv is this test's venv
     addresses = AddressMap(short_dir)
     env["WORK_SIDECAR_LISTEN"] = addresses.listen(env["WORK_SIDECAR_LISTEN"])
+    volumes = " ".join(v.value for v in final.all("VOLUME"))
+    assert env["WORK_SIDECAR_STATE_DIR"] in volumes, "the state dir is a declared volume"
+    env["WORK_SIDECAR_STATE_DIR"] = f"{short_dir}/state"  # that volume, where a test may write
     env |= {"WORK_SIDECAR_API_URL": api.url, "WORK_SIDECAR_API_KEY": KEY, "WORK_SIDECAR_ENVIRONMENT_ID": ENV}
     entrypoint, cmd, user = final.last("ENTRYPOINT"), final.last("CMD"), final.last("USER")
     assert entrypoint is not None and cmd is not None
@@ -281,3 +284,4 @@ async def test_entrypoint_serves_passes_healthcheck_and_drains_on_stopsignal(
         assert code == 0, served.stderr_lines[-10:]
         assert took < drain_timeout
         assert await api.state(item.work.id) == "stopped"
+        assert (Path(env["WORK_SIDECAR_STATE_DIR"]) / "leases.journal").exists(), "the lease journal was kept"

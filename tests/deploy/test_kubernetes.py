@@ -158,6 +158,17 @@ def test_socket_is_shared_through_an_empty_dir(pod: dict[str, Any], sidecar: dic
         ), "the same socket file seen from both containers"
 
 
+def test_the_sidecar_keeps_its_state_in_its_own_empty_dir(pod: dict[str, Any], sidecar: dict[str, Any]) -> None:
+    env = {entry["name"]: entry.get("value") for entry in sidecar["env"]}
+    path = env["WORK_SIDECAR_STATE_DIR"]
+    mount = _mount_of(sidecar, path)
+    assert mount is not None and mount["mountPath"] == path, "the state dir is a volume (the root fs is read-only)"
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume, "survives a restart of the sidecar container, not a pod deletion"
+    for container in pod["containers"]:
+        assert all(m["name"] != mount["name"] for m in container.get("volumeMounts", [])), "the token key stays"
+
+
 def test_sandbox_containers_run_as_the_socket_owner(pod: dict[str, Any]) -> None:
     """The sidecar creates its socket 0600: only the same UID can connect. That UID is the image's USER."""
     user = parse_dockerfile(ROOT / "Dockerfile").final.last("USER")
@@ -260,6 +271,7 @@ async def test_sidecar_container_serves_passes_probes_and_drains(
     env = base_environment() | _resolve_env(sidecar, {"api-key": KEY}, pod_name=pod_name)
     env |= {"WORK_SIDECAR_API_URL": api.url, "WORK_SIDECAR_ENVIRONMENT_ID": ENV}  # the test's Work API
     env["WORK_SIDECAR_LISTEN"] = addresses.listen(env["WORK_SIDECAR_LISTEN"])
+    env["WORK_SIDECAR_STATE_DIR"] = f"{short_dir}/state"  # the state volume, in a place a test may write
     env["PATH"] = f"{BIN}:{env['PATH']}"
     context = {**pod.get("securityContext", {}), **sidecar.get("securityContext", {})}
     run_as = run_as_kwargs(f"{context['runAsUser']}:{context['runAsGroup']}", short_dir)

@@ -130,6 +130,11 @@ class _LeaseLostReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Lease
     Work API answer it could not handle): it fenced the lease off and released
     it rather than risk two holders. Stop working on the item.
     """
+    LEASE_LOST_REASON_UNKNOWN: _LeaseLostReason.ValueType  # 9
+    """The sidecar does not know this lease (a WatchWork resume with a token it
+    never issued, or one issued before it restarted without its --state-dir):
+    nobody renews it, so stop working on it.
+    """
 
 class LeaseLostReason(_LeaseLostReason, metaclass=_LeaseLostReasonEnumTypeWrapper):
     """LeaseLostReason says why a lease was lost."""
@@ -165,6 +170,11 @@ LEASE_LOST_REASON_INTERNAL: LeaseLostReason.ValueType  # 8
 """The sidecar hit an unexpected error while keeping the lease (a bug, or a
 Work API answer it could not handle): it fenced the lease off and released
 it rather than risk two holders. Stop working on the item.
+"""
+LEASE_LOST_REASON_UNKNOWN: LeaseLostReason.ValueType  # 9
+"""The sidecar does not know this lease (a WatchWork resume with a token it
+never issued, or one issued before it restarted without its --state-dir):
+nobody renews it, so stop working on it.
 """
 Global___LeaseLostReason: _TypeAlias = LeaseLostReason  # noqa: Y015
 
@@ -383,6 +393,7 @@ class WatchWorkRequest(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     SANDBOX_ID_FIELD_NUMBER: _builtins.int
     MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     max_in_flight: _builtins.int
     """How many items this sandbox works on at once; 0 means 1."""
     sandbox_id: _builtins.str
@@ -392,20 +403,55 @@ class WatchWorkRequest(_message.Message):
     no more, while its open stream still keeps their leases alive. A sandbox that handles one item and
     exits sets 1, so it is never handed a second item as it finishes the first and leaves.
     """
+    @_builtins.property
+    def resume(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldLease]:
+        """Leases this sandbox already holds, to re-attach them to this stream (after the stream broke, or the
+        sidecar restarted with the same --state-dir): each live one counts as held by this watch again, and the
+        stream carries its events again (StopRequested at once when a stop is pending). One the sidecar knows as
+        ended, or does not know at all, gets LeaseLost at once. Resumed leases count as given (max_items).
+        """
+
     def __init__(
         self,
         *,
         max_in_flight: _builtins.int = ...,
         sandbox_id: _builtins.str = ...,
         max_items: _builtins.int = ...,
+        resume: _abc.Iterable[Global___HeldLease] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_in_flight", b"max_in_flight", "max_items", b"max_items", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_in_flight", b"max_in_flight", "max_items", b"max_items", "resume", b"resume", "sandbox_id", b"sandbox_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchWorkRequest: _TypeAlias = WatchWorkRequest  # noqa: Y015
+
+@_typing.final
+class HeldLease(_message.Message):
+    """HeldLease names a lease the sandbox holds: the item and its lease token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    work_id: _builtins.str
+    """The item's id."""
+    lease_token: _builtins.str
+    """The lease token from the item's WorkAssigned."""
+    def __init__(
+        self,
+        *,
+        work_id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_token", b"lease_token", "work_id", b"work_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldLease: _TypeAlias = HeldLease  # noqa: Y015
 
 @_typing.final
 class WatchWorkResponse(_message.Message):
