@@ -49,6 +49,11 @@ def sidecar_unreachable(error: grpc.aio.AioRpcError) -> bool:
     return not any(key == "grpc-status-details-bin" for key, _ in (error.trailing_metadata() or ()))
 
 
+_STREAM_ENDED = grpc.aio.AioRpcError(
+    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details="the KeepAlive stream ended"
+)
+
+
 class _Reconnect:
     """Backoff with full jitter between attempts (0.1 s doubling to 2 s), giving up `timeout` seconds after
     the sidecar was last reachable."""
@@ -88,6 +93,9 @@ class Assignment:
         self.stop_requested = asyncio.Event()
         self.lost = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        """Set at once while the sidecar cannot be reached (cleared when the lease is re-attached). The item is still
+        yours until `lost` is set: at the latest a fencing margin before the lease's last known expiry."""
         self.lost_reason: int = pb.LEASE_LOST_REASON_UNSPECIFIED
         self._keepalive: asyncio.Task[None] | None = None
 
@@ -140,22 +148,47 @@ class Assignment:
 
         while True:  # the same token re-attaches the lease to a restarted sidecar
             call = self._client.stub.KeepAlive(pings(), metadata=self._client.metadata)
+            error: grpc.aio.AioRpcError | None = None
             try:
                 async for response in call:
                     reconnect.reached()
+                    self.disconnected.clear()
                     self._apply(response.lease)
                     if self.lost.is_set() or self.stopped.is_set():
                         call.cancel()
                         return
-                return
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.PERMISSION_DENIED:  # a sidecar restarted without its state
-                    self.lost_reason = pb.LEASE_LOST_REASON_UNKNOWN
-                    self.lost.set()
+            except grpc.aio.AioRpcError as failed:
+                if failed.code() == grpc.StatusCode.PERMISSION_DENIED:  # a sidecar restarted without its state
+                    self._lose(pb.LEASE_LOST_REASON_UNKNOWN)
                     return
-                if not sidecar_unreachable(error):
+                if failed.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
+                    self._lose(pb.LEASE_LOST_REASON_UNKNOWN)  # a mistake of this client's: retrying cannot help
                     raise
-                await reconnect.wait(error)
+                error = failed
+            # The stream ended without a final status (the sidecar went away, restarts, or shed the stream): nobody
+            # may be renewing the lease now. Past its last known expiry (less the fencing margin) the Work API may
+            # give the item to someone else, so the sandbox must have stopped by then: until that, re-attach.
+            self.disconnected.set()
+            try:
+                async with asyncio.timeout(max(self._fence_at() - time.time(), 0.0)):
+                    await reconnect.wait(error or _STREAM_ENDED)
+            except (TimeoutError, grpc.aio.AioRpcError):
+                self._lose(pb.LEASE_LOST_REASON_EXPIRED)
+                return
+
+    def _fence_at(self) -> float:
+        """Wall-clock second a fencing margin before the lease's last known expiry, the sidecar's rule
+        (`LeasePolicy.fence_margin`: max(1 s, 10 % of the TTL), at most half the TTL)."""
+        if not self.lease.HasField("expires_at"):
+            return time.time()
+        ttl = float(self.lease.ttl_seconds)
+        margin = min(max(1.0, 0.1 * ttl), ttl / 2)
+        return self.lease.expires_at.ToMicroseconds() / 1e6 - margin
+
+    def _lose(self, reason: int) -> None:
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
 
     async def stop(self, *, force: bool = True) -> pb.Work:
         response = await self._client.call(

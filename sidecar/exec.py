@@ -196,7 +196,7 @@ class ExecAdapter:
             try:
                 await reconnect.wait(error)
             except grpc.aio.AioRpcError as exc:
-                log.error("WatchWork failed", extra={"code": exc.code().name, "error": exc.details()})
+                print(f"work-sidecar exec: {watch_failure(exc, self.args.sidecar)}", file=sys.stderr, flush=True)
                 self.exit_codes.append(1)
                 stop_watching.set()
                 return

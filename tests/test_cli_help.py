@@ -120,6 +120,6 @@ def test_unreachable_sidecar_errors_name_the_fix(tmp_path: Path) -> None:
     health = _run("health", "--sidecar", gone, "--timeout", "1")
     assert health.returncode == 1
     assert "is the sidecar running" in health.stderr and "work-sidecar serve" in health.stderr
-    execd = _run("exec", "--sidecar", gone, "--once", "--", "true")
+    execd = _run("exec", "--sidecar", gone, "--reconnect-timeout", "1", "--once", "--", "true")
     assert execd.returncode == 1, execd
     assert "cannot reach the sidecar" in execd.stderr and "work-sidecar health --sidecar" in execd.stderr

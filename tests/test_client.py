@@ -6,6 +6,7 @@ reach the Assignment's events; a lost item is not stopped by the client; finishe
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -93,3 +94,29 @@ async def _capacity_is(running: Running, expected: int) -> bool:
     """Seen through the sidecar's public stats, not its internals."""
     stats = await running.stub.GetQueueStats(pb.GetQueueStatsRequest())
     return stats.sidecar.free_capacity == expected
+
+
+async def test_a_sidecar_that_dies_fences_the_item_before_its_lease_can_expire(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """#11.11. Guarantee: when the sidecar goes away (and does not come back), the sandbox is woken at once
+    (`disconnected`) and told `lost` a fencing margin before the lease's last known expiry, so it stops before the
+    Work API may hand the item to anyone else; meanwhile it keeps trying to re-attach (#12)."""
+    running = await start_sidecar(ttl_seconds=4)
+    async with SidecarClient(running.address, keepalive_interval=0.2, reconnect_timeout=60) as client:
+        assignments = client.assignments(max_in_flight=1)
+        pending = asyncio.ensure_future(_first(assignments))
+        await eventually(lambda: _capacity_is(running, 1))
+        await api.enqueue(1)
+        item = await pending
+        async with item:
+            await eventually(lambda: item.lease.HasField("expires_at"), message="a status from KeepAlive")
+            await running.sidecar.close()  # gone, and it does not come back
+            died = time.monotonic()
+            await asyncio.wait_for(item.disconnected.wait(), 5)
+            assert time.monotonic() - died <= 1.5, "the sandbox is woken within a second or so"
+            await asyncio.wait_for(item.lost.wait(), 10)
+            fence = item.lease.expires_at.ToMicroseconds() / 1e6
+            assert time.time() <= fence - 0.5, "lost before the lease's expiry, with a margin"
+            assert item.lost_reason == pb.LEASE_LOST_REASON_EXPIRED
+        await assignments.aclose()

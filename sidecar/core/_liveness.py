@@ -105,6 +105,13 @@ class Liveness:
             lease, pb.LEASE_LOST_REASON_SANDBOX_GONE, "the sandbox did not re-attach within the grace period"
         )
 
+    def close(self) -> None:
+        """Cancel every grace timer (the sidecar is closing)."""
+        for presence in self._presence.values():
+            if presence.timer is not None:
+                presence.timer.cancel()
+        self._presence.clear()
+
     # -- LeaseObserver: forget a lease when it ends -------------------------------------------------
 
     def claimed(self, lease: Lease) -> None:

@@ -301,6 +301,7 @@ class Sidecar:
         self.state = Lifecycle.CLOSED
         await self.server.stop(grace=1.0)
         await self.poller.stop()
+        self.liveness.close()
         if self.adoption is not None:
             await self.adoption.close()
         await self.supervisor.close()

@@ -35,11 +35,15 @@ class Supervisor:
         self._crashes: dict[str, deque[float]] = {}
         self.crashed = 0
         """Unexpected exceptions seen so far (one-shot tasks and loops)."""
+        self._closed = False
 
     # -- one-shot tasks -----------------------------------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str, on_crash: Crash | None = None) -> asyncio.Task[None]:
         task = asyncio.ensure_future(self._guard(coro, name, on_crash))
+        if self._closed:  # a timer that fired during close: the work is not started (the task ends cancelled)
+            task.cancel()
+            return task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -96,6 +100,7 @@ class Supervisor:
         )
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

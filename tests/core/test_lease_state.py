@@ -181,7 +181,7 @@ async def test_an_adopted_lease_keeps_its_token_and_a_buried_one_tells_how_it_en
     )  # fmt: skip
     assert successor.authorize("work_1", held.token) is adopted and adopted.adopted
     assert adopted.state == pb.LEASE_STATE_STOP_REQUESTED and adopted.watcher is None
-    assert 9 < adopted.fence_at - time.monotonic() <= 50, "self-fencing counts from the journaled heartbeat"
+    assert 9 < adopted.expires - time.monotonic() <= 50, "self-fencing counts from the journaled heartbeat"
     assert recorder.heard == [("claimed", "work_1")]
     with pytest.raises(ValueError, match="already held"):
         successor.adopt(_work("work_1"), nonce="n", last_heartbeat="x", ttl_seconds=60, expires_at=expires)
