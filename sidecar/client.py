@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ._address import ADDRESS_ENV, sidecar_address
+from ._fencing import fence_margin
 from .work.v1 import work_service_pb2 as pb
 from .work.v1 import work_service_pb2_grpc as pb_grpc
 
@@ -177,13 +178,11 @@ class Assignment:
                 return
 
     def _fence_at(self) -> float:
-        """Wall-clock second a fencing margin before the lease's last known expiry, the sidecar's rule
-        (`LeasePolicy.fence_margin`: max(1 s, 10 % of the TTL), at most half the TTL)."""
+        """Wall-clock second a fencing margin (the sidecar's rule, `sidecar._fencing`) before the lease's last known
+        expiry."""
         if not self.lease.HasField("expires_at"):
             return time.time()
-        ttl = float(self.lease.ttl_seconds)
-        margin = min(max(1.0, 0.1 * ttl), ttl / 2)
-        return self.lease.expires_at.ToMicroseconds() / 1e6 - margin
+        return self.lease.expires_at.ToMicroseconds() / 1e6 - fence_margin(float(self.lease.ttl_seconds))
 
     def _lose(self, reason: int) -> None:
         if not self.lost.is_set():

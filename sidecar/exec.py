@@ -44,6 +44,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ._address import ADDRESS_ALIASES, ADDRESS_ENV, sidecar_address
+from ._fencing import fence_margin
 from ._logging import configure_logging
 from .client import _Reconnect, sidecar_unreachable
 from .wire import WORK_TIMESTAMPS, work_object
@@ -136,6 +137,7 @@ class ExecAdapter:
         self.signalled: int | None = None
         self.completed = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._disconnected_since: float | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -184,14 +186,20 @@ class ExecAdapter:
                 ),
                 metadata=self.metadata,
             )
+            attached = asyncio.get_running_loop().call_later(1.0, self._attached)  # a stream that stays up
             try:
                 error = await self._watch(call, stop_watching)
             finally:
+                attached.cancel()
                 call.cancel()
             if error is None or stop_watching.is_set():
                 return
             if time.monotonic() - began > 1.0:
                 reconnect.reached()
+            if self._disconnected_since is None:
+                self._disconnected_since = time.monotonic()
+                for child in self.children.values():
+                    self._spawn(self._fence(child, self._disconnected_since))
             log.warning("the sidecar cannot be reached: reconnecting", extra={"children": len(self.children)})
             try:
                 await reconnect.wait(error)
@@ -237,6 +245,24 @@ class ExecAdapter:
         if not self._tasks:
             stop_watching.set()
         return None
+
+    def _attached(self) -> None:
+        self._disconnected_since = None
+
+    async def _fence(self, child: Child, since: float) -> None:
+        """While the sidecar cannot be reached nobody may renew the child's lease. It was renewed at most half a
+        TTL before the disconnection, so the Work API may re-deliver the item from `since + ttl/2` on: unless the
+        sidecar is back by then (less the fencing margin and the kill grace), the child is stopped as lost."""
+        ttl = float(child.item.lease.ttl_seconds or 60)
+        margin = fence_margin(ttl)
+        await asyncio.sleep(max(0.0, since + ttl / 2 - margin - self.args.kill_grace - time.monotonic()))
+        if self._disconnected_since != since or child.done.is_set() or child.lost:
+            return
+        child.lost = True
+        log.warning("the sidecar is still unreachable: stopping the child before its lease can expire",
+                    extra={"work_id": child.work_id})  # fmt: skip
+        child.signal(signal.SIGTERM)
+        await self._kill_after_grace(child)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from .._fencing import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, fence_margin
 from ..wire import MAX_BLOCK_MS, MIN_BLOCK_MS
 
 
@@ -82,15 +83,15 @@ class LeasePolicy:
         if self.release_ttl_seconds is not None and self.release_ttl_seconds <= 0:
             raise ValueError("--release-ttl must be positive (or 0 for off)")
 
-    fence_margin_min: float = 1.0
-    fence_margin_ratio: float = 0.1
+    fence_margin_min: float = FENCE_MARGIN_MIN
+    fence_margin_ratio: float = FENCE_MARGIN_RATIO
     """Self-fencing happens `fence_margin(ttl)` = max(fence_margin_min, ttl * fence_margin_ratio) seconds *before*
     the TTL since the last successful heartbeat was sent runs out, so the sandbox hears LeaseLost before the Work
     API may hand the item to anyone else (1 s for TTLs up to 10 s, 6 s for the default 60 s)."""
 
     def fence_margin(self, ttl_seconds: float) -> float:
-        """max(fence_margin_min, ttl * fence_margin_ratio), and never more than half the TTL (TTLs under 2 s)."""
-        return min(max(self.fence_margin_min, ttl_seconds * self.fence_margin_ratio), ttl_seconds / 2)
+        """max(fence_margin_min, ttl * fence_margin_ratio), and never more than half the TTL (`sidecar._fencing`)."""
+        return fence_margin(ttl_seconds, self.fence_margin_min, self.fence_margin_ratio)
 
     def heartbeat_interval(self, ttl_seconds: float) -> float:
         """clamp(ttl/2, min_interval, max_interval), as the official workers do, but never more than 60% of the

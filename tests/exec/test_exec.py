@@ -176,3 +176,22 @@ def test_child_environment_uses_one_address_name() -> None:
     assert env["WORK_SIDECAR_ADDR"] == "unix:///s.sock" and "WORK_SIDECAR_ADDRESS" not in env
     assert env["WORK_SIDECAR_AUTH_TOKEN"] == "bearer-1" and env["WORK_SIDECAR_LEASE_TOKEN"] == "tok"
     assert "WORK_SIDECAR_API_KEY" not in env and env["PATH"] == "/bin"
+
+
+async def test_a_sidecar_that_never_comes_back_stops_the_child_before_its_lease_expires(
+    api: Api, start_sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    """#11.11 with #12. Guarantee: the child survives a sidecar restart, but if the sidecar is not back within half
+    a TTL less the fencing margin and the kill grace, the child is stopped as lost — before the Work API may hand
+    its item to anyone else (nobody renews the lease while the sidecar is gone)."""
+    running = await start_sidecar(ttl_seconds=6)
+    [queued] = await api.enqueue(1)
+    adapter, report = await _adapter(running.address, tmp_path, "wait", "--once")
+    await eventually(report.exists, timeout=20, message="child started")
+    await running.sidecar.close()  # gone for good
+    gone = asyncio.get_running_loop().time()
+    await eventually(lambda: Path(str(report) + ".term").exists(), timeout=20, message="the child got SIGTERM")
+    assert asyncio.get_running_loop().time() - gone <= 6 / 2 + 1, "within half a TTL of the disconnection"
+    item = await api.item(queued["id"])
+    assert item["state"] == "active" and item["lease_expires_at"] is not None, "before the lease ran out"
+    await asyncio.wait_for(adapter.wait(), 90)
