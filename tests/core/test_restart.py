@@ -385,9 +385,11 @@ async def test_exec_children_keep_running_across_a_restart(api: Api, sidecar: Si
         f"pathlib.Path({str(started)!r}).open('a').write(f'{{os.getpid()}}\\n')\n"
         f"while not os.path.exists({str(done)!r}): time.sleep(0.05)\n"
     )
-    await sidecar.start()
+    # TTL 20: the adapter keeps a child running through a disconnection for half a TTL less the fencing margin and
+    # its kill grace (the lease may expire after that, as nobody renews it meanwhile): 7 s here.
+    await sidecar.start("--ttl", "20")
     adapter = await asyncio.create_subprocess_exec(
-        str(BIN / "work-sidecar"), "exec", "--sidecar", f"unix://{sidecar.socket}", "--once",
+        str(BIN / "work-sidecar"), "exec", "--sidecar", f"unix://{sidecar.socket}", "--once", "--kill-grace", "1",
         "--", sys.executable, "-c", script,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -395,7 +397,7 @@ async def test_exec_children_keep_running_across_a_restart(api: Api, sidecar: Si
         [queued] = await api.enqueue(1)
         await eventually(started.exists, timeout=15, message="the child started")
         await sidecar.kill9()
-        await sidecar.start()
+        await sidecar.start("--ttl", "20")
         await eventually(lambda: _resumed(sidecar), timeout=15, message="the adapter resumed its item")
         done.touch()  # the child finishes its work after the restart
         assert await asyncio.wait_for(adapter.wait(), 20) == 0
