@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -166,7 +166,7 @@ class SidecarClient:
         if self._own_channel:
             await self.channel.close()
 
-    async def assignments(self, *, max_in_flight: int = 1, max_items: int = 0) -> AsyncIterator[Assignment]:
+    async def assignments(self, *, max_in_flight: int = 1, max_items: int = 0) -> AsyncGenerator[Assignment, None]:
         """Yield each assigned item; stop requests and lease losses are applied to their Assignment.
         `max_items` > 0: the sidecar gives this watch no more than that many items in all."""
         call = self.stub.WatchWork(

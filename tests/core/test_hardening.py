@@ -137,6 +137,7 @@ async def test_keepalive_answers_are_coalesced_per_item(api: Api, start_sidecar:
     for _ in range(50):
         await call.write(pb.KeepAliveRequest(work_id=item.work.id, lease_token=item.lease_token))
     first = await asyncio.wait_for(call.read(), 5)
+    assert isinstance(first, pb.KeepAliveResponse), f"the stream ended: {first!r}"
     assert first.lease.work_id == item.work.id and first.lease.state == pb.LEASE_STATE_ACTIVE
     await call.done_writing()
     await running.stop(item)
