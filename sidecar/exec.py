@@ -198,6 +198,7 @@ class ExecAdapter:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.error("WatchWork failed", extra={"code": exc.code().name, "error": exc.details()})
+                # the adapter cannot go on: one plain line for the person at the terminal, naming the fix
                 print(f"work-sidecar exec: {watch_failure(exc, self.args.sidecar)}", file=sys.stderr, flush=True)
                 self.exit_codes.append(1)
         finally:
@@ -235,7 +236,6 @@ class ExecAdapter:
         del self.children[child.work_id]
         self.exit_codes.append(code)
         log.info("child exited", extra={"work_id": child.work_id, "exit_code": code})
-        print(f"[work-sidecar exec] {child.work_id}: exit code {code}", file=sys.stderr, flush=True)
         if child.lost:
             pass  # not ours any more: no stop
         elif child.interrupted:

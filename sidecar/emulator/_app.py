@@ -245,7 +245,7 @@ class EmulatorApp:
         except ApiError as error:
             status, body, extra_headers = error.status, _dumps(error.body(rid)), error.headers
         except Exception:
-            log.exception("emulator: unexpected error on %s %s", method, path)
+            log.exception("emulator: unexpected error", extra={"method": method, "path": path})
             status, body = 500, _dumps(ApiError(500, "internal error in the emulator").body(rid))
         finally:
             self._log.close(entry, status, started)
