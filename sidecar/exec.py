@@ -173,28 +173,7 @@ class ExecAdapter:
     async def _watch(self, call: Any, stop_watching: asyncio.Event) -> None:
         try:
             async for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "work_assigned":
-                    if self.signalled is not None:
-                        continue  # the sidecar releases it when we disconnect
-                    self._spawn(self._run_item(event.work_assigned, stop_watching))
-                elif kind == "stop_requested":
-                    if child := self.children.get(event.stop_requested.work_id):
-                        log.info("stop requested: SIGTERM to the child", extra={"work_id": child.work_id})
-                        child.signal(signal.SIGTERM)
-                elif kind == "lease_lost":
-                    if child := self.children.get(event.lease_lost.work_id):
-                        child.lost = True
-                        reason = pb.LeaseLostReason.Name(event.lease_lost.reason)
-                        log.warning(
-                            "lease lost: stopping the child", extra={"work_id": child.work_id, "reason": reason}
-                        )
-                        child.signal(signal.SIGTERM)
-                        self._spawn(self._kill_after_grace(child))
-                elif kind == "draining":
-                    log.info("the sidecar is draining: finishing the running items")
-                    if not self.children:
-                        stop_watching.set()
+                self._on_event(event, stop_watching)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.error("WatchWork failed", extra={"code": exc.code().name, "error": exc.details()})
@@ -203,6 +182,27 @@ class ExecAdapter:
                 self.exit_codes.append(1)
         finally:
             if not self._tasks:
+                stop_watching.set()
+
+    def _on_event(self, event: pb.WatchWorkResponse, stop_watching: asyncio.Event) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "work_assigned":
+            if self.signalled is None:  # else the sidecar releases it when we disconnect
+                self._spawn(self._run_item(event.work_assigned, stop_watching))
+        elif kind == "stop_requested":
+            if child := self.children.get(event.stop_requested.work_id):
+                log.info("stop requested: SIGTERM to the child", extra={"work_id": child.work_id})
+                child.signal(signal.SIGTERM)
+        elif kind == "lease_lost":
+            if child := self.children.get(event.lease_lost.work_id):
+                child.lost = True
+                reason = pb.LeaseLostReason.Name(event.lease_lost.reason)
+                log.warning("lease lost: stopping the child", extra={"work_id": child.work_id, "reason": reason})
+                child.signal(signal.SIGTERM)
+                self._spawn(self._kill_after_grace(child))
+        elif kind == "draining":
+            log.info("the sidecar is draining: finishing the running items")
+            if not self.children:
                 stop_watching.set()
 
     def _spawn(self, coro: Any) -> None:
