@@ -78,7 +78,7 @@ class Api:
 class Watch:
     """An open WatchWork stream whose events are collected by a background reader."""
 
-    call: Any
+    call: grpc.aio.UnaryStreamCall[pb.WatchWorkRequest, pb.WatchWorkResponse]
     events: asyncio.Queue[pb.WatchWorkResponse] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     error: grpc.aio.AioRpcError | None = None
