@@ -83,7 +83,7 @@ class BenchWorker(EnvironmentWorker):
                             force=True,
                             extra_headers=self._extra_headers,
                         )
-                    except Exception as exc:
+                    except anthropic.APIError as exc:  # the SDK's base error: status, connection and timeout
                         if not _is_status(exc, 409):
                             recorder.stop_errors += 1
                 recorder.note_stopped(work_item.id)

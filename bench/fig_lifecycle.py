@@ -51,7 +51,7 @@ async def _run(
         wall_end = time.time() - (time.monotonic() - finished)
         elapsed = max(finished - started, 1e-6)
         done = len(recorder.stopped)
-        result = {
+        result: dict[str, Any] = {
             "items": items,
             "completed": done,
             "seconds": round(elapsed, 3),

@@ -166,8 +166,14 @@ async def adoption_time(leases_count: int) -> dict[str, Any]:
         while len(first_renewal) < len(journaled) and time.monotonic() < deadline:
             entries, cursor = await emulator.requests(cursor)
             for entry in entries:
-                if entry.operation == "heartbeat" and entry.work_id in journaled and entry.work_id not in first_renewal:
-                    first_renewal[entry.work_id] = (entry.at, entry.status)
+                work_id = entry.work_id
+                if (
+                    entry.operation == "heartbeat"
+                    and work_id is not None
+                    and work_id in journaled
+                    and work_id not in first_renewal
+                ):
+                    first_renewal[work_id] = (entry.at, entry.status)
                     quiet_since = time.monotonic()
             if time.monotonic() - quiet_since > 10:
                 break
@@ -175,7 +181,7 @@ async def adoption_time(leases_count: int) -> dict[str, Any]:
         lines = second.child.log_path.read_text().splitlines()
         first_lines = first_log.read_text().splitlines()
         ended_before_kill = sum(1 for line in first_lines if '"lease ended"' in line)
-        adopted_line = next((json.loads(line) for line in lines if "adopted the leases" in line), {})
+        adopted_line: dict[str, Any] = next((json.loads(line) for line in lines if "adopted the leases" in line), {})
         second.stop()
         times = sorted(at - started for at, _ in first_renewal.values())
         return {

@@ -32,7 +32,8 @@ class Progress:
     """A tqdm bar over the run's estimated seconds, labelled with the step in progress."""
 
     def __init__(self, total: float, enabled: bool = True) -> None:
-        self.bar = tqdm(total=round(total), unit="s", disable=not enabled, dynamic_ncols=True, leave=True)
+        self.total = round(total)
+        self.bar = tqdm(total=self.total, unit="s", disable=not enabled, dynamic_ncols=True, leave=True)
         self.started = time.monotonic()
         self._ticker: asyncio.Task[None] | None = None
 
@@ -43,7 +44,7 @@ class Progress:
     async def _tick(self) -> None:
         while True:
             elapsed = round(time.monotonic() - self.started)
-            self.bar.n = min(elapsed, self.bar.total - 1)
+            self.bar.n = min(elapsed, self.total - 1)
             self.bar.refresh()
             await asyncio.sleep(0.5)
 
@@ -56,7 +57,7 @@ class Progress:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         if exc[0] is None:
-            self.bar.n = self.bar.total
+            self.bar.n = self.total
         self.bar.close()
 
 

@@ -50,7 +50,7 @@ class Fleet(Recorder):
             await asyncio.sleep(0.02)
 
     @staticmethod
-    async def watchers(stub: pb_grpc.WorkServiceStub) -> int:
+    async def watchers(stub: pb_grpc.WorkServiceAsyncStub) -> int:
         stats = await stub.GetQueueStats(pb.GetQueueStatsRequest())
         return int(stats.sidecar.watchers)
 
@@ -59,7 +59,7 @@ class Fleet(Recorder):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _watch(self, stub: pb_grpc.WorkServiceStub, index: int) -> None:
+    async def _watch(self, stub: pb_grpc.WorkServiceAsyncStub, index: int) -> None:
         call = stub.WatchWork(pb.WatchWorkRequest(max_in_flight=self.max_in_flight, sandbox_id=f"bench-{index}"))
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             async for event in call:
@@ -72,7 +72,7 @@ class Fleet(Recorder):
                 elif kind == "lease_lost":
                     self.note_lost(event.lease_lost.work_id)
 
-    async def _finish(self, stub: pb_grpc.WorkServiceStub, work_id: str, token: str) -> None:
+    async def _finish(self, stub: pb_grpc.WorkServiceAsyncStub, work_id: str, token: str) -> None:
         if self.hold:
             await asyncio.sleep(self.hold)
         try:

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -258,7 +258,19 @@ class SidecarClient:
         if self._own_channel:
             await self.channel.close()
 
-    async def assignments(self, *, max_in_flight: int = 1, max_items: int = 0) -> AsyncIterator[Assignment]:
+    def _on_event(self, event: pb.WatchWorkResponse) -> None:
+        """A watch event other than an assignment: applied to the item it names, or to the client."""
+        kind = event.WhichOneof("event")
+        if kind == "stop_requested":
+            if found := self._items.get(event.stop_requested.work_id):
+                found.stop_requested.set()
+        elif kind == "lease_lost":
+            if found := self._items.get(event.lease_lost.work_id):
+                found._lose(event.lease_lost.reason)
+        elif kind == "draining":
+            self.draining.set()
+
+    async def assignments(self, *, max_in_flight: int = 1, max_items: int = 0) -> AsyncGenerator[Assignment, None]:
         """Yield each assigned item; stop requests and lease losses are applied to their Assignment.
         `max_items` > 0: the sidecar gives this watch no more than that many items in all.
         When the sidecar cannot be reached, the watch reconnects and resumes the items still held."""
@@ -279,21 +291,13 @@ class SidecarClient:
             try:
                 async for event in call:
                     reconnect.reached()
-                    kind = event.WhichOneof("event")
-                    if kind == "work_assigned":
+                    if event.WhichOneof("event") == "work_assigned":
                         item = Assignment(self, event.work_assigned)
                         self._items[item.work_id] = item
                         given += 1
                         yield item
-                    elif kind == "stop_requested":
-                        if found := self._items.get(event.stop_requested.work_id):
-                            found.stop_requested.set()
-                    elif kind == "lease_lost":
-                        if found := self._items.get(event.lease_lost.work_id):
-                            found.lost_reason = event.lease_lost.reason
-                            found.lost.set()
-                    elif kind == "draining":
-                        self.draining.set()
+                    else:
+                        self._on_event(event)
                 return
             except grpc.aio.AioRpcError as error:
                 if not sidecar_unreachable(error):

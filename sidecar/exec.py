@@ -213,33 +213,13 @@ class ExecAdapter:
         """One WatchWork stream; returns the error when the sidecar became unreachable (reconnect)."""
         try:
             async for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "work_assigned":
-                    if self.signalled is not None:
-                        continue  # the sidecar releases it when we disconnect
-                    self._spawn(self._run_item(event.work_assigned, stop_watching))
-                elif kind == "stop_requested":
-                    if child := self.children.get(event.stop_requested.work_id):
-                        log.info("stop requested: SIGTERM to the child", extra={"work_id": child.work_id})
-                        child.signal(signal.SIGTERM)
-                elif kind == "lease_lost":
-                    if child := self.children.get(event.lease_lost.work_id):
-                        child.lost = True
-                        reason = pb.LeaseLostReason.Name(event.lease_lost.reason)
-                        log.warning(
-                            "lease lost: stopping the child", extra={"work_id": child.work_id, "reason": reason}
-                        )
-                        child.signal(signal.SIGTERM)
-                        self._spawn(self._kill_after_grace(child))
-                elif kind == "draining":
-                    log.info("the sidecar is draining: finishing the running items")
-                    if not self.children:
-                        stop_watching.set()
+                self._on_event(event, stop_watching)
         except grpc.aio.AioRpcError as exc:
             if sidecar_unreachable(exc) and self.signalled is None and not (self.args.once and self.completed):
                 return exc  # the children keep running; the caller reconnects
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.error("WatchWork failed", extra={"code": exc.code().name, "error": exc.details()})
+                # the adapter cannot go on: one plain line for the person at the terminal, naming the fix
                 print(f"work-sidecar exec: {watch_failure(exc, self.args.sidecar)}", file=sys.stderr, flush=True)
                 self.exit_codes.append(1)
         if not self._tasks:
@@ -263,6 +243,27 @@ class ExecAdapter:
                     extra={"work_id": child.work_id})  # fmt: skip
         child.signal(signal.SIGTERM)
         await self._kill_after_grace(child)
+
+    def _on_event(self, event: pb.WatchWorkResponse, stop_watching: asyncio.Event) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "work_assigned":
+            if self.signalled is None:  # else the sidecar releases it when we disconnect
+                self._spawn(self._run_item(event.work_assigned, stop_watching))
+        elif kind == "stop_requested":
+            if child := self.children.get(event.stop_requested.work_id):
+                log.info("stop requested: SIGTERM to the child", extra={"work_id": child.work_id})
+                child.signal(signal.SIGTERM)
+        elif kind == "lease_lost":
+            if child := self.children.get(event.lease_lost.work_id):
+                child.lost = True
+                reason = pb.LeaseLostReason.Name(event.lease_lost.reason)
+                log.warning("lease lost: stopping the child", extra={"work_id": child.work_id, "reason": reason})
+                child.signal(signal.SIGTERM)
+                self._spawn(self._kill_after_grace(child))
+        elif kind == "draining":
+            log.info("the sidecar is draining: finishing the running items")
+            if not self.children:
+                stop_watching.set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -295,7 +296,6 @@ class ExecAdapter:
         del self.children[child.work_id]
         self.exit_codes.append(code)
         log.info("child exited", extra={"work_id": child.work_id, "exit_code": code})
-        print(f"[work-sidecar exec] {child.work_id}: exit code {code}", file=sys.stderr, flush=True)
         if child.lost:
             pass  # not ours any more: no stop
         elif child.interrupted:

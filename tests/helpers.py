@@ -6,12 +6,24 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 T = TypeVar("T")
+
+
+@overload
+async def eventually(
+    probe: Callable[[], Awaitable[T]], *, timeout: float = ..., interval: float = ..., message: str = ...
+) -> T: ...
+
+
+@overload
+async def eventually(
+    probe: Callable[[], T], *, timeout: float = ..., interval: float = ..., message: str = ...
+) -> T: ...
 
 
 async def eventually(
@@ -26,6 +38,7 @@ async def eventually(
     last: T | None = None
     while True:
         result = probe()
+        # mypy cannot tell an awaitable T from a T; iscoroutine does, at run time
         last = await result if asyncio.iscoroutine(result) else result  # type: ignore[assignment]
         if last:
             return last

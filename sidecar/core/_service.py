@@ -94,6 +94,18 @@ class _Feed:
         return self._end
 
 
+async def _cut_unread(context: Context, feed: _Feed) -> None:
+    """End a KeepAlive stream whose client pings but does not read: RESOURCE_EXHAUSTED."""
+    status = error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{UNREAD_LIMIT} KeepAlive answers were not read: read the stream's answers",
+        "KEEPALIVE_NOT_READ",
+    ).status
+    feed.finish(None)
+    with contextlib.suppress(Exception):
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+
 class WorkService(pb_grpc.WorkServiceServicer):
     def __init__(
         self,
@@ -226,37 +238,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
         pinging but does not read is cut with RESOURCE_EXHAUSTED after `UNREAD_LIMIT` unread answers."""
         feed = _Feed()
         followed: dict[str, Lease] = {}
-
-        async def read() -> None:
-            try:
-                async for ping in request_iterator:
-                    if isinstance(ping, Malformed):
-                        raise ping.rejection()
-                    lease = self._authorize(ping.work_id, ping.lease_token)
-                    self._liveness.ping(lease)
-                    if ping.work_id not in followed:
-                        followed[ping.work_id] = lease
-                        self._leases.subscribe(lease, feed)
-                    feed.put_nowait(pb.KeepAliveResponse(lease=lease.status()))
-                    feed.unread += 1
-                    if feed.unread > UNREAD_LIMIT:  # the writer is stuck on a client that does not read: cut here
-                        status = error(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"{UNREAD_LIMIT} KeepAlive answers were not read: read the stream's answers",
-                            "KEEPALIVE_NOT_READ",
-                        ).status
-                        feed.finish(None)
-                        with contextlib.suppress(Exception):
-                            await context.abort(status.code, status.details, status.trailing_metadata)
-                        return
-                feed.finish(None)
-            except SidecarRpcError as exc:
-                feed.finish(exc)
-            except Exception as exc:  # not a bad ping (those are SidecarRpcError): say what it was, end the stream
-                log.warning("KeepAlive reader failed", extra={"error": type(exc).__name__}, exc_info=True)
-                feed.finish(error(grpc.StatusCode.INTERNAL, "the KeepAlive stream failed", "INTERNAL"))
-
-        reader = asyncio.ensure_future(read())
+        reader = asyncio.ensure_future(self._read_pings(request_iterator, context, feed, followed))
         try:
             while True:
                 batch = await feed.take()
@@ -271,6 +253,40 @@ class WorkService(pb_grpc.WorkServiceServicer):
             reader.cancel()
             for lease in followed.values():
                 self._leases.unsubscribe(lease, feed)
+
+    async def _read_pings(
+        self,
+        request_iterator: AsyncIterator[pb.KeepAliveRequest | Malformed],
+        context: Context,
+        feed: _Feed,
+        followed: dict[str, Lease],
+    ) -> None:
+        """KeepAlive's reader: answers every ping into `feed` until the client stops sending, or ends the stream."""
+        try:
+            async for ping in request_iterator:
+                if not self._answer_ping(ping, feed, followed):
+                    await _cut_unread(context, feed)
+                    return
+            feed.finish(None)
+        except SidecarRpcError as exc:
+            feed.finish(exc)
+        except Exception as exc:  # not a bad ping (those are SidecarRpcError): say what it was, end the stream
+            log.warning("KeepAlive reader failed", extra={"error": type(exc).__name__}, exc_info=True)
+            feed.finish(error(grpc.StatusCode.INTERNAL, "the KeepAlive stream failed", "INTERNAL"))
+
+    def _answer_ping(self, ping: pb.KeepAliveRequest | Malformed, feed: _Feed, followed: dict[str, Lease]) -> bool:
+        """Count the ping as the sandbox's sign of life, follow its lease, queue its status. False when the client
+        has left more than `UNREAD_LIMIT` answers unread (the writer is stuck on a client that does not read)."""
+        if isinstance(ping, Malformed):
+            raise ping.rejection()
+        lease = self._authorize(ping.work_id, ping.lease_token)
+        self._liveness.ping(lease)
+        if ping.work_id not in followed:
+            followed[ping.work_id] = lease
+            self._leases.subscribe(lease, feed)
+        feed.put_nowait(pb.KeepAliveResponse(lease=lease.status()))
+        feed.unread += 1
+        return feed.unread <= UNREAD_LIMIT
 
     # -- unary calls --------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ class Supervisor:
             raise
         except Exception as exc:
             self.crashed += 1
-            log.error("background task failed", extra={"task": name, "error": type(exc).__name__}, exc_info=True)
+            log.exception("background task failed", extra={"task": name, "error": type(exc).__name__})
             if on_crash is not None:
                 try:
                     on_crash(exc)
@@ -81,9 +81,7 @@ class Supervisor:
                 raise
             except Exception as exc:
                 self.crashed += 1
-                log.error(
-                    "loop failed; restarting it", extra={"task": name, "error": type(exc).__name__}, exc_info=True
-                )
+                log.exception("loop failed; restarting it", extra={"task": name, "error": type(exc).__name__})
             now = time.monotonic()
             crashes = self._crashes.setdefault(name, deque(maxlen=self._crash_limit))
             crashes.append(now)

@@ -61,40 +61,45 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def admin_router(core: EmulatorCore) -> Router:
-    """The admin face: HTTP in, `EmulatorCore` controls, JSON out."""
-    store = core.store
+def _env_id(request: Request) -> str:
+    environment_id: str = request.path_params["environment_id"]
+    return environment_id
 
-    def env_id(request: Request) -> str:
-        environment_id: str = request.path_params["environment_id"]
-        return environment_id
 
-    def work_id(request: Request) -> str:
-        value: str = request.path_params["work_id"]
-        return value
+def _work_id(request: Request) -> str:
+    value: str = request.path_params["work_id"]
+    return value
 
-    async def enqueue(request: Request) -> Response:
+
+class _AdminApi:
+    """The admin endpoints, one method each, over one emulator core."""
+
+    def __init__(self, core: EmulatorCore) -> None:
+        self.core = core
+        self.store = core.store
+
+    async def enqueue(self, request: Request) -> Response:
         body = await _body(request)
-        items = core.enqueue(
-            env_id(request), body.get("count", 1), body.get("data_type", "session"), body.get("metadata")
+        items = self.core.enqueue(
+            _env_id(request), body.get("count", 1), body.get("data_type", "session"), body.get("metadata")
         )
         return _Json({"data": items})
 
-    async def list_items(request: Request) -> Response:
-        return _Json({"data": core.item_views(env_id(request))})
+    async def list_items(self, request: Request) -> Response:
+        return _Json({"data": self.core.item_views(_env_id(request))})
 
-    async def item(request: Request) -> Response:
-        return _Json(core.item_view(env_id(request), work_id(request)))
+    async def item(self, request: Request) -> Response:
+        return _Json(self.core.item_view(_env_id(request), _work_id(request)))
 
-    async def steal(request: Request) -> Response:
-        return _Json(core.steal(env_id(request), work_id(request)))
+    async def steal(self, request: Request) -> Response:
+        return _Json(self.core.steal(_env_id(request), _work_id(request)))
 
-    async def expire(request: Request) -> Response:
-        return _Json(core.expire(env_id(request), work_id(request)))
+    async def expire(self, request: Request) -> Response:
+        return _Json(self.core.expire(_env_id(request), _work_id(request)))
 
-    async def environment(request: Request) -> Response:
+    async def environment(self, request: Request) -> Response:
         if request.method == "GET":
-            return _Json(store.environment_view(env_id(request)))
+            return _Json(self.store.environment_view(_env_id(request)))
         body = await _body(request)
         unknown = set(body) - {"self_hosted", "permitted"}
         if unknown:
@@ -102,43 +107,44 @@ def admin_router(core: EmulatorCore) -> Router:
         for name in ("self_hosted", "permitted"):
             if name in body and not isinstance(body[name], bool):
                 raise ApiError(400, f"{name} must be a boolean")
-        view = store.set_environment(
-            env_id(request), self_hosted=body.get("self_hosted"), permitted=body.get("permitted")
+        view = self.store.set_environment(
+            _env_id(request), self_hosted=body.get("self_hosted"), permitted=body.get("permitted")
         )
         return _Json(view)
 
-    async def requests(request: Request) -> Response:
+    async def requests(self, request: Request) -> Response:
         since = request.query_params.get("since", "0")
         if not since.isdigit():
             raise ApiError(400, "since must be a non-negative integer")
-        return _Json({"data": core.log.since(int(since)), "next": core.log.next_seq})
+        return _Json({"data": self.core.log.since(int(since)), "next": self.core.log.next_seq})
 
-    async def clear_requests(request: Request) -> Response:
-        core.log.clear()
-        return _Json({"data": [], "next": core.log.next_seq})
+    async def clear_requests(self, request: Request) -> Response:
+        self.core.log.clear()
+        return _Json({"data": [], "next": self.core.log.next_seq})
 
-    async def stats(request: Request) -> Response:
-        return _Json(core.stats())
+    async def stats(self, request: Request) -> Response:
+        return _Json(self.core.stats())
 
-    async def clear_stats(request: Request) -> Response:
-        core.log.clear_counts()
-        return _Json(core.stats())
+    async def clear_stats(self, request: Request) -> Response:
+        self.core.log.clear_counts()
+        return _Json(self.core.stats())
 
-    async def faults(request: Request) -> Response:
+    async def faults(self, request: Request) -> Response:
+        faults = self.core.faults
         if request.method == "POST":
-            fault = core.add_fault(await _body(request))
-            return _Json({"data": core.faults.listing(), "fault": fault})
+            fault = self.core.add_fault(await _body(request))
+            return _Json({"data": faults.listing(), "fault": fault})
         if request.method == "DELETE":
-            core.faults.clear()
-        return _Json({"data": core.faults.listing()})
+            faults.clear()
+        return _Json({"data": faults.listing()})
 
-    async def fault(request: Request) -> Response:
+    async def fault(self, request: Request) -> Response:
         fault_id = request.path_params["fault_id"]
-        if not core.faults.remove(fault_id):
+        if not self.core.faults.remove(fault_id):
             raise ApiError(404, f"no fault {fault_id}")
-        return _Json({"data": core.faults.listing()})
+        return _Json({"data": self.core.faults.listing()})
 
-    async def settings(request: Request) -> Response:
+    async def settings(self, request: Request) -> Response:
         if request.method == "PATCH":
             body = await _body(request)
             names = {f.name for f in dataclasses.fields(EmulatorSettings)}
@@ -147,38 +153,45 @@ def admin_router(core: EmulatorCore) -> Router:
             if unknown or read_only:
                 raise ApiError(400, f"unknown or read-only settings: {', '.join(sorted(unknown | read_only))}")
             try:
-                core.update_settings(body)
+                self.core.update_settings(body)
             except (TypeError, ValueError) as exc:
                 raise ApiError(400, str(exc)) from None
-        return _Json(core.settings.public_view())
+        return _Json(self.core.settings.public_view())
 
-    async def reset(request: Request) -> Response:
-        core.reset()
+    async def reset(self, request: Request) -> Response:
+        self.core.reset()
         return _Json({"reset": True})
 
-    routes: list[tuple[str, Endpoint, list[str]]] = [
-        ("/_emulator/environments/{environment_id}/work", enqueue, ["POST"]),
-        ("/_emulator/environments/{environment_id}/work", list_items, ["GET"]),
-        ("/_emulator/environments/{environment_id}/work/{work_id}", item, ["GET"]),
-        ("/_emulator/environments/{environment_id}/work/{work_id}/steal", steal, ["POST"]),
-        ("/_emulator/environments/{environment_id}/work/{work_id}/expire", expire, ["POST"]),
-        ("/_emulator/environments/{environment_id}", environment, ["GET", "PUT"]),
-        ("/_emulator/requests", requests, ["GET"]),
-        ("/_emulator/requests", clear_requests, ["DELETE"]),
-        ("/_emulator/stats", stats, ["GET"]),
-        ("/_emulator/stats", clear_stats, ["DELETE"]),
-        ("/_emulator/faults", faults, ["GET", "POST", "DELETE"]),
-        ("/_emulator/faults/{fault_id:int}", fault, ["DELETE"]),
-        ("/_emulator/settings", settings, ["GET", "PATCH"]),
-        ("/_emulator/reset", reset, ["POST"]),
-    ]
+    def routes(self) -> list[tuple[str, Endpoint, list[str]]]:
+        return [
+            ("/_emulator/environments/{environment_id}/work", self.enqueue, ["POST"]),
+            ("/_emulator/environments/{environment_id}/work", self.list_items, ["GET"]),
+            ("/_emulator/environments/{environment_id}/work/{work_id}", self.item, ["GET"]),
+            ("/_emulator/environments/{environment_id}/work/{work_id}/steal", self.steal, ["POST"]),
+            ("/_emulator/environments/{environment_id}/work/{work_id}/expire", self.expire, ["POST"]),
+            ("/_emulator/environments/{environment_id}", self.environment, ["GET", "PUT"]),
+            ("/_emulator/requests", self.requests, ["GET"]),
+            ("/_emulator/requests", self.clear_requests, ["DELETE"]),
+            ("/_emulator/stats", self.stats, ["GET"]),
+            ("/_emulator/stats", self.clear_stats, ["DELETE"]),
+            ("/_emulator/faults", self.faults, ["GET", "POST", "DELETE"]),
+            ("/_emulator/faults/{fault_id:int}", self.fault, ["DELETE"]),
+            ("/_emulator/settings", self.settings, ["GET", "PATCH"]),
+            ("/_emulator/reset", self.reset, ["POST"]),
+        ]
 
-    async def not_found(scope: Any, receive: Any, send: Any) -> None:
-        rid = request_id()
-        error = ApiError(404, f"no admin endpoint {scope['method']} {scope['path']}")
-        await _Json(error.body(rid), 404, headers={"request-id": rid})(scope, receive, send)
 
+async def _not_found(scope: Any, receive: Any, send: Any) -> None:
+    rid = request_id()
+    error = ApiError(404, f"no admin endpoint {scope['method']} {scope['path']}")
+    await _Json(error.body(rid), 404, headers={"request-id": rid})(scope, receive, send)
+
+
+def admin_router(core: EmulatorCore) -> Router:
+    """The admin face: HTTP in, `EmulatorCore` controls, JSON out."""
     return Router(
-        routes=[Route(path, _endpoint(handler), methods=methods) for path, handler, methods in routes],
-        default=not_found,
+        routes=[
+            Route(path, _endpoint(handler), methods=methods) for path, handler, methods in _AdminApi(core).routes()
+        ],
+        default=_not_found,
     )

@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -23,7 +23,16 @@ from urllib.parse import unquote_plus
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
-from ..wire import MAX_BLOCK_MS, MIN_BLOCK_MS, NO_HEARTBEAT, OPERATIONS, REQUEST_ID_HEADER, CredentialStyle, Pagination
+from ..wire import (
+    MAX_BLOCK_MS,
+    MIN_BLOCK_MS,
+    NO_HEARTBEAT,
+    OPERATIONS,
+    REQUEST_ID_HEADER,
+    CredentialStyle,
+    Pagination,
+    Provider,
+)
 from ._admin import admin_router
 from ._backend import Store
 from ._core import EmulatorCore
@@ -31,7 +40,7 @@ from ._errors import ApiError
 from ._flavours import FLAVOURS, Flavour
 from ._ids import parse_rfc3339, request_id
 from ._settings import EmulatorSettings
-from ._store import decode_cursor, encode_cursor
+from ._store import Item, decode_cursor, encode_cursor
 
 log = logging.getLogger("sidecar.emulator")
 
@@ -152,6 +161,10 @@ class _FlavourHeaders:
         )
 
 
+_Operation = Callable[[Route, dict[str, str], str, Receive], Awaitable[Any]]
+"""One Work API operation: (route, query, worker id, the request body's receive) -> the JSON answer."""
+
+
 class EmulatorApp:
     """The ASGI application: the Work API face, and the admin face under `/_emulator/`, over one core."""
 
@@ -170,6 +183,16 @@ class EmulatorApp:
                 read.add(provider.request_id_header.lower())
         self._headers = frozenset(name.encode() for name in read)
         self._wire = {f.name: _FlavourHeaders.of(f) for f in self.routes.flavours}
+        self._operations: dict[str, _Operation] = {
+            "poll": self._poll,
+            "heartbeat": self._heartbeat,
+            "ack": self._ack,
+            "stop": self._stop,
+            "get": self._get,
+            "update": self._update,
+            "list": self._list_page,
+            "stats": self._stats,
+        }
 
     @property
     def store(self) -> Store:
@@ -245,7 +268,7 @@ class EmulatorApp:
         except ApiError as error:
             status, body, extra_headers = error.status, _dumps(error.body(rid)), error.headers
         except Exception:
-            log.exception("emulator: unexpected error on %s %s", method, path)
+            log.exception("emulator: unexpected error", extra={"method": method, "path": path})
             status, body = 500, _dumps(ApiError(500, "internal error in the emulator").body(rid))
         finally:
             self._log.close(entry, status, started)
@@ -258,39 +281,26 @@ class EmulatorApp:
 
     def _authorize(self, headers: dict[bytes, str], found: Route) -> None:
         settings = self._store.settings
-        flavour, operation, provider = found.flavour, found.operation, found.flavour.provider
-        credential: str | None = None
-        scheme, _, token = headers.get(b"authorization", "").strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            credential = token.strip()
-        elif CredentialStyle.X_API_KEY in provider.credential_styles:
-            credential = headers.get(b"x-api-key", "").strip() or None
-        if credential is None:
-            raise ApiError(401, f"missing credentials{flavour.credential_hint}")
-        item = None
+        credential = _credential(headers, found.flavour)
+        kind, item = self._caller(credential, found.flavour.provider, settings)
+        _check_scope(kind, item, found, settings)
+        self._check_required_headers(headers, found.flavour, settings)
+
+    def _caller(self, credential: str, provider: Provider, settings: EmulatorSettings) -> tuple[str, Item | None]:
+        """Who the credential names: the environment key, the management key, or an item's secret (401 if none)."""
         if secrets.compare_digest(credential, settings.key):
-            kind = "environment"
-        elif settings.management_key is not None and secrets.compare_digest(credential, settings.management_key):
-            kind = "management"
-        elif (
+            return "environment", None
+        if settings.management_key is not None and secrets.compare_digest(credential, settings.management_key):
+            return "management", None
+        if (
             provider.secret_on_poll
             and settings.accept_item_token
             and (item := self._store.item_for_token(credential)) is not None
         ):
-            kind = "item"
-        else:
-            raise ApiError(401, "invalid credentials")
-        if item is not None:
-            if operation not in ITEM_TOKEN_OPERATIONS or (item.id, item.environment_id) != (
-                found.work_id,
-                found.environment_id,
-            ):
-                raise ApiError(403, f"a work item's secret is not valid for {operation} here")
-        elif settings.management_key is not None:
-            if kind == "environment" and operation in MANAGEMENT_KEY_OPERATIONS:
-                raise ApiError(403, f"{operation} takes an API key; it rejects the environment key")
-            if kind == "management" and operation in ENVIRONMENT_KEY_OPERATIONS:
-                raise ApiError(403, f"{operation} takes the environment key; it rejects an API key")
+            return "item", item
+        raise ApiError(401, "invalid credentials")
+
+    def _check_required_headers(self, headers: dict[bytes, str], flavour: Flavour, settings: EmulatorSettings) -> None:
         required = self._wire[flavour.name].required
         if required and settings.require_anthropic_headers:
             for name, key, value, is_beta in required:
@@ -302,82 +312,95 @@ class EmulatorApp:
                     raise ApiError(400, f"{name}: this endpoint requires the {value} beta")
 
     async def _dispatch(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
-        flavour, operation, work_id = found.flavour, found.operation, found.work_id or ""
+        # Each operation checks its parameters first (400), then the environment (404, 403, 400 not self-hosted),
+        # then the item.
+        handler = self._operations.get(found.operation)
+        if handler is None:  # pragma: no cover - the route table names only these
+            raise ApiError(404, f"unknown operation {found.operation}")
+        return await handler(found, query, worker_id, receive)
+
+    async def _poll(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
         store = self._store
-        # Parameters first (400), then the environment (404, 403, 400 not self-hosted), then the item.
-        if operation == "poll":
-            block_ms = _int_param(query, "block_ms")
-            if block_ms is not None and not MIN_BLOCK_MS <= block_ms <= MAX_BLOCK_MS:
-                raise ApiError(
-                    400,
-                    f"block_ms must be between {MIN_BLOCK_MS} and {MAX_BLOCK_MS} (omit it for a non-blocking poll)",
-                )
-            reclaim_ms = _int_param(query, "reclaim_older_than_ms")
-            if reclaim_ms is not None and reclaim_ms < 0:
-                raise ApiError(400, "reclaim_older_than_ms must not be negative")
-            store.check_access(found.environment_id)
-            item = await store.poll(found.environment_id, worker_id, block_ms, reclaim_ms)
-            if item is None:
-                return None
-            if flavour.provider.secret_on_poll:
-                store.issue_secret(item)
-                return item.to_json(with_secret=True)
-            return item.to_json()
-        if operation == "heartbeat":
-            expected = query.get("expected_last_heartbeat")
-            if (
-                flavour.strict_heartbeats
-                and expected is not None
-                and expected != NO_HEARTBEAT
-                and parse_rfc3339(expected) is None
-            ):
-                raise ApiError(400, "expected_last_heartbeat must be NO_HEARTBEAT or an RFC 3339 timestamp")
-            desired = query.get("desired_ttl_seconds")
-            ttl: int | None = None
-            if desired is not None:
-                if not _DIGITS.fullmatch(desired) or int(desired) <= 0:
-                    raise ApiError(400, "desired_ttl_seconds must be a positive integer")
-                ttl = int(desired)
-            store.check_access(found.environment_id)
-            return store.heartbeat(
-                found.environment_id,
-                work_id,
-                expected=expected,
-                desired_ttl=ttl,
-                strict=flavour.strict_heartbeats,
-                precondition_type=flavour.provider.precondition_error_type,
+        block_ms = _int_param(query, "block_ms")
+        if block_ms is not None and not MIN_BLOCK_MS <= block_ms <= MAX_BLOCK_MS:
+            raise ApiError(
+                400,
+                f"block_ms must be between {MIN_BLOCK_MS} and {MAX_BLOCK_MS} (omit it for a non-blocking poll)",
             )
-        if operation == "ack":
-            store.check_access(found.environment_id)
-            same_worker = flavour.ack_requires_polling_worker or store.settings.ack_requires_polling_worker
-            return store.ack(found.environment_id, work_id, worker_id, same_worker=same_worker).to_json()
-        if operation == "stop":
-            body = await _json_body(receive, required=False)
-            force = False
-            if body is not None:
-                if not isinstance(body, dict):
-                    raise ApiError(400, 'the body is {"force": true|false}')
-                force_value = body.get("force", False)
-                if not isinstance(force_value, bool):
-                    raise ApiError(400, "force must be a boolean")
-                force = force_value
-            store.check_access(found.environment_id)
-            return store.stop(found.environment_id, work_id, force=force).to_json()
-        if operation == "get":
-            store.check_access(found.environment_id)
-            return store.item(found.environment_id, work_id).to_json()
-        if operation == "update":
-            body = await _json_body(receive, required=True)
+        reclaim_ms = _int_param(query, "reclaim_older_than_ms")
+        if reclaim_ms is not None and reclaim_ms < 0:
+            raise ApiError(400, "reclaim_older_than_ms must not be negative")
+        store.check_access(found.environment_id)
+        item = await store.poll(found.environment_id, worker_id, block_ms, reclaim_ms)
+        if item is None:
+            return None
+        if found.flavour.provider.secret_on_poll:
+            store.issue_secret(item)
+            return item.to_json(with_secret=True)
+        return item.to_json()
+
+    async def _heartbeat(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
+        flavour = found.flavour
+        expected = query.get("expected_last_heartbeat")
+        if (
+            flavour.strict_heartbeats
+            and expected is not None
+            and expected != NO_HEARTBEAT
+            and parse_rfc3339(expected) is None
+        ):
+            raise ApiError(400, "expected_last_heartbeat must be NO_HEARTBEAT or an RFC 3339 timestamp")
+        desired = query.get("desired_ttl_seconds")
+        ttl: int | None = None
+        if desired is not None:
+            if not _DIGITS.fullmatch(desired) or int(desired) <= 0:
+                raise ApiError(400, "desired_ttl_seconds must be a positive integer")
+            ttl = int(desired)
+        self._store.check_access(found.environment_id)
+        return self._store.heartbeat(
+            found.environment_id,
+            found.work_id or "",
+            expected=expected,
+            desired_ttl=ttl,
+            strict=flavour.strict_heartbeats,
+            precondition_type=flavour.provider.precondition_error_type,
+        )
+
+    async def _ack(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
+        store = self._store
+        store.check_access(found.environment_id)
+        same_worker = found.flavour.ack_requires_polling_worker or store.settings.ack_requires_polling_worker
+        return store.ack(found.environment_id, found.work_id or "", worker_id, same_worker=same_worker).to_json()
+
+    async def _stop(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
+        body = await _json_body(receive, required=False)
+        force = False
+        if body is not None:
             if not isinstance(body, dict):
-                raise ApiError(400, 'the body is {"metadata": {"key": "value" | null}}')
-            store.check_access(found.environment_id)
-            return store.update(found.environment_id, work_id, body.get("metadata")).to_json()
-        if operation == "list":
-            return self._list(found, query)
-        if operation == "stats":
-            store.check_access(found.environment_id)
-            return store.stats(found.environment_id)
-        raise ApiError(404, f"unknown operation {operation}")  # pragma: no cover - the route table names only these
+                raise ApiError(400, 'the body is {"force": true|false}')
+            force_value = body.get("force", False)
+            if not isinstance(force_value, bool):
+                raise ApiError(400, "force must be a boolean")
+            force = force_value
+        self._store.check_access(found.environment_id)
+        return self._store.stop(found.environment_id, found.work_id or "", force=force).to_json()
+
+    async def _get(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
+        self._store.check_access(found.environment_id)
+        return self._store.item(found.environment_id, found.work_id or "").to_json()
+
+    async def _update(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
+        body = await _json_body(receive, required=True)
+        if not isinstance(body, dict):
+            raise ApiError(400, 'the body is {"metadata": {"key": "value" | null}}')
+        self._store.check_access(found.environment_id)
+        return self._store.update(found.environment_id, found.work_id or "", body.get("metadata")).to_json()
+
+    async def _list_page(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
+        return self._list(found, query)
+
+    async def _stats(self, found: Route, query: dict[str, str], worker_id: str, receive: Receive) -> Any:
+        self._store.check_access(found.environment_id)
+        return self._store.stats(found.environment_id)
 
     def _list(self, found: Route, query: dict[str, str]) -> dict[str, Any]:
         provider, store = found.flavour.provider, self._store
@@ -419,6 +442,35 @@ class EmulatorApp:
 
 
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
+
+
+def _credential(headers: dict[bytes, str], flavour: Flavour) -> str:
+    """The bearer token, else (where the provider takes one) the x-api-key header; 401 when neither is there."""
+    scheme, _, token = headers.get(b"authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if CredentialStyle.X_API_KEY in flavour.provider.credential_styles:
+        credential = headers.get(b"x-api-key", "").strip()
+        if credential:
+            return credential
+    raise ApiError(401, f"missing credentials{flavour.credential_hint}")
+
+
+def _check_scope(kind: str, item: Item | None, found: Route, settings: EmulatorSettings) -> None:
+    """403 when the credential may not call this operation: an item's secret works on its own item only; with a
+    management key configured, each key type calls only its own operations."""
+    operation = found.operation
+    if item is not None:
+        if operation not in ITEM_TOKEN_OPERATIONS or (item.id, item.environment_id) != (
+            found.work_id,
+            found.environment_id,
+        ):
+            raise ApiError(403, f"a work item's secret is not valid for {operation} here")
+    elif settings.management_key is not None:
+        if kind == "environment" and operation in MANAGEMENT_KEY_OPERATIONS:
+            raise ApiError(403, f"{operation} takes an API key; it rejects the environment key")
+        if kind == "management" and operation in ENVIRONMENT_KEY_OPERATIONS:
+            raise ApiError(403, f"{operation} takes the environment key; it rejects an API key")
 
 
 def _parse_query(raw: bytes) -> dict[str, str]:

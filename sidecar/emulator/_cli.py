@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .._logging import configure_logging
 from ._server import Emulator, loop_factory
 from ._settings import EmulatorSettings, parse_setting
 
@@ -47,6 +48,12 @@ def build_parser(prog: str = "work-sidecar emulator") -> argparse.ArgumentParser
         help="any other EmulatorSettings field, e.g. --set stopping_expiry=stopped (repeatable)",
     )
     parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=("auto", "json", "text"),
+        help="log lines: auto (text on a TTY, else JSON), json or text",
+    )
     return parser
 
 
@@ -81,9 +88,13 @@ async def serve_until_signalled(emulator: Emulator, host: str, port: int) -> Non
     try:
         async with emulator.serve(host, port) as url:
             log.info(
-                "Work API emulator listening on %s (Anthropic /v1/environments/{id}/work, "
-                "Qoder /api/v1/cloud/environments/{id}/work, admin /_emulator/)",
-                url,
+                "Work API emulator listening",
+                extra={
+                    "url": url,
+                    "anthropic": "/v1/environments/{id}/work",
+                    "qoder": "/api/v1/cloud/environments/{id}/work",
+                    "admin": "/_emulator/",
+                },
             )
             await stop.wait()
     finally:
@@ -96,9 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
+        configure_logging(fmt=args.log_format, level=args.log_level)
     try:
         settings = settings_from_args(args)
     except (TypeError, ValueError) as exc:
@@ -109,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(serve_until_signalled(Emulator(settings), args.host, args.port))
     except OSError as exc:
-        log.error("cannot serve on %s:%s: %s", args.host, args.port, exc)
+        log.error("cannot serve", extra={"host": args.host, "port": args.port, "error": str(exc)})
         return 1
     return 0
 

@@ -245,7 +245,8 @@ class EmulatorThread:
         try:
             with asyncio.Runner(loop_factory=loop_factory()) as runner:
                 runner.run(serve())
-        except BaseException as exc:  # reported to the thread that waits in __enter__
+        # not swallowed: handed to the thread that waits in __enter__, which raises it (as concurrent.futures does)
+        except BaseException as exc:  # noqa: BLE001
             self._error = exc
         finally:
             self._ready.set()

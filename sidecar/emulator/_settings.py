@@ -105,10 +105,19 @@ class EmulatorSettings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+        self._check_keys()
+        self._check_numbers()
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}")
+
+    def _check_keys(self) -> None:
         if not self.key:
             raise ValueError("key must not be empty")
         if self.management_key is not None and (not self.management_key or self.management_key == self.key):
             raise ValueError("management_key must be non-empty and differ from key")
+
+    def _check_numbers(self) -> None:
         if not 1 <= self.min_ttl_seconds <= self.max_ttl_seconds:
             raise ValueError("need 1 <= min_ttl_seconds <= max_ttl_seconds")
         if self.default_ttl_seconds < 1:
@@ -123,9 +132,6 @@ class EmulatorSettings:
             raise ValueError("workers_polling_window_seconds must be positive")
         if self.request_log_limit < 0:
             raise ValueError("request_log_limit must not be negative")
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}")
 
     def __repr__(self) -> str:  # never show the keys
         shown = ", ".join(

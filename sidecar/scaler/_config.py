@@ -43,6 +43,12 @@ class ScalerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        self._check_work_api_and_listen()
+        self._check_readings()
+        if self.http_backend not in HTTP_BACKENDS:
+            raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
+
+    def _check_work_api_and_listen(self) -> None:
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}")
         if not self.api_url:
@@ -53,6 +59,8 @@ class ScalerConfig:
             raise ValueError("at least one --listen address is required")
         for address in self.listen:
             parse_listen(address)
+
+    def _check_readings(self) -> None:
         if self.stats_interval <= 0:
             raise ValueError("--stats-interval must be positive")
         if self.max_backoff < self.stats_interval:
@@ -65,5 +73,3 @@ class ScalerConfig:
             raise ValueError("--activation-threshold must not be negative")
         if self.linger <= 0 or self.first_reading_timeout <= 0 or self.max_environments < 1:
             raise ValueError("linger, first reading timeout and max environments must be positive")
-        if self.http_backend not in HTTP_BACKENDS:
-            raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")

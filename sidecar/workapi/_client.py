@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 
 from ..wire import (
     MAX_BLOCK_MS,
@@ -292,10 +292,17 @@ class WorkApiClient:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _log_retry(self, operation: str, attempt: int, state: Any) -> None:
+    def _log_retry(self, operation: str, attempt: int, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
-        wait = state.upcoming_sleep
-        log.warning("work api %s attempt %d failed (%s); retrying in %.2fs", operation, attempt, exc, wait)
+        log.warning(
+            "work api attempt failed; retrying",
+            extra={
+                "operation": operation,
+                "attempt": attempt,
+                "error": str(exc),
+                "retry_in": round(state.upcoming_sleep, 2),
+            },
+        )
 
     async def _send_once(
         self,

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,7 @@ class Api:
 class Watch:
     """An open WatchWork stream whose events are collected by a background reader."""
 
-    call: Any
+    call: grpc.aio.UnaryStreamCall[pb.WatchWorkRequest, pb.WatchWorkResponse]
     events: asyncio.Queue[pb.WatchWorkResponse] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     error: grpc.aio.AioRpcError | None = None
@@ -115,7 +115,7 @@ class Watch:
 class Running:
     sidecar: Sidecar
     channel: grpc.aio.Channel
-    stub: pb_grpc.WorkServiceStub
+    stub: pb_grpc.WorkServiceAsyncStub
     address: str
 
     def watch(self, max_in_flight: int = 1, sandbox_id: str = "") -> Watch:
@@ -147,9 +147,9 @@ async def api() -> AsyncIterator[Api]:
 
 
 @pytest.fixture
-def short_dir() -> AsyncIterator[str]:
+def short_dir() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="ws-", dir="/tmp")
-    yield path  # type: ignore[misc]
+    yield path
     shutil.rmtree(path, ignore_errors=True)
 
 

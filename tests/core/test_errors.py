@@ -50,7 +50,7 @@ async def test_rate_limit_is_resource_exhausted_with_retry_info(api: Api, start_
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await running.stub.GetQueueStats(pb.GetQueueStatsRequest(), timeout=60)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+    status = rpc_status.from_call(caught.value)
     assert status is not None
     retry = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
     assert retry, "RetryInfo is attached"

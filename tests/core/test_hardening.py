@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterable, Awaitable
 from datetime import datetime
 from typing import Any
 
@@ -121,7 +122,7 @@ async def test_keepalive_client_that_does_not_read_is_cut(api: Api, start_sideca
     watch.cancel()
 
 
-async def _read_to_the_end(call: Any) -> int:
+async def _read_to_the_end(call: AsyncIterable[object]) -> int:
     answers = 0
     with contextlib.suppress(grpc.aio.AioRpcError):
         async for _ in call:
@@ -137,6 +138,7 @@ async def test_keepalive_answers_are_coalesced_per_item(api: Api, start_sidecar:
     for _ in range(50):
         await call.write(pb.KeepAliveRequest(work_id=item.work.id, lease_token=item.lease_token))
     first = await asyncio.wait_for(call.read(), 5)
+    assert isinstance(first, pb.KeepAliveResponse), f"the stream ended: {first!r}"
     assert first.lease.work_id == item.work.id and first.lease.state == pb.LEASE_STATE_ACTIVE
     await call.done_writing()
     await running.stop(item)
@@ -245,5 +247,5 @@ async def test_readiness_follows_the_work_api_and_liveness_does_not(api: Api, st
     watch.cancel()
 
 
-async def _is(value: Any, expected: int) -> bool:
+async def _is(value: Awaitable[object], expected: int) -> bool:
     return bool(await value == expected)

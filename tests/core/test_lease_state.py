@@ -142,7 +142,7 @@ def test_only_the_lease_module_assigns_lease_fields() -> None:
                     and isinstance(target.value, ast.Name)
                     and "lease" in target.value.id.lower()
                 ):
-                    offenders.append(f"{path.relative_to(SIDECAR)}:{node.lineno}")
+                    offenders.append(f"{path.relative_to(SIDECAR)}:{target.lineno}")
     assert not offenders, f"lease fields assigned outside _lease.py: {offenders}"
 
 

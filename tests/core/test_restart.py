@@ -53,9 +53,10 @@ class Sidecar:
         return self.state or f"{self.dir}/state"
 
     @property
-    def stub(self) -> pb_grpc.WorkServiceStub:
+    def stub(self) -> pb_grpc.WorkServiceAsyncStub:
         assert self.channel is not None
-        return pb_grpc.WorkServiceStub(self.channel)
+        stub: pb_grpc.WorkServiceAsyncStub = pb_grpc.WorkServiceStub(self.channel)  # grpc.aio: the async stub
+        return stub
 
     async def start(self, *extra: str, wait: bool = True, key: str = KEY, environment_id: str = ENV) -> None:
         self.runs += 1
@@ -72,9 +73,9 @@ class Sidecar:
             )  # fmt: skip
         if self.channel is not None:
             await self.channel.close()
-        self.channel = grpc.aio.insecure_channel(f"unix://{self.socket}")
+        self.channel = channel = grpc.aio.insecure_channel(f"unix://{self.socket}")
         if wait:
-            await eventually(lambda: serving(self.channel), timeout=20, message="sidecar process serving")
+            await eventually(lambda: serving(channel), timeout=20, message="sidecar process serving")
 
     async def kill9(self) -> None:
         assert self.proc is not None
@@ -109,7 +110,7 @@ async def _hold(sidecar: Sidecar, count: int) -> tuple[Watch, list[pb.WorkAssign
     return watch, [await watch.assigned() for _ in range(count)]
 
 
-async def _keepalive(stub: pb_grpc.WorkServiceStub, items: Sequence[pb.WorkAssigned]) -> dict[str, pb.Lease]:
+async def _keepalive(stub: pb_grpc.WorkServiceAsyncStub, items: Sequence[pb.WorkAssigned]) -> dict[str, pb.Lease]:
     """Ping every item once with its old token on a fresh KeepAlive stream: the first status of each."""
     done = asyncio.Event()
 
@@ -313,7 +314,7 @@ async def test_a_journal_of_another_environment_is_refused(api: Api, sidecar: Si
     watch.cancel()
     await sidecar.start(environment_id="env_other")
     refused = [line for line in sidecar.log_lines() if "was not adopted" in line.get("msg", "")]
-    assert len(refused) == 1 and "another environment" in refused[0]["msg"]
+    assert len(refused) == 1 and "another environment" in refused[0]["reason"]
     assert Path(refused[0]["moved_to"]).exists()
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await _keepalive(sidecar.stub, [item])

@@ -80,12 +80,12 @@ def run_as_kwargs(user: str | None, directory: str) -> RunAs:
     if user is None or os.geteuid() != 0:
         return {}
     uid, _, gid = user.partition(":")
-    kwargs = {"user": int(uid), "group": int(gid or uid), "extra_groups": []}
+    kwargs: dict[str, Any] = {"user": int(uid), "group": int(gid or uid), "extra_groups": []}
     try:  # the interpreter may live where that user cannot go (e.g. a pyenv under /root): then run as we are
-        subprocess.run([sys.executable, "-c", "import sidecar.cli"], check=True, timeout=30, **kwargs)  # type: ignore[call-overload]
+        subprocess.run([sys.executable, "-c", "import sidecar.cli"], check=True, timeout=30, **kwargs)
     except (PermissionError, subprocess.CalledProcessError):
         return {}
-    os.chown(directory, kwargs["user"], kwargs["group"])  # type: ignore[arg-type]
+    os.chown(directory, kwargs["user"], kwargs["group"])
     return kwargs
 
 

@@ -96,7 +96,8 @@ def _pod_of(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _container(pod: dict[str, Any], name: str) -> dict[str, Any]:
-    [found] = [c for c in [*pod.get("initContainers", []), *pod["containers"]] if c["name"] == name]
+    containers: list[dict[str, Any]] = [*pod.get("initContainers", []), *pod["containers"]]
+    [found] = [c for c in containers if c["name"] == name]
     return found
 
 

@@ -97,8 +97,8 @@ def test_sdk_parses_the_412(emulator: EmulatorThread) -> None:
     assert error.type == "invalid_request_error"
     assert error.request_id is not None and error.request_id.startswith("req_")
     details = error.details
-    assert details is not None and details.error_code == "heartbeat_precondition_failed"  # type: ignore[union-attr]
-    current = details.current_state  # type: ignore[union-attr]
+    assert details is not None and details.error_code == "heartbeat_precondition_failed"
+    current = details.current_state
     assert current.state == "active" and current.last_heartbeat == second.last_heartbeat
     assert current.lease_extended is False and current.ttl_seconds == 60
 

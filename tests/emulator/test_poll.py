@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from sidecar.emulator import Emulator, EmulatorSettings
+from sidecar.emulator._store import MemoryStore
 from tests.helpers import eventually
 
 from .conftest import ANTHROPIC, ENV, KEY, QODER, Api, Flavour
@@ -124,6 +125,7 @@ async def test_cancelled_waiter_passes_its_wake_up_on() -> None:
     not cancel the server's handler.)"""
     emulator = Emulator(EmulatorSettings(key=KEY))
     store = emulator.app.store
+    assert isinstance(store, MemoryStore)  # the default store: this test reads its parked waiters
     first = asyncio.ensure_future(store.poll(ENV, "w1", 999, None))
     second = asyncio.ensure_future(store.poll(ENV, "w2", 999, None))
     await eventually(lambda: len(store.environment(ENV).waiters) == 2, timeout=2, interval=0.001)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -70,10 +71,12 @@ async def test_cli_serves_until_sigterm() -> None:
     assert process.stderr is not None
     try:
         line = (await asyncio.wait_for(process.stderr.readline(), timeout=20)).decode()
-        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        record = json.loads(line)  # a JSON log line: stderr is not a TTY
+        assert record["msg"] == "Work API emulator listening", line
+        match = re.fullmatch(r"http://127\.0\.0\.1:\d+", record["url"])
         assert match, line
         assert "cli-key" not in line
-        async with httpx.AsyncClient(base_url=match.group(1)) as http:
+        async with httpx.AsyncClient(base_url=match.group(0)) as http:
             ok = await http.get(
                 "/api/v1/cloud/environments/env_cli/work/stats", headers={"authorization": "Bearer cli-key"}
             )

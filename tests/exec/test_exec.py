@@ -87,7 +87,10 @@ async def test_child_exit_ends_the_item(api: Api, start_sidecar: SidecarFactory,
     assert work["started_at"] == (await api.item(queued["id"]))["started_at"], "the Work API's own started_at"
     assert await api.state(queued["id"]) == "stopped"
     assert adapter.stderr is not None
-    assert b"exit code 3" in await adapter.stderr.read()
+    lines = (await adapter.stderr.read()).decode().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]  # JSON log lines: stderr is not a TTY
+    exited = [r for r in records if r["msg"] == "child exited"]
+    assert [(r["work_id"], r["exit_code"]) for r in exited] == [(queued["id"], 3)], lines
 
 
 async def test_normal_exit_zero(api: Api, start_sidecar: SidecarFactory, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ INTERVAL = 0.2
 class RunningScaler:
     scaler: Scaler
     channel: grpc.aio.Channel
-    stub: pb_grpc.ExternalScalerStub
+    stub: pb_grpc.ExternalScalerAsyncStub
     address: str
 
     @staticmethod

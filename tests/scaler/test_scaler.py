@@ -22,7 +22,7 @@ from .conftest import INTERVAL, RunningScaler, ScalerFactory
 
 
 def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, "the status carries google.rpc details"
     [detail] = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
     info = error_details_pb2.ErrorInfo()
@@ -107,7 +107,7 @@ async def test_bad_metadata_is_invalid_argument_with_error_info(
     start_scaler: ScalerFactory, metadata: dict[str, str], key: str
 ) -> None:
     scaler = await start_scaler()
-    calls = [
+    calls: list[Awaitable[object]] = [
         scaler.stub.IsActive(scaler.ref(**metadata)),
         scaler.stub.GetMetricSpec(scaler.ref(**metadata)),
         scaler.stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=scaler.ref(**metadata), metricName="work-items")),
@@ -134,7 +134,7 @@ async def test_one_reading_is_shared_by_every_call_and_scaled_object(api: Api, s
     await api.http.delete("/_emulator/requests")
     started = time.monotonic()
     for _ in range(10):  # 10 rounds x 4 ScaledObjects x 3 calls, concurrently
-        calls = []
+        calls: list[Awaitable[object]] = []
         for name in ("a", "b", "c", "d"):
             ref = scaler.ref(name=name, targetItemsPerReplica="2")
             calls += [
@@ -149,19 +149,27 @@ async def test_one_reading_is_shared_by_every_call_and_scaled_object(api: Api, s
     assert 1 <= reads <= elapsed / 0.5 + 2, f"{reads} stats requests in {elapsed:.2f} s for 120 calls"
 
 
+async def _next_answer(
+    stream: grpc.aio.UnaryStreamCall[pb.ScaledObjectRef, pb.IsActiveResponse],
+) -> pb.IsActiveResponse:
+    answer = await asyncio.wait_for(stream.read(), 5)
+    assert isinstance(answer, pb.IsActiveResponse), f"the stream ended: {answer!r}"
+    return answer
+
+
 async def test_stream_is_active_pushes_changes_within_a_stats_interval(api: Api, start_scaler: ScalerFactory) -> None:
     scaler = await start_scaler()
     stream = scaler.stub.StreamIsActive(scaler.ref(activationThreshold="0"))
     try:
-        first = await asyncio.wait_for(stream.read(), 5)
+        first = await _next_answer(stream)
         assert first.result is False, "the current state at once"
         await api.enqueue(1)
         sent = time.monotonic()
-        pushed = await asyncio.wait_for(stream.read(), 5)
+        pushed = await _next_answer(stream)
         assert pushed.result is True
         assert time.monotonic() - sent < INTERVAL + 1.0, "within one stats interval (plus the read's round trip)"
         await _worker_takes_one(api, ack=True)  # a worker starts it: nothing waits any more
-        back = await asyncio.wait_for(stream.read(), 5)
+        back = await _next_answer(stream)
         assert back.result is False, "inactive again once nothing waits"
     finally:
         stream.cancel()
