@@ -57,6 +57,13 @@ async def wait_for(probe: Callable[[], Any], *, timeout: float, interval: float 
         await asyncio.sleep(interval)
 
 
+def _default_signals() -> None:
+    """Children start with every signal at its default action, whatever this process inherited (`nohup` ignores
+    SIGHUP, and that would be inherited across exec): the signal scenarios test the sidecar, not the shell."""
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class Child:
     """A child process; stdout and stderr each in a file."""
 
@@ -67,7 +74,13 @@ class Child:
         self._out = self.stdout_path.open("wb")
         self._err = self.stderr_path.open("wb")
         self.popen = subprocess.Popen(
-            argv, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL, env=env or dict(os.environ), cwd=ROOT
+            argv,
+            stdout=self._out,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+            env=env or dict(os.environ),
+            cwd=ROOT,
+            preexec_fn=_default_signals,  # no threads of ours run between fork and exec
         )
         self.process = psutil.Process(self.popen.pid)
         self.killed_at: float | None = None

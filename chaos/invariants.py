@@ -2,7 +2,7 @@
 event lines and every process's output. Nothing here trusts the sidecar's own account.
 
 - **duplicated**: items held by two sandboxes at once (a sandbox holds an item from `assigned` until it hears
-  `lost`, its `StopWork` returns, or it is killed).
+  `lost`, its work is done (`stopping`, written before it calls `StopWork`), or it is killed).
 - **lost**: holds the Work API no longer backed: some moment while a sandbox held the item, no successful heartbeat
   (its granted TTL, from the request log) covered it, i.e. LeaseLost did not reach the sandbox before the API's
   lease expiry. After a lease theft the sandbox may hold on until the next heartbeat tells it (`theft_grace`).
@@ -73,7 +73,7 @@ def holds(sandboxes: Iterable[tuple[str, list[dict[str, Any]], float | None]], n
                 if work_id in open_:  # assigned twice to the same sandbox while held: a duplicate too
                     out.append(Hold(work_id, sandbox, open_[work_id], at, "reassigned"))
                 open_[work_id] = at
-            elif ev in ("lost", "stopped", "stop_error") and work_id in open_:
+            elif ev in ("lost", "stopping", "stopped", "stop_error") and work_id in open_:
                 out.append(Hold(work_id, sandbox, open_.pop(work_id), at, ev))
         end = killed_at if killed_at is not None else now
         out.extend(

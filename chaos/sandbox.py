@@ -3,7 +3,8 @@
 It watches, holds each assigned item for `--hold` seconds (pinging KeepAlive with `--keepalive`), then calls
 `StopWork(force=true)`; `StopRequested` stops the item at once; `LeaseLost` abandons it (no stop: it is not ours).
 Every event is one JSON line on stdout with the wall-clock time, for the invariant checks:
-`{"ev": "assigned" | "lost" | "stopped" | "stop_error" | "draining" | "watch_end", "work_id", "t", …}`.
+`{"ev": "assigned" | "lost" | "stop_requested" | "stopping" | "stopped" | "stop_error" | "draining" | "watch_end",
+"work_id", "t", …}`; `stopping` is written when the work is done, before `StopWork`.
 Lease tokens go only to `--token-file` (so the harness can check that no output anywhere contains one); this
 process never prints a secret or a token.
 """
@@ -32,7 +33,8 @@ def emit(ev: str, **fields: Any) -> None:
 class Sandbox:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.lost: dict[str, asyncio.Event] = {}
+        self.lost: dict[str, asyncio.Event] = {}  # set on LeaseLost or StopRequested: the hold ends
+        self.heard_lost: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
 
@@ -59,6 +61,7 @@ class Sandbox:
                         task.add_done_callback(self.tasks.discard)
                     elif kind == "lease_lost":
                         emit("lost", work_id=event.lease_lost.work_id, reason=int(event.lease_lost.reason))
+                        self.heard_lost.add(event.lease_lost.work_id)
                         if found := self.lost.get(event.lease_lost.work_id):
                             found.set()
                     elif kind == "stop_requested":
@@ -83,6 +86,9 @@ class Sandbox:
         finally:
             if pinger is not None:
                 pinger.cancel()
+        if work_id in self.heard_lost:
+            return  # LeaseLost: not ours to stop
+        emit("stopping", work_id=work_id)  # the work is done: from here on nothing runs on the item
         try:
             await stub.StopWork(pb.StopWorkRequest(work_id=work_id, lease_token=token, force=True), timeout=30)
             emit("stopped", work_id=work_id)
@@ -98,7 +104,9 @@ class Sandbox:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             call: Any = stub.KeepAlive(pings())
             async for status in call:
-                if status.lease.state == pb.LEASE_STATE_LOST:
+                if status.lease.state == pb.LEASE_STATE_LOST and work_id not in self.heard_lost:
+                    emit("lost", work_id=work_id, via="keepalive")
+                    self.heard_lost.add(work_id)
                     self.lost[work_id].set()
 
 
