@@ -16,11 +16,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import httpx
@@ -30,7 +31,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 KEY = "sk-ant-chaos-key-5b1f0c3e9d"
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -57,11 +57,20 @@ async def wait_for(probe: Callable[[], Any], *, timeout: float, interval: float 
         await asyncio.sleep(interval)
 
 
-def _default_signals() -> None:
-    """Children start with every signal at its default action, whatever this process inherited (`nohup` ignores
-    SIGHUP, and that would be inherited across exec): the signal scenarios test the sidecar, not the shell."""
-    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, signal.SIG_DFL)
+@contextlib.contextmanager
+def _default_sighup() -> Iterator[None]:
+    """Children start with SIGHUP at its default action even when this process ignores it (`nohup` does, and an
+    ignored signal is inherited across exec): the signal scenarios test the sidecar, not the shell that started us.
+    (Not `preexec_fn`: forking a process that runs gRPC threads and then running Python in the child is unsafe.)"""
+    ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    if ignored and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    else:
+        yield
 
 
 class Child:
@@ -73,15 +82,15 @@ class Child:
         self.stderr_path = directory / f"{name}.err"
         self._out = self.stdout_path.open("wb")
         self._err = self.stderr_path.open("wb")
-        self.popen = subprocess.Popen(
-            argv,
-            stdout=self._out,
-            stderr=self._err,
-            stdin=subprocess.DEVNULL,
-            env=env or dict(os.environ),
-            cwd=ROOT,
-            preexec_fn=_default_signals,  # no threads of ours run between fork and exec
-        )
+        with _default_sighup():
+            self.popen = subprocess.Popen(
+                argv,
+                stdout=self._out,
+                stderr=self._err,
+                stdin=subprocess.DEVNULL,
+                env=env or dict(os.environ),
+                cwd=ROOT,
+            )
         self.process = psutil.Process(self.popen.pid)
         self.killed_at: float | None = None
 

@@ -56,6 +56,7 @@ class Sandbox:
                             with open(self.args.token_file, "a") as out:
                                 out.write(item.lease_token + "\n")
                         self.lost[item.work.id] = asyncio.Event()
+                        self.heard_lost.discard(item.work.id)  # the same item again, after it came back
                         task = asyncio.ensure_future(self.work(stub, item.work.id, item.lease_token))
                         self.tasks.add(task)
                         task.add_done_callback(self.tasks.discard)
