@@ -329,12 +329,15 @@ class SandboxProc:
         max_in_flight: int = 1,
         keepalive: bool = False,
         max_items: int = 0,
+        reads: bool = True,
     ) -> SandboxProc:
         argv = [sys.executable, "-m", "chaos.sandbox", target, "--sandbox-id", sandbox_id, "--hold", str(hold)]
         argv += ["--max-in-flight", str(max_in_flight), "--max-items", str(max_items)]
         argv += ["--token-file", str(procs.directory / f"tokens-{sandbox_id}.txt")]
         if keepalive:
             argv.append("--keepalive")
+        if reads:
+            argv.append("--reads")
         return cls(procs.start(f"sandbox-{sandbox_id}", argv), sandbox_id)
 
     def events(self) -> list[dict[str, Any]]:

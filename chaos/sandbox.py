@@ -82,6 +82,8 @@ class Sandbox:
         lost = self.lost[work_id]
         pinger = asyncio.ensure_future(self.keep_alive(stub, work_id, token)) if self.args.keepalive else None
         try:
+            if self.args.reads:
+                await self.reads(stub, work_id, token)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lost.wait(), None if self.args.hold < 0 else self.args.hold)
         finally:
@@ -95,6 +97,25 @@ class Sandbox:
             emit("stopped", work_id=work_id)
         except grpc.aio.AioRpcError as exc:
             emit("stop_error", work_id=work_id, code=exc.code().name)
+
+    async def reads(self, stub: Any, work_id: str, token: str) -> None:
+        """The other RPCs a sandbox uses while it works; any failure is noted with its status code."""
+        calls = [
+            ("GetWork", lambda: stub.GetWork(pb.GetWorkRequest(work_id=work_id, lease_token=token), timeout=30)),
+            (
+                "UpdateWorkMetadata",
+                lambda: stub.UpdateWorkMetadata(
+                    pb.UpdateWorkMetadataRequest(work_id=work_id, lease_token=token, set={"chaos": "1"}), timeout=30
+                ),
+            ),
+            ("ListWork", lambda: stub.ListWork(pb.ListWorkRequest(page_size=5), timeout=30)),
+            ("GetQueueStats", lambda: stub.GetQueueStats(pb.GetQueueStatsRequest(), timeout=30)),
+        ]
+        for rpc, call in calls:
+            try:
+                await call()
+            except grpc.aio.AioRpcError as exc:
+                emit("rpc_error", work_id=work_id, rpc=rpc, code=exc.code().name)
 
     async def keep_alive(self, stub: Any, work_id: str, token: str) -> None:
         async def pings() -> Any:
@@ -119,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-items", type=int, default=0)
     parser.add_argument("--hold", type=float, default=1.0, help="seconds to hold each item (-1: until lost)")
     parser.add_argument("--keepalive", action="store_true")
+    parser.add_argument("--reads", action="store_true", help="GetWork, UpdateWorkMetadata, ListWork, GetQueueStats")
     parser.add_argument("--token-file", default=None)
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):

@@ -131,10 +131,27 @@ def cycle(operation: str, mutations: list[str], every: float = 1.0) -> Action:
     return act
 
 
+def cycle_operations(operations: list[str], mutations: list[str], every: float = 0.5) -> Action:
+    """Like `cycle`, over several operations in turn."""
+
+    async def act(ctx: Context) -> None:
+        index = 0
+
+        async def step() -> None:
+            nonlocal index
+            operation, mutation = operations[index % len(operations)], mutations[index % len(mutations)]
+            index += 1
+            ctx.proxy.add(operation=operation, action="mutate", mutation=mutation, count=2, duration=ctx.phase)
+
+        await during(ctx, step, every)
+
+    return act
+
+
 async def fuzzed(ctx: Context) -> None:
     """Random answers: any endpoint, any mutation or fault, seeded."""
     names = sorted(MUTATIONS)
-    operations = ["poll", "ack", "claim", "renew", "stop"]
+    operations = ["poll", "ack", "claim", "renew", "stop", "get", "update", "list", "stats"]
 
     async def step() -> None:
         operation = ctx.rng.choice(operations)
@@ -381,6 +398,14 @@ SCENARIOS: list[Scenario] = [
         "stop answers: unparseable 200s and deep nesting",
         cycle("stop", ["garbage", "deep", "truncated", "null"], every=1.5),
     ),
+    Scenario(
+        "hostile-reads",
+        "get, update, list and stats answers (the sandboxes' GetWork, UpdateWorkMetadata, ListWork, GetQueueStats)",
+        cycle_operations(
+            ["get", "update", "list", "stats"],
+            ["garbage", "deep", "id_invalid", "truncated", "null", "metadata_list", "data_string"],
+        ),
+    ),
     Scenario("fuzzed-answers", "random mutations, statuses and drops on every endpoint (seeded)", fuzzed),
     Scenario("lease-theft", "admin steal and a rival client's heartbeat take active items", theft, hold=6.0),
     Scenario("sandbox-kill9", "kill -9 sandboxes mid-work; new ones start", kill9, hold=4.0),
@@ -472,6 +497,14 @@ async def run_scenario(
         stolen=ctx.stolen,
         excluded=ctx.excluded,
     )
+    unknown = [
+        f"{e.get('rpc', 'StopWork')} ended UNKNOWN"
+        for s in ctx.sandboxes
+        for e in s.events()
+        if e["ev"] in ("rpc_error", "stop_error") and e.get("code") == "UNKNOWN"
+    ]
+    if unknown:
+        ctx.errors.append(f"{len(unknown)} call(s) ended with status UNKNOWN (e.g. {unknown[0]})")
     tracebacks = sum(s.child.output().count("Traceback (most recent call last)") for s in ctx.sidecars)
     never_retrieved = sum(s.child.output().count("exception was never retrieved") for s in ctx.sidecars)
     if never_retrieved:
