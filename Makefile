@@ -13,13 +13,14 @@ BENCH_STAMP := $(VENV)/.installed-bench
 PIP         := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: help venv proto lint typecheck buf-lint test test-fast run bench bench-quick polyglot-deps clean
+.PHONY: help venv proto lint typecheck buf-lint test test-fast run bench bench-quick chaos chaos-quick polyglot-deps clean
 
 help:
 	@echo "make run            start the sidecar on an embedded emulator and run the example sandbox"
 	@echo "make test           ruff, mypy --strict, buf lint, the stale-code check and the whole pytest suite"
 	@echo "make proto          regenerate sidecar/work/ from proto/"
 	@echo "make bench          benchmarks against the official SDK worker, then the fleet (writes bench/results/)"
+	@echo "make chaos          the chaos and fuzz matrix, >= 10 min (writes chaos/results/)"
 	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint (apt-get: needs root)"
 
 $(BIN)/python:
@@ -45,7 +46,7 @@ venv: $(RUN_STAMP)
 proto: $(TEST_STAMP)
 	$(BIN)/python tools/gen_proto.py
 
-LINT_PATHS := $(wildcard sidecar tests tools examples bench)
+LINT_PATHS := $(wildcard sidecar tests tools examples bench chaos)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -81,6 +82,13 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
+
+# The scenario matrix against the emulator behind a fault proxy, then gRPC fuzzing; the table goes to chaos/results/.
+chaos: $(STAMP)
+	$(BIN)/python -m chaos
+
+chaos-quick: $(STAMP)
+	$(BIN)/python -m chaos --quick
 
 polyglot-deps:
 	bash tools/install-polyglot-deps.sh

@@ -61,9 +61,10 @@ class Leaser:
 
     def track(self, lease: Lease, *, at_once: bool = False) -> None:
         """Start renewing a freshly claimed lease (its first heartbeat already succeeded); `at_once`: renew it
-        now (an adopted lease, confirmed by its first renewal)."""
-        delay = 0.0 if at_once else self._policy.heartbeat_interval(lease.ttl_seconds)
-        self._schedule(lease, time.monotonic() + delay)
+        now (an adopted lease, confirmed by its first renewal). The next renewal is due one interval after the
+        last successful heartbeat was *sent*: the TTL counts from about then, not from when the answer came."""
+        due = time.monotonic() if at_once else lease.last_success + self._policy.heartbeat_interval(lease.ttl_seconds)
+        self._schedule(lease, due)
 
     async def release(self, lease: Lease, reason: int, message: str) -> None:
         """Give a lease up on purpose: end it, then ask for a short TTL so the item requeues sooner.
@@ -188,7 +189,7 @@ class Leaser:
             telemetry.heartbeats.add(1, {"result": "ok"})
             if result.state == "stopping":
                 self._leases.request_stop(lease)
-            self._schedule(lease, time.monotonic() + policy.heartbeat_interval(lease.ttl_seconds))
+            self._schedule(lease, sent + policy.heartbeat_interval(lease.ttl_seconds))  # from the send: see track()
 
     def _fence(self, lease: Lease) -> None:
         telemetry.heartbeats.add(1, {"result": "expired"})

@@ -39,9 +39,9 @@ class Backoff:
 class LeasePolicy:
     """How leases are kept: renewal schedule, self-fencing, liveness of the sandbox, release.
 
-    - A lease is renewed every `heartbeat_interval(ttl)` = clamp(ttl/2, min_interval, max_interval) (shorter for
-      TTLs under 4 s, see there), echoing the previous `last_heartbeat` exactly; one renewal (with its retries)
-      may take at most that interval.
+    - A lease is renewed every `heartbeat_interval(ttl)`: clamp(ttl/2, min_interval, max_interval), but at most
+      half the window before the fencing point (see there), echoing the previous `last_heartbeat` exactly; one
+      renewal (with its retries) may take at most that interval.
     - A failed renewal is retried after `retry_delay(ttl)` until `fence_margin(ttl)` before the TTL since the last
       successful heartbeat *was sent* runs out; then the sidecar declares the lease lost itself (self-fencing).
     - A lease lives while its sandbox does: its WatchWork stream is open, or KeepAlive pinged it within
@@ -87,18 +87,20 @@ class LeasePolicy:
     fence_margin_ratio: float = FENCE_MARGIN_RATIO
     """Self-fencing happens `fence_margin(ttl)` = max(fence_margin_min, ttl * fence_margin_ratio) seconds *before*
     the TTL since the last successful heartbeat was sent runs out, so the sandbox hears LeaseLost before the Work
-    API may hand the item to anyone else (1 s for TTLs up to 10 s, 6 s for the default 60 s)."""
+    API may hand the item to anyone else (1.5 s for TTLs up to 15 s, 6 s for the default 60 s)."""
 
     def fence_margin(self, ttl_seconds: float) -> float:
         """max(fence_margin_min, ttl * fence_margin_ratio), and never more than half the TTL (`sidecar._fencing`)."""
         return fence_margin(ttl_seconds, self.fence_margin_min, self.fence_margin_ratio)
 
     def heartbeat_interval(self, ttl_seconds: float) -> float:
-        """clamp(ttl/2, min_interval, max_interval), as the official workers do, but never more than 60% of the
-        time to the fencing point, so a failed renewal always has time to be retried before the sidecar fences
-        (this shortens the interval only for TTLs under about 4 s: 0.6 s at TTL 2)."""
+        """clamp(ttl/2, min_interval, max_interval) as the official workers do, but at most half of the fenced
+        window (ttl - fence_margin): the official cadence halves a window that ends at the TTL, this one halves the
+        window that ends at the fencing point, so a renewal (and its retries) always has as long as the interval
+        before the sidecar fences, even against a slow Work API. 27 s at the default TTL 60 (not 30), 4.25 s at
+        TTL 10, 1.25 s at TTL 4, 0.5 s at TTL 2."""
         official = max(self.min_interval, min(ttl_seconds / 2, self.max_interval))
-        return min(official, 0.6 * (ttl_seconds - self.fence_margin(ttl_seconds)))
+        return min(official, 0.5 * (ttl_seconds - self.fence_margin(ttl_seconds)))
 
     def retry_delay(self, ttl_seconds: float, rng: random.Random | None = None) -> float:
         low, high = self.retry_jitter

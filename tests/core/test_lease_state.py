@@ -148,10 +148,11 @@ def test_only_the_lease_module_assigns_lease_fields() -> None:
 
 def test_policies_declare_the_documented_rules() -> None:
     policy = LeasePolicy()
-    assert [policy.heartbeat_interval(t) for t in (10, 60, 600)] == [5.0, 30.0, 30.0], "the official cadence"
-    assert [policy.fence_margin(t) for t in (1, 2, 10, 60)] == [0.5, 1.0, 1.0, 6.0]
+    assert policy.heartbeat_interval(600) == 30.0, "the official cadence's cap"
+    assert [policy.heartbeat_interval(t) for t in (2, 4, 10, 60)] == [0.5, 1.25, 4.25, 27.0], "half the fenced window"
+    assert [policy.fence_margin(t) for t in (1, 2, 10, 60)] == [0.5, 1.0, 1.5, 6.0]
     for ttl in (1, 2, 3, 4, 10, 60, 600):  # a failed renewal always has time for a retry before the fence
-        assert 0 < policy.heartbeat_interval(ttl) <= 0.6 * (ttl - policy.fence_margin(ttl))
+        assert 0 < policy.heartbeat_interval(ttl) <= 0.5 * (ttl - policy.fence_margin(ttl))
     assert all(0.2 * 2.0 <= policy.retry_delay(60) <= 2.0 for _ in range(100))
     backoff = Backoff(initial=0.5, maximum=10.0)
     assert [backoff.ceiling(n) for n in (1, 2, 3, 5, 10)] == [0.5, 1.0, 2.0, 8.0, 10.0]

@@ -1,0 +1,216 @@
+"""The invariants checked after every scenario, from the emulator's request log and item views, the sandboxes'
+event lines and every process's output. Nothing here trusts the sidecar's own account.
+
+- **duplicated**: items held by two sandboxes at once (a sandbox holds an item from `assigned` until it hears
+  `lost`, its work is done (`stopping`, written before it calls `StopWork`), or it is killed).
+- **lost**: holds the Work API no longer backed: some moment while a sandbox held the item, no successful heartbeat
+  (its granted TTL, from the request log) covered it, i.e. LeaseLost did not reach the sandbox before the API's
+  lease expiry. After a lease theft the sandbox may hold on until the next heartbeat tells it (`theft_grace`).
+- **stranded**: items not `stopped` after the settle phase (left `starting`, or never handed out again, or held
+  forever), and items stopped though no sandbox ever held them.
+- **leaked**: distinct secrets (the API key, item secrets and their session tokens, lease tokens) found in any
+  output: the sidecar's stdout/stderr (DEBUG, JSON), the sandboxes' output.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .harness import epoch
+
+TOLERANCE = 0.05  # seconds: arrival-time vs processing-time jitter inside the emulator
+
+
+@dataclass
+class Hold:
+    work_id: str
+    sandbox: str
+    start: float
+    end: float
+    end_kind: str
+
+
+@dataclass
+class Verdict:
+    items: int = 0
+    completed: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    stranded: int = 0
+    leaked: int = 0
+    errors: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.lost or self.duplicated or self.stranded or self.leaked or self.errors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "items": self.items,
+            "completed": self.completed,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "stranded": self.stranded,
+            "leaked": self.leaked,
+            "errors": self.errors,
+            "notes": self.notes,
+        }
+
+
+def holds(sandboxes: Iterable[tuple[str, list[dict[str, Any]], float | None]], now: float) -> list[Hold]:
+    """Every hold from each sandbox's (id, events, killed_at)."""
+    out: list[Hold] = []
+    for sandbox, events, killed_at in sandboxes:
+        open_: dict[str, float] = {}
+        for event in events:
+            ev, work_id, at = event["ev"], event.get("work_id"), float(event["t"])
+            if ev == "assigned" and work_id:
+                if work_id in open_:  # assigned twice to the same sandbox while held: a duplicate too
+                    out.append(Hold(work_id, sandbox, open_[work_id], at, "reassigned"))
+                open_[work_id] = at
+            elif ev in ("lost", "stopping", "stopped", "stop_error") and work_id in open_:
+                out.append(Hold(work_id, sandbox, open_.pop(work_id), at, ev))
+        end = killed_at if killed_at is not None else now
+        out.extend(
+            Hold(w, sandbox, start, max(start, end), "killed" if killed_at else "open") for w, start in open_.items()
+        )
+    return out
+
+
+def lease_segments(
+    log: list[dict[str, Any]], min_ttl: int, max_ttl: int, default_ttl: int
+) -> dict[str, list[tuple[float, float]]]:
+    """Per item, the [start, end] the Work API's lease was valid after each successful heartbeat."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for entry in log:
+        if entry.get("operation") != "heartbeat" or entry.get("status") != 200 or not entry.get("work_id"):
+            continue
+        query = entry.get("query") or {}
+        try:
+            desired = int(query.get("desired_ttl_seconds", default_ttl))
+        except ValueError:
+            continue
+        ttl = max(min_ttl, min(max_ttl, desired))
+        at = epoch(entry["at"])
+        out.setdefault(entry["work_id"], []).append((at, at + ttl))
+    return out
+
+
+def uncovered(start: float, end: float, segments: list[tuple[float, float]]) -> float:
+    """Seconds of [start, end] not covered by any segment."""
+    cursor, gap = start, 0.0
+    for seg_start, seg_end in sorted(segments):
+        if seg_end <= cursor:
+            continue
+        if seg_start > cursor:
+            gap += min(seg_start, end) - cursor
+        cursor = max(cursor, seg_end)
+        if cursor >= end:
+            break
+    if cursor < end:
+        gap += end - cursor
+    return max(gap, 0.0)
+
+
+def secrets_found(outputs: Iterable[str], secrets: Iterable[str]) -> set[str]:
+    """The secrets that appear in any output, raw or JSON-escaped (≥ 8 characters, to avoid noise)."""
+    texts = list(outputs)
+    found: set[str] = set()
+    for secret in secrets:
+        if len(secret) < 8:
+            continue
+        forms = {secret, json.dumps(secret)[1:-1], secret.rstrip("=")}
+        if any(form in text for text in texts for form in forms):
+            found.add(secret)
+    return found
+
+
+def _count_duplicates(by_item: dict[str, list[Hold]], verdict: Verdict) -> None:
+    """Items two sandboxes held at the same time."""
+    for work_id, item_holds in by_item.items():
+        ordered = sorted(item_holds, key=lambda h: h.start)
+        longest = ordered[0]  # of the holds so far, the one that ends last
+        for second in ordered[1:]:
+            if second.start < longest.end - TOLERANCE:
+                verdict.duplicated += 1
+                verdict.notes.append(
+                    f"duplicated {work_id}: {longest.sandbox} held it (until {longest.end_kind}) "
+                    f"while {second.sandbox} got it"
+                )
+                break
+            longest = max(longest, second, key=lambda h: h.end)
+
+
+def _count_lost(
+    all_holds: list[Hold],
+    segments: dict[str, list[tuple[float, float]]],
+    stolen: dict[str, float],
+    theft_grace: float,
+    verdict: Verdict,
+) -> None:
+    """Holds that went on past the Work API's lease (LeaseLost came too late)."""
+    for hold in all_holds:
+        if hold.end - hold.start < TOLERANCE:
+            continue
+        item_segments = list(segments.get(hold.work_id, []))
+        end = hold.end
+        stolen_at = stolen.get(hold.work_id)
+        if stolen_at is not None and hold.start <= stolen_at <= hold.end:
+            # the thief holds it from `stolen_at`; ours only until the next heartbeat can tell the sandbox
+            item_segments = [(s, min(e, stolen_at)) for s, e in item_segments if s <= stolen_at]
+            item_segments.append((stolen_at, stolen_at + theft_grace))
+        gap = uncovered(hold.start, end, item_segments)
+        if gap > TOLERANCE:
+            verdict.lost += 1
+            verdict.notes.append(
+                f"lost {hold.work_id}: {hold.sandbox} held it {gap:.2f}s past the API's lease (ended: {hold.end_kind})"
+            )
+
+
+def check(
+    *,
+    item_ids: list[str],
+    items: list[dict[str, Any]],
+    log: list[dict[str, Any]],
+    sandboxes: list[tuple[str, list[dict[str, Any]], float | None]],
+    outputs: list[str],
+    secrets: set[str],
+    ttl_bounds: tuple[int, int, int],
+    stolen: dict[str, float] | None = None,
+    theft_grace: float = 6.0,
+    excluded: set[str] | None = None,
+) -> Verdict:
+    verdict = Verdict(items=len(item_ids))
+    wanted = set(item_ids) - (excluded or set())
+    all_holds = [h for h in holds(sandboxes, time.time()) if h.work_id in wanted]
+    by_item: dict[str, list[Hold]] = {}
+    for hold in all_holds:
+        by_item.setdefault(hold.work_id, []).append(hold)
+
+    _count_duplicates(by_item, verdict)
+    _count_lost(all_holds, lease_segments(log, *ttl_bounds), stolen or {}, theft_grace, verdict)
+
+    held = {h.work_id for h in all_holds}
+    views = {item["id"]: item for item in items}
+    for work_id in sorted(wanted):
+        view = views.get(work_id)
+        state = view.get("state") if view else "missing"
+        if state == "stopped":
+            verdict.completed += 1
+            if work_id not in held:
+                verdict.stranded += 1
+                verdict.notes.append(f"stranded {work_id}: stopped though no sandbox held it")
+        else:
+            verdict.stranded += 1
+            verdict.notes.append(f"stranded {work_id}: {state} after the settle phase")
+
+    leaked = secrets_found(outputs, secrets)
+    verdict.leaked = len(leaked)
+    if leaked:
+        verdict.notes.append(f"leaked {len(leaked)} secret(s) (e.g. one of {len(min(leaked, key=len))} characters)")
+    return verdict
