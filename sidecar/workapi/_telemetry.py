@@ -67,7 +67,13 @@ def request_span(operation: str, method: str, route: str, provider: str, attempt
     if attempt > 1:
         attributes["http.request.resend_count"] = attempt - 1
     with _tracer.start_as_current_span(
-        f"{method} {route}", kind=SpanKind.CLIENT, attributes=attributes, record_exception=False
+        f"{method} {route}",
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
+        # Neither the exception nor its text: an error's message may quote the Work API's, which may quote
+        # the item's secret (#11). The outcome is set explicitly: "HTTP 412", "Timeout", "ResponseError".
+        record_exception=False,
+        set_status_on_exception=False,
     ) as span:
         yield RequestSpan(span, operation)
 
