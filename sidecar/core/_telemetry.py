@@ -126,7 +126,8 @@ class TelemetryObserver:
     """Turns lease transitions into metrics, span events and log lines (the only place that does)."""
 
     def claimed(self, lease: Lease) -> None:
-        log.info("lease started", extra={"work_id": lease.work_id, "ttl_seconds": lease.ttl_seconds})
+        # DEBUG: "work assigned" follows at once (one INFO line per item: logging is on the hot path).
+        log.debug("lease started", extra={"work_id": lease.work_id, "ttl_seconds": lease.ttl_seconds})
 
     def assigned(self, lease: Lease) -> None:
         if lease.span is not None and lease.sandbox_id:
