@@ -73,11 +73,16 @@ class SdkProcesses(Recorder):
         return total
 
     async def close(self) -> None:
+        for proc in self._procs:  # EOF on stdin: the worker stops and removes its workdir
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
         for proc in self._procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        for proc in self._procs:
-            await proc.wait()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
         for reader in self._readers:
             reader.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
@@ -120,7 +125,9 @@ async def _child(url: str, environment_id: str, hold: float) -> None:
     fleet.note_lost = reporter.note_lost  # type: ignore[method-assign]
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.readline)
+    if not await loop.run_in_executor(None, sys.stdin.readline):  # EOF before "go": never started
+        await fleet.close()
+        return
     await fleet.start()
     await loop.run_in_executor(None, sys.stdin.readline)  # EOF or a line: stop
     await fleet.close()
