@@ -12,10 +12,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
-
-import httpx
 
 from ..wire import (
     MAX_BLOCK_MS,
@@ -43,6 +41,9 @@ from ._errors import (
 from ._models import HeartbeatResult, ModelError, QueueStats, Work, WorkPage, cursor_params
 from ._retry import RetryPolicies, RetryPolicy, is_retryable, retry_delay
 from ._transport import Answer, AnswerTooLarge, ExchangeFailed, make_exchange
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Timeouts", "WorkApiClient"]
 

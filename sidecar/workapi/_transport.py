@@ -14,7 +14,7 @@ process CPU per heartbeat against the emulator, 16 in flight):
 
 httpx's request/response layer alone costs more than the whole aiohttp exchange, so that layer goes on the hot
 path. httpx stays available (`http_backend="httpx"`, or any `transport=` an embedder passes) behind the same
-interface, and its exception-free part (`httpx.create_ssl_context`) still builds the TLS settings.
+interface (imported only then: a sidecar on the default backend never loads it).
 
 Environment settings are resolved once, at construction: HTTP(S)_PROXY / NO_PROXY (and the proxy's netrc
 credentials) for the Work API's URL, and SSL_CERT_FILE / SSL_CERT_DIR for the TLS context. No cookie jar, no
@@ -24,11 +24,14 @@ compression (an answer must be JSON as sent), no redirects.
 from __future__ import annotations
 
 import contextlib
+import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
+if TYPE_CHECKING:  # imported where used: a sidecar on the default backend never loads httpx (memory, start-up)
+    import httpx
 
 HTTP_BACKENDS = ("aiohttp", "httpx")
 
@@ -97,7 +100,7 @@ class AiohttpExchange:
         self._url = yarl.URL
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
-        self._ssl = httpx.create_ssl_context() if base_url.startswith("https:") else None
+        self._ssl = _ssl_context() if base_url.startswith("https:") else None
         self._proxy: Any = None
         self._proxy_auth: Any = None
         # HTTP(S)_PROXY / NO_PROXY for this URL, and the proxy's netrc credentials: once, not per request.
@@ -178,6 +181,8 @@ class HttpxExchange:
     def __init__(
         self, *, max_connections: int, connect_timeout: float, transport: httpx.AsyncBaseTransport | None
     ) -> None:
+        import httpx
+
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(max_connections, 16))
         self._client = httpx.AsyncClient(
             # Read/write/pool timeouts: the client's overall deadline per attempt bounds them all.
@@ -190,6 +195,8 @@ class HttpxExchange:
     async def send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
     ) -> Answer:
+        import httpx
+
         request = self._client.build_request(method, url, headers=headers, content=body)
         try:
             response = await self._client.send(request, stream=True)
@@ -216,11 +223,26 @@ class HttpxExchange:
         await self._client.aclose()
 
 
+def _ssl_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
+    """The TLS context httpx's `create_ssl_context()` makes (without loading httpx): the CAs of SSL_CERT_FILE, else
+    of SSL_CERT_DIR, else certifi's."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=environ["SSL_CERT_FILE"])
+    if environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=environ["SSL_CERT_DIR"])
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 def _aiohttp_name(exc: BaseException) -> str:
     return "Timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
 
 
 def _httpx_name(exc: httpx.TransportError) -> str:
+    import httpx
+
     return "Timeout" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
 
 
