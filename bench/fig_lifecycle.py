@@ -2,8 +2,9 @@
 
 Saturation (short items): `throughput_items` items are queued first, then N sandboxes / SDK workers start and stop
 each item as soon as it is theirs (sidecar: poll → ack → claiming heartbeat → WorkAssigned → StopWork(force);
-SDK: poll → ack → first heartbeat → handler returns → stop(force); one worker per *process*, as issue #13 compares,
-started and ready before the clock starts). Items per second from the start of the sandboxes to the last stop;
+SDK: poll → ack → first heartbeat → handler returns → stop(force); one worker per *process* up to 10 (issue #13
+compares with 10 SDK worker processes; 100 workers are 10 processes of 10), started and ready before the clock
+starts). Items per second from the start of the sandboxes to the last stop;
 requests per item from the emulator's log over the same window; the sidecar's CPU per Work API request = its process
 CPU over the window ÷ the requests of the window.
 
@@ -92,7 +93,7 @@ async def saturate_sdk(emulator: EmulatorProcess, n: int, items: int, limit: flo
         result = await _run(emulator, env, items, limit, lambda: started(workers), None, workers.cpu_seconds)
     finally:
         await workers.close()
-    return {**result, "processes": n}
+    return {**result, "processes": workers.processes}
 
 
 async def long_sidecar(emulator: EmulatorProcess, n: int, hold: float, ttl: int) -> dict[str, Any]:

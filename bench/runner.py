@@ -203,7 +203,8 @@ def notes(p: Preset) -> list[str]:
         "Everything runs on loopback on one machine: the emulator (uvloop) and the sidecar each in their own "
         "process; sandboxes (grpc.aio, generated stubs only) in the harness process; SDK workers (one "
         "`EnvironmentWorker` with its own client each) as asyncio tasks in the harness process, except for "
-        "throughput, where each runs in a process of its own (bench/sdk_procs.py).",
+        "throughput, where they run in processes of their own (one each up to 10, then 10 processes sharing them: "
+        "bench/sdk_procs.py).",
         "SDK worker = `anthropic.lib.environments.EnvironmentWorker.run()` (its poll loop, ack, `_heartbeat_loop` "
         "and force-stop) with the session fetch and tool runner replaced by the bench handler, which waits for the "
         "lease's first heartbeat and then holds the item; dispatch for the SDK = the handler is called.",

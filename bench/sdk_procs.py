@@ -1,7 +1,8 @@
 """SDK workers as separate processes (issue #13 compares the sidecar with "10 SDK worker processes").
 
-`SdkProcesses(url, env, n)` starts n processes (`python -m bench.sdk_procs URL ENV HOLD`), each one `BenchWorker`
-(see baseline.py). A process reports "ready" once imported and built, and starts its worker when the harness
+`SdkProcesses(url, env, n)` starts min(n, MAX_PROCESSES) processes (`python -m bench.sdk_procs URL ENV HOLD W`),
+n `BenchWorker`s (see baseline.py) spread evenly over them (so 100 workers are 10 processes of 10: a hundred
+Python processes would not even start on 2 cores). A process reports "ready" once imported and built, and starts its worker when the harness
 writes "go" (so every worker starts at once, after the items are queued); it writes one line per event
 (`a ID` dispatched, `s ID` stopped, `l ID` lost, `e` a stop error), which the harness turns into the Recorder's.
 """
@@ -16,25 +17,30 @@ import sys
 from ._record import Recorder, started
 
 
+MAX_PROCESSES = 10
+
+
 class SdkProcesses(Recorder):
     def __init__(self, url: str, environment_id: str, workers: int, hold: float = 0.0) -> None:
         super().__init__()
         self.argv = [sys.executable, "-m", "bench.sdk_procs", url, environment_id, str(hold)]
         self.workers = workers
+        self.processes = min(workers, MAX_PROCESSES)
         self._procs: list[asyncio.subprocess.Process] = []
         self._readers: list[asyncio.Task[None]] = []
 
     async def prepare(self) -> None:
         """Start the processes and wait until each is ready (they poll nothing yet)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for _ in range(self.workers):
+        for index in range(self.processes):
+            mine = self.workers // self.processes + (index < self.workers % self.processes)
             proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+                *self.argv, str(mine), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
             )
             self._procs.append(proc)
         for proc in self._procs:
             assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            line = await asyncio.wait_for(proc.stdout.readline(), 180)
             if line.strip() != b"ready":
                 raise RuntimeError(f"an SDK worker process did not start: {line!r}")
 
@@ -114,10 +120,10 @@ class _Reporting(Recorder):
         sys.stdout.write(f"l {work_id}\n")
 
 
-async def _child(url: str, environment_id: str, hold: float) -> None:
+async def _child(url: str, environment_id: str, hold: float, workers: int) -> None:
     from .baseline import SdkFleet
 
-    fleet = SdkFleet(url, environment_id, 1, hold)
+    fleet = SdkFleet(url, environment_id, workers, hold)
     reporter = _Reporting(hold)
     # The fleet's recorder methods report through stdout instead.
     fleet.note_assigned = reporter.note_assigned  # type: ignore[method-assign]
@@ -134,4 +140,4 @@ async def _child(url: str, environment_id: str, hold: float) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_child(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    asyncio.run(_child(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])))
