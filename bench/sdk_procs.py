@@ -2,8 +2,9 @@
 
 `SdkProcesses(url, env, n)` starts min(n, MAX_PROCESSES) processes (`python -m bench.sdk_procs URL ENV HOLD W`),
 n `BenchWorker`s (see baseline.py) spread evenly over them (so 100 workers are 10 processes of 10: a hundred
-Python processes would not even start on 2 cores). A process reports "ready" once imported and built, and starts its worker when the harness
-writes "go" (so every worker starts at once, after the items are queued); it writes one line per event
+Python processes would not even start on 2 cores). A process reports "ready" once imported and built, and starts
+its workers when the harness writes "go" (so every worker starts at once, after the items are queued); it writes
+one line per event
 (`a ID` dispatched, `s ID` stopped, `l ID` lost, `e` a stop error), which the harness turns into the Recorder's.
 """
 
@@ -15,7 +16,6 @@ import os
 import sys
 
 from ._record import Recorder, started
-
 
 MAX_PROCESSES = 10
 
