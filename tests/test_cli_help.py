@@ -49,7 +49,7 @@ def test_every_subcommand_has_help() -> None:
         if isinstance(action, argparse._SubParsersAction)
         for choice in action._choices_actions
     }
-    assert set(helps) == {"serve", "emulator", "health", "exec"}
+    assert set(helps) == {"serve", "emulator", "health", "exec", "scaler"}
     assert all(text and text.strip() for text in helps.values()), helps
     top = _run("--help").stdout
     for name in helps:
