@@ -96,7 +96,9 @@ async def layers(emulator: EmulatorProcess, items: int, seconds: float, concurre
 
     session = aiohttp.ClientSession(trust_env=False)
     transport = AiohttpTransport(client=lambda: aiohttp.ClientSession(trust_env=False))
-    plain = httpx.AsyncClient(headers=headers, transport=AiohttpTransport(client=lambda: aiohttp.ClientSession()))
+    plain = httpx.AsyncClient(
+        headers=headers, transport=AiohttpTransport(client=lambda: aiohttp.ClientSession(trust_env=True))
+    )
     env_free = httpx.AsyncClient(
         headers=headers, transport=AiohttpTransport(client=lambda: aiohttp.ClientSession(trust_env=False))
     )
