@@ -26,6 +26,17 @@ class Preset:
     hold_ttl: int
     hold_streams: int
     emulator_seconds: float
+    sdk_dispatch_gap: tuple[float, float] = (0.5, 5.0)
+    """The SDK's items arrive at gaps longer than its idle cycle (poll + 1-3 s sleep): each at an independent
+    phase."""
+    sdk_dispatch_items: int = 200
+    """SDK dispatch at random arrival phase: this many items in all (issue #13: at least 200) …"""
+    sdk_dispatch_envs: int = 20
+    """… over at most this many environments of N workers each, in parallel …"""
+    sdk_dispatch_workers: int = 400
+    """… and at most this many SDK workers in all (fewer environments at large N)."""
+    burst_n: int = 100
+    """Burst: this many items queued at once to this many idle sandboxes / SDK workers."""
     seed: int = 20260701
 
 
@@ -33,8 +44,8 @@ FULL = Preset(
     name="full",
     ns=(1, 10, 100),
     idle_seconds=20.0,
-    dispatch_items=10,
-    dispatch_gap=(0.5, 5.0),
+    dispatch_items=20,
+    dispatch_gap=(0.5, 2.0),
     throughput_items=2000,
     throughput_limit=6.0,
     long_n=10,
@@ -63,6 +74,10 @@ QUICK = Preset(
     hold_ttl=10,
     hold_streams=20,
     emulator_seconds=2.0,
+    sdk_dispatch_gap=(0.3, 2.0),
+    sdk_dispatch_items=40,
+    sdk_dispatch_envs=8,
+    sdk_dispatch_workers=200,
 )
 
 SMOKE = Preset(
@@ -81,6 +96,11 @@ SMOKE = Preset(
     hold_ttl=2,
     hold_streams=5,
     emulator_seconds=1.0,
+    sdk_dispatch_gap=(0.05, 0.2),
+    sdk_dispatch_items=4,
+    sdk_dispatch_envs=2,
+    sdk_dispatch_workers=4,
+    burst_n=3,
 )
 
 PRESETS = {preset.name: preset for preset in (FULL, QUICK, SMOKE)}

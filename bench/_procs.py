@@ -143,6 +143,12 @@ class LogEntry:
     environment_id: str | None
     work_id: str | None
     status: int | None
+    duration_ms: float | None = None
+
+    @property
+    def end(self) -> float:
+        """When the emulator answered (epoch seconds; the arrival when it has not answered yet)."""
+        return self.at + (self.duration_ms or 0.0) / 1000
 
 
 def _epoch(text: str) -> float:
@@ -195,7 +201,15 @@ class EmulatorProcess:
         """Logged Work API requests from `since` on, and the next index to ask for."""
         page = await self.admin.request_log(since)
         entries = [
-            LogEntry(e["seq"], _epoch(e["at"]), e["operation"], e["environment_id"], e["work_id"], e["status"])
+            LogEntry(
+                e["seq"],
+                _epoch(e["at"]),
+                e["operation"],
+                e["environment_id"],
+                e["work_id"],
+                e["status"],
+                e.get("duration_ms"),
+            )
             for e in page.data
         ]
         return entries, page.next

@@ -23,6 +23,8 @@ class Recorder:
     def __init__(self) -> None:
         self.assigned: dict[str, float] = {}
         """work id → time.monotonic() when the sandbox got it (sidecar: WorkAssigned; SDK: the handler ran)."""
+        self.assigned_wall: dict[str, float] = {}
+        """work id → time.time() at the same moment (to line up with the emulator's request log)."""
         self.stopped: dict[str, float] = {}
         """work id → time.monotonic() when its stop answered."""
         self.lost_ids: set[str] = set()
@@ -32,6 +34,7 @@ class Recorder:
 
     def note_assigned(self, work_id: str) -> None:
         self.assigned[work_id] = time.monotonic()
+        self.assigned_wall[work_id] = time.time()
         self.changed.set()
 
     def note_stopped(self, work_id: str) -> None:

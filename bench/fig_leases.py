@@ -129,6 +129,7 @@ async def hold(
             "lateness_p99_ms": percentile(late_ms, 99),
             "lateness_max_ms": max(late_ms) if late_ms else None,
             "sidecar_cores": cores,
+            "sidecar_cpu_ms_per_request": cores * elapsed / tracker.heartbeats * 1000 if tracker.heartbeats else None,
             "idle_rss_mb": idle_rss / 1e6,
             "rss_mb": rss / 1e6,
             "rss_peak_mb": max(rss_peak, rss) / 1e6,

@@ -2,8 +2,11 @@
 
 Saturation (short items): `throughput_items` items are queued first, then N sandboxes / SDK workers start and stop
 each item as soon as it is theirs (sidecar: poll → ack → claiming heartbeat → WorkAssigned → StopWork(force);
-SDK: poll → ack → first heartbeat → handler returns → stop(force)). Items per second from the start of the
-sandboxes to the last stop; requests per item from the emulator's log over the same window.
+SDK: poll → ack → first heartbeat → handler returns → stop(force); one worker per *process* up to 10 (issue #13
+compares with 10 SDK worker processes; 100 workers are 10 processes of 10), started and ready before the clock
+starts). Items per second from the start of the sandboxes to the last stop;
+requests per item from the emulator's log over the same window; the sidecar's CPU per Work API request = its process
+CPU over the window ÷ the requests of the window.
 
 Long items: `long_n` items held `long_hold` seconds each at TTL `long_ttl` (full run: 10 items, 300 s, TTL 60,
 so ten renewals each), counted the same way.
@@ -17,9 +20,10 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from ._procs import Child, EmulatorProcess, LogEntry, count_operations, sidecar
-from ._record import Recorder
+from ._record import Recorder, started
 from .baseline import sdk_fleet
 from .sandboxes import fleet
+from .sdk_procs import SdkProcesses
 
 OPERATIONS = ("poll", "ack", "heartbeat", "stop")
 
@@ -39,10 +43,12 @@ async def _run(
     limit: float,
     start: Callable[[], AbstractAsyncContextManager[Recorder]],
     watched: Child | None,
+    cpu_of: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     await emulator.enqueue(env, items)
     seq = await emulator.next_seq()
     cpu = watched.cpu_seconds() if watched else 0.0
+    other_cpu = cpu_of() if cpu_of else 0.0
     emulator_cpu = emulator.child.cpu_seconds()
     started = time.monotonic()
     async with start() as recorder:
@@ -61,9 +67,15 @@ async def _run(
             "emulator_cores": (emulator.child.cpu_seconds() - emulator_cpu) / elapsed,
         }
         if watched is not None:
-            result["sidecar_cores"] = (watched.cpu_seconds() - cpu) / elapsed
+            result["sidecar_cpu_seconds"] = watched.cpu_seconds() - cpu
+            result["sidecar_cores"] = result["sidecar_cpu_seconds"] / elapsed
+        if cpu_of is not None:
+            result["sdk_cores"] = (cpu_of() - other_cpu) / elapsed
     entries, _ = await emulator.requests(seq)
     result["requests_per_item"] = _per_item(entries, env, wall_end, done)
+    requests = result["requests_per_item"]["requests"]
+    if watched is not None and requests:
+        result["sidecar_cpu_ms_per_request"] = result["sidecar_cpu_seconds"] / requests * 1000
     return result
 
 
@@ -75,7 +87,13 @@ async def saturate_sidecar(emulator: EmulatorProcess, n: int, items: int, limit:
 
 async def saturate_sdk(emulator: EmulatorProcess, n: int, items: int, limit: float) -> dict[str, Any]:
     env = f"env_saturate_sdk_{n}"
-    return await _run(emulator, env, items, limit, lambda: sdk_fleet(emulator.url, env, n), None)
+    workers = SdkProcesses(emulator.url, env, n)
+    try:
+        await workers.prepare()
+        result = await _run(emulator, env, items, limit, lambda: started(workers), None, workers.cpu_seconds)
+    finally:
+        await workers.close()
+    return {**result, "processes": workers.processes}
 
 
 async def long_sidecar(emulator: EmulatorProcess, n: int, hold: float, ttl: int) -> dict[str, Any]:

@@ -6,6 +6,10 @@ native sidecar), `work-sidecar scaler` and one emulator, through three traffic p
 - trickle: items one at a time at `trickle_gap` intervals, stopped at once (every sandbox free: pure dispatch
   latency).
 
+Then, for one-sandbox pods (issue #13, "idle cost"), K sidecars (with `--idle-poll-gap` 0 and `pod_gap`) against K
+official SDK workers: the fleet's idle Work API requests per minute, and dispatch p50/p99 of `phase_items` items
+enqueued one at a time at seeded-random gaps (so each lands at a random phase of every poll/sleep cycle).
+
 Meanwhile a sampler asks the scaler's GetMetrics every `sample_every` seconds, as KEDA would, and turns the
 metric into the replicas a ScaledObject with targetItemsPerReplica=1 would ask for (ceil(items / 1)).
 Checked on every run: no item is ever held by two sandboxes at once. Writes DIR/fleet.{json,md} and
@@ -19,6 +23,7 @@ import contextlib
 import itertools
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -49,10 +54,19 @@ class FleetPreset:
     stats_interval: float
     sample_every: float
     tail_seconds: float
+    pod_gap: float = 2.0
+    """The `--idle-poll-gap` compared with none (2 s: the middle of the SDK's 1-3 s sleep)."""
+    pod_idle_seconds: float = 15.0
+    phase_items: int = 20
+    phase_gap: tuple[float, float] = (0.3, 2.5)
+    seed: int = 20261202
 
 
 FLEET_FULL = FleetPreset("full", (1, 10, 50), 20.0, 2.0, 20, 0.5, 1.0, 0.25, 4.0)
-FLEET_SMOKE = FleetPreset("smoke", (1, 2), 1.5, 0.6, 3, 0.2, 0.2, 0.1, 1.0)
+FLEET_SMOKE = FleetPreset(
+    "smoke", (1, 2), 1.5, 0.6, 3, 0.2, 0.2, 0.1, 1.0, pod_gap=0.5, pod_idle_seconds=1.0, phase_items=3,
+    phase_gap=(0.05, 0.3),
+)  # fmt: skip
 
 
 # -- processes ------------------------------------------------------------------------------------------------
@@ -75,7 +89,9 @@ async def _wait_health(target: str, child: Child, name: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _sidecars(emulator: EmulatorProcess, environment_id: str, k: int) -> AsyncIterator[list[str]]:
+async def _sidecars(
+    emulator: EmulatorProcess, environment_id: str, k: int, extra: list[str] | None = None
+) -> AsyncIterator[list[str]]:
     """K `work-sidecar serve` processes of one environment, each on its own socket (K pods)."""
     children: list[Child] = []
     targets = []
@@ -84,7 +100,7 @@ async def _sidecars(emulator: EmulatorProcess, environment_id: str, k: int) -> A
             target = f"unix://{CHILDREN.log_dir}/{environment_id}-{index}.sock"
             argv = [str(BIN / "work-sidecar"), "serve", "--api-url", emulator.url, "--api-key", KEY]
             argv += ["--environment-id", environment_id, "--listen", target, "--log-format", "json"]
-            argv += ["--worker-id", f"pod-{index}", "--log-level", "WARNING"]
+            argv += ["--worker-id", f"pod-{index}", "--log-level", "WARNING", *(extra or [])]
             children.append(CHILDREN.start(f"sidecar-{environment_id}-{index}", argv))
             targets.append(target)
         await asyncio.gather(*(_wait_health(t, c, c.log_path.stem) for t, c in zip(targets, children, strict=True)))
@@ -162,7 +178,7 @@ def _double_held(fleets: list[Fleet]) -> tuple[int, int]:
     return len(twice), overlapping
 
 
-def _latencies(enqueued: dict[str, float], fleets: list[Fleet]) -> dict[str, float | None]:
+def _latencies(enqueued: dict[str, float], fleets: list[Any]) -> dict[str, float | None]:
     assigned: dict[str, float] = {}
     for sandbox in fleets:
         for work_id, at in sandbox.assigned.items():
@@ -270,6 +286,58 @@ async def run_k(emulator: EmulatorProcess, k: int, preset: FleetPreset) -> dict[
             await asyncio.gather(*(f.close() for f in fleets), return_exceptions=True)
 
 
+# -- one-sandbox pods: idle cost and dispatch, sidecars vs SDK workers -----------------------------------------
+
+
+async def _idle_and_phase(
+    emulator: EmulatorProcess, environment_id: str, recorders: list[Any], preset: FleetPreset
+) -> dict[str, Any]:
+    await asyncio.sleep(2.0)  # settle into the idle rhythm
+    seq = await emulator.next_seq()
+    start = time.monotonic()
+    await asyncio.sleep(preset.pod_idle_seconds)  # the measured window itself
+    entries, _ = await emulator.requests(seq)
+    window = time.monotonic() - start
+    ops = count_operations(entries, environment_id)
+    rng = random.Random(preset.seed + len(recorders))
+    enqueued: dict[str, float] = {}
+    for _ in range(preset.phase_items):
+        await asyncio.sleep(rng.uniform(*preset.phase_gap))  # the arrival pattern itself
+        at = time.monotonic()
+        [work_id] = await emulator.enqueue(environment_id, 1)
+        enqueued[work_id] = at
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(any(w in r.assigned for r in recorders) for w in enqueued):
+        changes = [asyncio.ensure_future(r.changed.wait()) for r in recorders]
+        for recorder in recorders:
+            recorder.changed.clear()
+        await asyncio.wait(changes, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+        for change in changes:
+            change.cancel()
+    latency = _latencies(enqueued, recorders)
+    return {"idle_per_minute": sum(ops.values()) / window * 60, **latency}
+
+
+async def pods_k(emulator: EmulatorProcess, k: int, preset: FleetPreset) -> dict[str, Any]:
+    """K one-sandbox sidecars (no gap, then `pod_gap`) and K SDK workers, each on an environment of its own."""
+    from .baseline import sdk_fleet
+
+    out: dict[str, Any] = {"k": k}
+    for name, extra in (("sidecar", []), ("sidecar_gap", ["--idle-poll-gap", str(preset.pod_gap)])):
+        env = f"env_pods_{name}_{k}"
+        async with _sidecars(emulator, env, k, extra) as targets:
+            fleets = [Fleet(target, streams=1, max_in_flight=1, hold=0.0) for target in targets]
+            await asyncio.gather(*(f.start() for f in fleets))
+            try:
+                out[name] = await _idle_and_phase(emulator, env, fleets, preset)
+            finally:
+                await asyncio.gather(*(f.close() for f in fleets), return_exceptions=True)
+    env = f"env_pods_sdk_{k}"
+    async with sdk_fleet(emulator.url, env, k) as workers:
+        out["sdk"] = await _idle_and_phase(emulator, env, [workers], preset)
+    return out
+
+
 # -- report ---------------------------------------------------------------------------------------------------
 
 
@@ -304,6 +372,32 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['sample_every']} s (fleet_replicas.png, beside the sandboxes holding an item: running items are "
         "not in the metric, so a ScaledJob runs asked + busy, and a ScaledObject's HPA sizes to the backlog).",
     ]
+    pods = results.get("pods") or []
+    if pods:
+        lines += [
+            "",
+            "One-sandbox pods: K sidecars (one sandbox each) vs K official SDK workers, each fleet on its own "
+            "environment.",
+            "",
+            "| K | fleet idle requests/min: sidecar / sidecar with "
+            f"`--idle-poll-gap {meta['pod_gap']:g}` / SDK | dispatch p50 / p99 (ms): sidecar "
+            "| sidecar with gap | SDK |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for run in pods:
+            a, b, c = run["sidecar"], run["sidecar_gap"], run["sdk"]
+            lines.append(
+                f"| {run['k']} | {a['idle_per_minute']:,.0f} / {b['idle_per_minute']:,.0f} / "
+                f"{c['idle_per_minute']:,.0f} | {_ms(a['p50_ms'])} / {_ms(a['p99_ms'])} "
+                f"| {_ms(b['p50_ms'])} / {_ms(b['p99_ms'])} | {_ms(c['p50_ms'])} / {_ms(c['p99_ms'])} |"
+            )
+        lines += [
+            "",
+            f"- Idle: the fleet's Work API requests over {meta['pod_idle_seconds']:g} s with nothing queued, per "
+            f"minute. Dispatch: {meta['phase_items']} items, one at a time at gaps uniform in "
+            f"{meta['phase_gap'][0]:g}-{meta['phase_gap'][1]:g} s (seed {meta['seed']}+K), each stopped at once: "
+            "enqueue → WorkAssigned (sidecar) or the handler called (SDK), at random phase of their poll cycles.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -345,6 +439,7 @@ async def run(preset: FleetPreset, out: Path) -> dict[str, Any]:
     emulator = await EmulatorProcess.start(default_ttl=60)
     try:
         runs = [await run_k(emulator, k, preset) for k in preset.ks]
+        pods = [await pods_k(emulator, k, preset) for k in preset.ks]
     finally:
         await emulator.close()
     results = {
@@ -357,6 +452,7 @@ async def run(preset: FleetPreset, out: Path) -> dict[str, Any]:
             "seconds": round(time.monotonic() - started, 1),
         },
         "runs": runs,
+        "pods": pods,
     }
     write(results, out)
     return results

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -65,7 +66,7 @@ def estimate_seconds(p: Preset) -> float:
     mean_gap = sum(p.dispatch_gap) / 2
     serial = p.emulator_seconds + 4 + 3
     serial += 2 * len(p.ns) * (min(p.throughput_limit, p.throughput_items / 150) + 2)
-    serial += len(p.ns) * (p.dispatch_items * mean_gap + 2)
+    serial += 2 * len(p.ns) * (p.dispatch_items * mean_gap + 2) + 2 * 8
     holds = sum(max(s, p.long_hold) + c / 150 + 4 for c, s in zip(p.hold_counts, p.hold_seconds, strict=True))
     return serial + holds
 
@@ -78,9 +79,11 @@ async def _timed(progress: Progress, name: str, work: Callable[[], Awaitable[T]]
 async def run(preset: Preset, out: Path, *, progress_bar: bool = True) -> dict[str, Any]:
     started_wall = datetime.now(UTC)
     started = time.monotonic()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     figures: dict[str, Any] = {
         "idle_requests_per_minute": {"sidecar": {}, "sdk": {}},
-        "dispatch_latency": {"sidecar": {}, "sdk": {}},
+        "dispatch_latency": {"sidecar": {}, "sdk": {}, "floor": {}},
+        "burst": {},
         "requests_per_item": {"short": {"sidecar": {}, "sdk": {}}, "long": {}},
         "throughput": {"sidecar": {}, "sdk": {}},
         "leases_held": {},
@@ -106,6 +109,13 @@ async def run(preset: Preset, out: Path, *, progress_bar: bool = True) -> dict[s
                 figures["dispatch_latency"]["sidecar"][str(n)] = await fig_dispatch.dispatch_sidecar(
                     emulator, n, preset
                 )
+                progress.step(f"dispatch floor (minimal client) N={n}")
+                figures["dispatch_latency"]["floor"][str(n)] = await fig_dispatch.dispatch_floor(emulator, n, preset)
+            progress.step(f"burst of {preset.burst_n} at N={preset.burst_n}")
+            figures["burst"] = {
+                "sidecar": await fig_dispatch.burst_sidecar(emulator, preset.burst_n),
+                "sdk": await fig_dispatch.burst_sdk(emulator, preset.burst_n),
+            }
 
             async def sdk_alongside() -> None:
                 long = asyncio.ensure_future(
@@ -144,6 +154,9 @@ async def run(preset: Preset, out: Path, *, progress_bar: bool = True) -> dict[s
         CHILDREN.kill_all()
     results = {
         "meta": {
+            **provenance(),
+            "loadavg_start": load_start,
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "preset": preset.name,
             "started": started_wall.strftime("%Y-%m-%d %H:%M UTC"),
             "duration_seconds": round(time.monotonic() - started, 1),
@@ -161,23 +174,60 @@ async def run(preset: Preset, out: Path, *, progress_bar: bool = True) -> dict[s
     return results
 
 
+def provenance() -> dict[str, Any]:
+    """The commit measured (and whether the tree had uncommitted changes), and the machine."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo").read().splitlines():  # noqa: SIM115
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "commit": git("rev-parse", "--short=12", "HEAD").strip() or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
+        "host": platform.node(),
+        "cpu_model": cpu_model or platform.processor() or "unknown",
+        "kernel": platform.release(),
+    }
+
+
 def notes(p: Preset) -> list[str]:
     hold_counts = " and ".join(f"{c:,}" for c in p.hold_counts)
     return [
         "Everything runs on loopback on one machine: the emulator (uvloop) and the sidecar each in their own "
-        "process; sandboxes (grpc.aio, generated stubs only) and SDK workers (asyncio tasks, one "
-        "`EnvironmentWorker` with its own client per sandbox) in the harness process.",
+        "process; sandboxes (grpc.aio, generated stubs only) in the harness process; SDK workers (one "
+        "`EnvironmentWorker` with its own client each) as asyncio tasks in the harness process, except for "
+        "throughput, where they run in processes of their own (one each up to 10, then 10 processes sharing them: "
+        "bench/sdk_procs.py).",
         "SDK worker = `anthropic.lib.environments.EnvironmentWorker.run()` (its poll loop, ack, `_heartbeat_loop` "
         "and force-stop) with the session fetch and tool runner replaced by the bench handler, which waits for the "
         "lease's first heartbeat and then holds the item; dispatch for the SDK = the handler is called.",
         f"Idle: requests of the environment counted from the emulator's log over {p.idle_seconds:g} s after a settle, "
         "scaled to per minute (the harness's own stats calls excluded).",
-        f"Dispatch: {p.dispatch_items} items per N, enqueued one at a time at gaps uniform in "
-        f"{p.dispatch_gap[0]:g}-{p.dispatch_gap[1]:g} s (seed {p.seed}+N, the same gaps for both sides), each "
-        "stopped at once; sidecar = WorkAssigned arrived (after poll, ack and the claiming heartbeat).",
+        f"Dispatch: sidecar and floor: {p.dispatch_items} items per N, enqueued one at a time at gaps uniform in "
+        f"{p.dispatch_gap[0]:g}-{p.dispatch_gap[1]:g} s (seed {p.seed}+N, the same gaps for both), each "
+        "stopped at once; sidecar = WorkAssigned arrived (after poll, ack and the claiming heartbeat); floor = a "
+        "minimal client's claiming heartbeat answered (bench/floor.py: N loops of poll → ack → heartbeat on one "
+        "aiohttp session, nothing else). SDK: at random arrival phase, "
+        f"{p.sdk_dispatch_items} items over up to {p.sdk_dispatch_envs} environments of N workers each (at most "
+        f"{p.sdk_dispatch_workers} workers in all), fed in parallel at gaps uniform in "
+        f"{p.sdk_dispatch_gap[0]:g}-{p.sdk_dispatch_gap[1]:g} s; SDK = its handler was called.",
+        "Dispatch steps (p50, ms): from the emulator's request log (arrival and duration of each request) and the "
+        "sandbox's clock on the same machine; the poll that returned an item is the latest answered poll that "
+        "ended before its ack arrived.",
+        f"Burst: {p.burst_n} items queued at once to {p.burst_n} idle sandboxes on one sidecar / {p.burst_n} SDK "
+        "workers (asyncio tasks); time from the enqueue to the median and the last dispatch.",
         f"Short items and throughput: {p.throughput_items} items queued first, then N sandboxes/workers that stop "
         f"each item at once (runs end after {p.throughput_limit:g} s at most); items/s from their start to the "
-        "last stop; requests per item from the emulator's log over the same window.",
+        "last stop; requests per item from the emulator's log over the same window; sidecar CPU per Work API "
+        "request = the sidecar process's CPU over the window ÷ the requests in it.",
         f"Long items: {p.long_n} sandboxes/workers each hold one item for {p.long_hold:g} s at TTL {p.long_ttl} "
         "(really held, not time-scaled), measured once at N = "
         f"{p.long_n}: the SDK's during the first lease hold, the sidecar's during the second.",

@@ -98,6 +98,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--max-pollers", "parallel long polls while items keep coming", type=int, setting="PollPolicy.max_pollers"),
     Flag("--poll-block-ms", f"long poll block_ms ({MIN_BLOCK_MS}..{MAX_BLOCK_MS})", type=int,
          setting="PollPolicy.block_ms"),
+    Flag("--idle-poll-gap", "seconds to wait after an empty poll (0: none): fewer idle requests, slower dispatch",
+         type=float, setting="PollPolicy.idle_poll_gap"),
     Flag("--unclaimed-wait", "seconds a polled item waits for a free sandbox slot before it is left unacked",
          type=float, setting="PollPolicy.unclaimed_wait"),
     Flag("--auth-token",
@@ -253,6 +255,7 @@ def serve_settings(values: dict[str, Any]) -> Any:
         polling=PollPolicy(
             block_ms=values["poll_block_ms"],
             max_pollers=values["max_pollers"],
+            idle_poll_gap=values["idle_poll_gap"],
             unclaimed_wait=values["unclaimed_wait"],
         ),
         state=StateSettings(state_dir=values["state_dir"] or ""),

@@ -200,7 +200,7 @@ async def test_one_trace_per_item_metrics_and_no_secrets(
     forbidden = [KEY, item.secret, secret.decode().sessions_token, item.lease_token]
     exported = collected.raw()
     logs = log_path.read_bytes()
-    assert b'"msg": "lease started"' in logs and b"trace_id" in logs, "JSON logs with trace ids"
+    assert b'"msg": "work assigned"' in logs and b"trace_id" in logs, "JSON logs with trace ids"
     for needle in forbidden:
         assert needle.encode() not in exported, "a secret was exported in telemetry"
         assert needle.encode() not in logs, "a secret was logged"

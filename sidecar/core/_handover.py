@@ -84,23 +84,32 @@ class HandOver:
         self._supervisor = supervisor
         self._intents: ClaimIntents = intents or _NoIntents()
 
-    def start(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
-        """Hand `work` over to `watcher` (whose slot the caller reserved) in the background."""
-        self._supervisor.spawn(self.take(work, watcher, returned_at=returned_at), name="hand-over")
+    def start(self, work: Work, watcher: Watcher, *, returned_at: float) -> asyncio.Event:
+        """Hand `work` over to `watcher` (whose slot the caller reserved) in the background. The event is set once
+        the ack has its outcome (the claim follows at once): the poller polls again only then, so the ack never
+        queues behind further polls."""
+        acked = asyncio.Event()
+        self._supervisor.spawn(self.take(work, watcher, returned_at=returned_at, acked=acked), name="hand-over")
+        return acked
 
     def start_healthcheck(self, work: Work) -> None:
         self._supervisor.spawn(self._finish_healthcheck(work), name="healthcheck")
 
-    async def take(self, work: Work, watcher: Watcher, *, returned_at: float) -> None:
+    async def take(
+        self, work: Work, watcher: Watcher, *, returned_at: float, acked: asyncio.Event | None = None
+    ) -> None:
         """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it."""
+        acked = acked or asyncio.Event()
         span = telemetry.start_work_span(work, self._client.provider.name)
         self._intents.acking(work.id)
         try:
-            lease = await self._claim(work, span)
+            lease = await self._claim(work, span, acked)
         except BaseException:
             self._dispatcher.unreserve(watcher)
             telemetry.end_unassigned_span(span, "not_acked", "error")
             raise  # an interrupted claim stays unsettled: a successor releases the item
+        finally:
+            acked.set()
         self._intents.settled(work.id)
         if lease is None:
             self._dispatcher.unreserve(watcher)
@@ -140,7 +149,7 @@ class HandOver:
         log.info("reassigning an item its sandbox never received", extra={"work_id": lease.work_id})
         self._assign(watcher, lease)
 
-    async def _claim(self, work: Work, span: Span) -> Lease | None:
+    async def _claim(self, work: Work, span: Span, ack_done: asyncio.Event) -> Lease | None:
         """Ack, then the claiming heartbeat. None when the item is not (or no longer) ours."""
         acked = work
         with telemetry.use(span):
@@ -173,6 +182,8 @@ class HandOver:
                     _not_ours(work, span, "ack_failed", exc)
                     return None
                 log.warning("ack outcome unknown; claiming to find out", extra={"work_id": work.id, "error": str(exc)})
+            finally:
+                ack_done.set()
             claimed = await self._claim_until_definitive(work, span)
         if claimed is None:
             return None

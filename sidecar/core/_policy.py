@@ -112,8 +112,15 @@ class PollPolicy:
     """How the sidecar polls: one long poll while anything has room, more while items keep coming."""
 
     block_ms: int = MAX_BLOCK_MS
-    max_pollers: int = 4
-    """Upper bound of parallel long polls while items keep coming (one when the queue is empty)."""
+    max_pollers: int = 256
+    """Upper bound of parallel long polls while items keep coming (one when the queue is empty). Below it, the
+    pollers follow free capacity: every poll that returns an item may add one while free slots outnumber polls
+    in flight, so a burst of 100 items at 100 free slots is polled by up to 100 pollers within a few round
+    trips; a poller that comes back empty leaves."""
+    idle_poll_gap: float = 0.0
+    """Seconds to wait after an empty poll before the next one (0: poll again at once). A one-sandbox pod that
+    sets 2 makes 20 idle requests a minute instead of 60 (as the official SDK worker does: it sleeps 1-3 s after
+    an empty poll), at the price of up to that long before an item that arrives meanwhile is dispatched."""
     reclaim_older_than_ms: int | None = None
     unclaimed_wait: float = 2.0
     """An item polled while no sandbox had a free slot (one left as the poll returned) waits this long for a
@@ -129,5 +136,7 @@ class PollPolicy:
             raise ValueError(f"poll block must be {MIN_BLOCK_MS}..{MAX_BLOCK_MS} ms")
         if self.max_pollers < 1:
             raise ValueError("max pollers must be at least 1")
+        if not 0 <= self.idle_poll_gap <= 3600:
+            raise ValueError("--idle-poll-gap must be 0..3600 seconds")
         if self.unclaimed_wait < 0:
             raise ValueError("unclaimed-wait must not be negative")

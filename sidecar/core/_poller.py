@@ -28,6 +28,9 @@ from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.poller")
 
+ACK_FIRST_WAIT = 2.0
+"""Seconds a poll loop waits for the ack of the item it just polled before it polls again."""
+
 
 class Poller:
     def __init__(
@@ -92,6 +95,8 @@ class Poller:
             if work is None:
                 if not primary:
                     return
+                if self._policy.idle_poll_gap > 0 and not self._failures:
+                    await asyncio.sleep(self._policy.idle_poll_gap)
                 continue
             if self._dispatcher.draining:
                 log.info("draining: not acking a polled item; the Work API will reclaim it", extra={"work_id": work.id})
@@ -109,9 +114,14 @@ class Poller:
                     extra={"work_id": work.id},
                 )
                 continue
+            # The ack first: no poll (this loop's next, or a new poller's) goes out before it; the claim follows it.
+            # (An ack that hangs holds intake for `ACK_FIRST_WAIT` at most.)
+            acked = self._handover.start(work, watcher, returned_at=returned_at)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ACK_FIRST_WAIT):
+                    await acked.wait()
             if self._pollers < self._policy.max_pollers and (self._dispatcher.free_capacity() > self._polls_in_flight):
                 self._start_poller(primary=False)
-            self._handover.start(work, watcher, returned_at=returned_at)
 
     async def _wait_for_unpolled_capacity(self) -> None:
         """Wait until a free slot is not already covered by a poll in flight: a poll that returns an item nobody

@@ -129,7 +129,8 @@ class TelemetryObserver:
         if lease.adopted:  # after a restart: the adoption logs one line for all of them
             log.debug("lease adopted", extra={"work_id": lease.work_id, "ttl_seconds": lease.ttl_seconds})
             return
-        log.info("lease started", extra={"work_id": lease.work_id, "ttl_seconds": lease.ttl_seconds})
+        # DEBUG: "work assigned" follows at once (one INFO line per item: logging is on the hot path).
+        log.debug("lease started", extra={"work_id": lease.work_id, "ttl_seconds": lease.ttl_seconds})
 
     def assigned(self, lease: Lease) -> None:
         if lease.span is not None and lease.sandbox_id:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import json as jsonlib
 import logging
 import math
 import time
@@ -10,10 +12,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
-
-import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 from ..wire import (
     MAX_BLOCK_MS,
@@ -29,6 +29,7 @@ from ..wire import (
     get_provider,
 )
 from . import _telemetry
+from ._answer import AnswerError, decode
 from ._errors import (
     APIStatusError,
     RequestTimeout,
@@ -38,8 +39,11 @@ from ._errors import (
     status_error_class,
 )
 from ._models import HeartbeatResult, ModelError, QueueStats, Work, WorkPage, cursor_params
-from ._retry import RetryPolicies, backoff_wait, is_retryable
-from ._transport import describe_failure, make_transport
+from ._retry import RetryPolicies, RetryPolicy, is_retryable, retry_delay
+from ._transport import Answer, AnswerTooLarge, ExchangeFailed, make_exchange
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Timeouts", "WorkApiClient"]
 
@@ -49,20 +53,33 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds. A long poll's read timeout is its block_ms plus `poll_margin`."""
+    """Seconds. `read` is the overall deadline of one attempt (connect, send, the whole answer read): an answer
+    that drips slowly ends there. A long poll's attempt deadline is its block_ms plus `poll_margin`."""
 
     connect: float = 5.0
     read: float = 15.0
     write: float = 10.0
+    """Unused since every attempt has one overall deadline (`read`); kept for callers that set it."""
     pool: float = 10.0
-    poll_margin: float = 10.0
-
-    def httpx(self, read: float | None = None) -> httpx.Timeout:
-        return httpx.Timeout(connect=self.connect, read=read or self.read, write=self.write, pool=self.pool)
+    """Unused likewise."""
+    poll_margin: float = 5.0
 
 
-KEEPALIVE_CONNECTIONS = 16
-"""Idle keep-alive connections kept to the Work API (bursts open more, up to max_connections)."""
+MAX_RESPONSE_BYTES = 1 << 20
+"""The largest answer read (1 MiB): a larger one is a `ResponseError`, and never read into memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Operation:
+    """One operation's request, prebuilt: method, URL (with `{work_id}` where it names an item), headers."""
+
+    name: str
+    method: str
+    url: str
+    route: str
+    """The URL template for spans (no ids)."""
+    headers: Mapping[str, str]
+    policy: RetryPolicy
 
 
 class WorkApiClient:
@@ -85,6 +102,7 @@ class WorkApiClient:
         max_connections: int = 100,
         http_backend: str = "aiohttp",
         transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.provider = get_provider(provider)
         self._check_id("environment_id", environment_id)
@@ -93,24 +111,35 @@ class WorkApiClient:
         self.base_url = (base_url or self.provider.default_base_url).rstrip("/")
         self.timeouts = timeouts or Timeouts()
         self.retry = retry or RetryPolicies()
+        self.max_response_bytes = max_response_bytes
+        if max_response_bytes < 1024:
+            raise ValueError("max_response_bytes must be at least 1024")
         headers = {"user-agent": "work-sidecar/0.1", "accept": "application/json", **self.provider.extra_headers}
-        headers[self.provider.worker_id_header] = self.worker_id
+        headers[self.provider.worker_id_header.lower()] = self.worker_id
         if self.provider.credential_styles[0] is CredentialStyle.BEARER:
             headers["authorization"] = f"Bearer {api_key}"
         else:
             headers["x-api-key"] = api_key
-        # Few idle connections kept: httpcore checks every pooled connection (a socket poll each) on every
-        # request and response, so a pool grown to 100 by a burst of heartbeats made each later one cost ~100.
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=min(max_connections, KEEPALIVE_CONNECTIONS)
-        )
-        self._http = httpx.AsyncClient(
+        self._headers = headers = {name.lower(): value for name, value in headers.items()}
+        with_body = {**headers, "content-type": "application/json"}
+        prefix = self.provider.work_path(self.environment_id)
+        self._operations = {
+            name: _Operation(
+                name=name,
+                method=spec.method,
+                url=self.base_url + prefix + spec.route,
+                route=self.provider.path_prefix + spec.route,
+                headers=with_body if name in ("stop", "update") else headers,  # the two with a JSON body
+                policy=self.retry.for_operation(name),
+            )
+            for name, spec in OPERATIONS.items()
+        }
+        self._exchange = make_exchange(
+            http_backend,
             base_url=self.base_url,
-            headers=headers,
-            timeout=self.timeouts.httpx(),
-            limits=limits,
-            transport=transport or make_transport(http_backend, limits),
-            follow_redirects=False,
+            max_connections=max_connections,
+            connect_timeout=self.timeouts.connect,
+            transport=transport,
         )
 
     def __repr__(self) -> str:
@@ -126,7 +155,12 @@ class WorkApiClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._exchange.aclose()
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The headers sent with every request (the credential's value is not among them)."""
+        return {k: v for k, v in self._headers.items() if k not in ("authorization", "x-api-key")}
 
     # -- the eight operations -------------------------------------------------------------------------
 
@@ -144,12 +178,12 @@ class WorkApiClient:
                 raise ValueError("reclaim_older_than_ms must not be negative")
             params["reclaim_older_than_ms"] = str(reclaim_older_than_ms)
         body = await self._call("poll", params=params, read_timeout=read_timeout)
-        return None if body is None else self._parse(Work.from_json, body, "poll")
+        return None if body is None else self._parse_work(body, "poll")
 
     async def ack(self, work_id: str) -> Work:
         """Acknowledge a polled item: queued → starting. A 409 is final (not this worker's to take)."""
         body = await self._call("ack", work_id)
-        return self._parse(Work.from_json, body, "ack")
+        return self._parse_work(body, "ack", work_id)
 
     async def heartbeat(
         self,
@@ -178,12 +212,12 @@ class WorkApiClient:
     async def stop(self, work_id: str, *, force: bool = False) -> Work:
         """Request a graceful stop (force=False) or stop at once (force=True)."""
         body = await self._call("stop", work_id, json={"force": force})
-        return self._parse(Work.from_json, body, "stop")
+        return self._parse_work(body, "stop", work_id)
 
     async def get(self, work_id: str) -> Work:
         """Read an item (its secret is always null here)."""
         body = await self._call("get", work_id)
-        return self._parse(Work.from_json, body, "get")
+        return self._parse_work(body, "get", work_id)
 
     async def update_metadata(self, work_id: str, metadata: Mapping[str, str | None]) -> Work:
         """Merge metadata: a string sets a key, None deletes it, absent keys stay as they are."""
@@ -191,7 +225,7 @@ class WorkApiClient:
             if not isinstance(key, str) or not (value is None or isinstance(value, str)):
                 raise ValueError("metadata keys must be strings and values strings or None")
         body = await self._call("update", work_id, json={"metadata": dict(metadata)})
-        return self._parse(Work.from_json, body, "update")
+        return self._parse_work(body, "update", work_id)
 
     async def list_page(
         self,
@@ -220,7 +254,10 @@ class WorkApiClient:
             params["before_id"] = before_id
         body = await self._call("list", params=params)
         pagination = self.provider.pagination
-        return self._parse(lambda obj: WorkPage.from_json(obj, pagination), body, "list")
+        result = self._parse(lambda obj: WorkPage.from_json(obj, pagination), body, "list")
+        if any(not self.provider.id_pattern.match(item.id) for item in result.data):
+            raise ResponseError("list: an item's id is not a valid id", operation="list")
+        return result
 
     async def iter_work(self, *, page_size: int | None = None) -> AsyncIterator[Work]:
         """Every item of the environment, fetching pages as needed."""
@@ -247,12 +284,20 @@ class WorkApiClient:
         self._check_id("work_id", work_id)
         return work_id
 
-    @staticmethod
-    def _parse(parser: Callable[[Any], T], body: Any, operation: str) -> T:
+    def _parse(self, parser: Callable[[Any], T], body: Any, operation: str) -> T:
         try:
             return parser(body)
         except ModelError as exc:
             raise ResponseError(f"{operation}: unexpected response: {exc}", operation=operation) from None
+
+    def _parse_work(self, body: Any, operation: str, work_id: str | None = None) -> Work:
+        """A work object whose id is a valid id (and the one asked about, when the request named one)."""
+        work = self._parse(Work.from_json, body, operation)
+        if not self.provider.id_pattern.match(work.id):
+            raise ResponseError(f"{operation}: the answer's work id is not a valid id", operation=operation)
+        if work_id is not None and work.id != work_id:
+            raise ResponseError(f"{operation}: the answer is about another work item", operation=operation)
+        return work
 
     async def _call(
         self,
@@ -264,111 +309,106 @@ class WorkApiClient:
         read_timeout: float | None = None,
         deadline: float | None = None,
     ) -> Any:
-        policy = self.retry.for_operation(operation)
+        op = self._operations[operation]
+        policy = op.policy
         total = policy.deadline if deadline is None else min(deadline, policy.deadline)
-        started = time.monotonic()
-        method, route = OPERATIONS[operation].method, OPERATIONS[operation].route
-        suffix = route if work_id is None else route.format(work_id=self._work_id(work_id))
-        path = self.provider.work_path(self.environment_id, suffix)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(total),
-            wait=backoff_wait(policy),  # type: ignore[arg-type]
-            retry=retry_if_exception(lambda exc: is_retryable(exc, operation)),
-            before_sleep=lambda state: self._log_retry(operation, state.attempt_number, state),
-            reraise=True,
-        )
+        url = op.url if work_id is None else op.url.replace("{work_id}", self._work_id(work_id))
+        if params:
+            url += "?" + "&".join(f"{key}={quote(value, safe='')}" for key, value in params.items())
+        body = None if json is None else jsonlib.dumps(json, separators=(",", ":")).encode()
+        attempt_timeout = read_timeout or self.timeouts.read
+        clock = time.monotonic
+        started = clock()
         attempt = 0
-        try:
-            async for attempt_ctx in retrying:
-                with attempt_ctx:
-                    attempt = attempt_ctx.retry_state.attempt_number
-                    remaining = total - (time.monotonic() - started)
-                    if remaining <= 0:
-                        raise RequestTimeout(f"{operation}: deadline of {total:.1f}s passed", operation=operation)
-                    timeout = min(read_timeout or self.timeouts.read, remaining)
-                    return await self._send_once(operation, method, path, params, json, timeout, attempt)
-        except WorkApiError as exc:
-            exc.attempts = attempt
-            raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        while True:
+            attempt += 1
+            remaining = total - (clock() - started)
+            try:
+                if remaining <= 0:
+                    raise RequestTimeout(f"{operation}: deadline of {total:.1f}s passed", operation=operation)
+                return await self._send_once(op, url, body, min(attempt_timeout, remaining), attempt)
+            except WorkApiError as exc:
+                exc.attempts = attempt
+                if attempt >= policy.max_attempts or not is_retryable(exc, operation):
+                    raise
+                wait = retry_delay(policy, attempt, exc)
+                if clock() - started + wait >= total:  # the next attempt would start past the deadline
+                    raise
+                log.warning(
+                    "work api attempt failed; retrying",
+                    extra={
+                        "operation": operation,
+                        "attempt": attempt,
+                        "error": exc.message,
+                        "retry_in": round(wait, 2),
+                    },
+                )
+                await asyncio.sleep(wait)
 
-    def _log_retry(self, operation: str, attempt: int, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        log.warning(
-            "work api attempt failed; retrying",
-            extra={
-                "operation": operation,
-                "attempt": attempt,
-                "error": str(exc),
-                "retry_in": round(state.upcoming_sleep, 2),
-            },
-        )
-
-    async def _send_once(
-        self,
-        operation: str,
-        method: str,
-        path: str,
-        params: Mapping[str, str] | None,
-        json: Any,
-        read_timeout: float,
-        attempt: int,
-    ) -> Any:
-        route = self.provider.path_prefix + OPERATIONS[operation].route
-        with _telemetry.request_span(operation, method, route, self.provider.name, attempt) as span:
+    async def _send_once(self, op: _Operation, url: str, body: bytes | None, limit: float, attempt: int) -> Any:
+        """One attempt, bounded as a whole by `limit` seconds: connect, send, and the whole answer read."""
+        operation = op.name
+        with _telemetry.request_span(operation, op.method, op.route, self.provider.name, attempt) as span:
             started = time.monotonic()
             try:
-                response = await self._http.request(
-                    method,
-                    path,
-                    params=params,
-                    json=json,
-                    timeout=self.timeouts.httpx(read=read_timeout),
-                )
-            except httpx.TransportError as exc:
-                timed_out, name = describe_failure(exc)
-                span.failed(name)
-                if timed_out:
-                    raise RequestTimeout(f"{operation} timed out ({name})", operation=operation) from None
-                raise TransportError(f"{operation} failed: {name}: {exc}", operation=operation) from None
+                async with asyncio.timeout(limit):
+                    answer = await self._exchange.send(op.method, url, op.headers, body, self.max_response_bytes)
+            except TimeoutError:
+                span.failed("Timeout")
+                raise RequestTimeout(
+                    f"{operation} timed out: no complete answer within {limit:.1f}s", operation=operation
+                ) from None
+            except ExchangeFailed as exc:
+                span.failed(exc.name)
+                if exc.name == "Timeout":
+                    raise RequestTimeout(f"{operation} timed out ({exc.detail})", operation=operation) from None
+                raise TransportError(f"{operation} failed: {exc.name}: {exc.detail}", operation=operation) from None
+            except AnswerTooLarge as exc:
+                span.failed("ResponseTooLarge")
+                raise ResponseError(
+                    f"{operation}: the answer is larger than {exc.limit} bytes; not read", operation=operation
+                ) from None
             finally:
                 _telemetry.record_latency(operation, time.monotonic() - started)
-            request_id = response.headers.get(REQUEST_ID_HEADER)
-            span.answered(response.status_code, request_id)
-            if response.status_code >= 400:
-                raise self._status_error(operation, response, request_id)
+            status = answer.status
+            request_id = answer.headers.get(REQUEST_ID_HEADER)
+            span.answered(status, request_id)
+            if status >= 400:
+                raise self._status_error(operation, answer, request_id)
+            if not answer.body:
+                span.failed("ResponseError")
+                raise ResponseError(f"{operation}: HTTP {status} with no body", operation=operation)
             try:
-                return response.json()
-            except ValueError:
-                raise ResponseError(
-                    f"{operation}: HTTP {response.status_code} with a body that is not JSON", operation=operation
-                ) from None
+                return decode(answer.body)
+            except AnswerError as exc:
+                span.failed("ResponseError")
+                raise ResponseError(f"{operation}: HTTP {status}: {exc}", operation=operation) from None
 
     @staticmethod
-    def _status_error(operation: str, response: httpx.Response, request_id: str | None) -> APIStatusError:
-        error_type, message, details = "api_error", response.reason_phrase or "error", None
+    def _status_error(operation: str, answer: Answer, request_id: str | None) -> APIStatusError:
+        error_type, message, details = "api_error", answer.reason or "error", None
         try:
-            body = response.json()
-        except ValueError:
+            body = decode(answer.body)
+        except AnswerError:
             body = None
         if isinstance(body, dict):
             request_id = request_id or (body.get("request_id") if isinstance(body.get("request_id"), str) else None)
             error = body.get("error")
             if isinstance(error, dict):
-                error_type = str(error.get("type") or error_type)
-                message = str(error.get("message") or message)
+                error_type = str(error.get("type") or error_type)[:100]
+                message = str(error.get("message") or message)[:1000]
                 details = error.get("details") if isinstance(error.get("details"), dict) else None
-        should_retry_header = response.headers.get(SHOULD_RETRY_HEADER)
+        should_retry_header = answer.headers.get(SHOULD_RETRY_HEADER)
         should_retry = {"true": True, "false": False}.get((should_retry_header or "").lower())
-        cls = status_error_class(response.status_code, operation)
+        cls = status_error_class(answer.status, operation)
         return cls(
-            status_code=response.status_code,
+            status_code=answer.status,
             error_type=error_type,
             message=message,
             details=details,
-            request_id=request_id,
+            request_id=request_id[:200] if request_id else None,
             operation=operation,
-            retry_after=parse_retry_after(response.headers),
+            retry_after=parse_retry_after(answer.headers),
             should_retry=should_retry,
         )
 

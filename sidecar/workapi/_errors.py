@@ -15,16 +15,29 @@
         ├── RateLimitError          429
         └── ServerError             5xx (OverloadedError 529, GatewayTimeoutError 504)
 
-Messages carry the status, the error type, the server's message and the request id; never a header,
-a key or a secret.
+Messages carry the status, the error type, the server's message (token-like runs masked: it may quote a secret)
+and the request id; never a header, a key or a secret.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ._models import LeaseSnapshot
+
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9_\-+/.=~]{40,}")
+"""A run of 40 or more token characters: a key, an item secret, a session token (ids are shorter)."""
+MAX_SERVER_MESSAGE = 300
+
+
+def masked(message: str) -> str:
+    """The Work API's own error text as it may appear in our exceptions (and so in logs, spans and gRPC statuses):
+    any token-like run replaced by `[redacted]`, cut to 300 characters. The text is the server's: it may quote an
+    item's secret or a key. The raw text stays on the exception as `server_message` for code that needs it."""
+    text = _TOKEN_LIKE.sub("[redacted]", message)
+    return text if len(text) <= MAX_SERVER_MESSAGE else text[:MAX_SERVER_MESSAGE] + "…"
 
 
 class WorkApiError(Exception):
@@ -73,7 +86,7 @@ class APIStatusError(WorkApiError):
         self.request_id = request_id
         self.retry_after = retry_after
         self.should_retry = should_retry
-        text = f"{operation or 'request'} failed: HTTP {status_code} {error_type}: {message}"
+        text = f"{operation or 'request'} failed: HTTP {status_code} {error_type}: {masked(message)}"
         if request_id:
             text += f" (request_id={request_id})"
         super().__init__(text, operation=operation)

@@ -54,6 +54,35 @@ def _str(obj: Mapping[str, Any], key: str, *, required: bool = True) -> str | No
     return value
 
 
+MAX_TTL_SECONDS = 366 * 86_400
+"""The largest `ttl_seconds` accepted in an answer (a year): anything beyond is a malformed answer."""
+MAX_COUNT = 2**53
+"""The largest count (queue depth, …) accepted in an answer."""
+
+
+def _whole(value: Any) -> int | None:
+    """`value` as an int when it is a JSON integer (or a float with an integral value); None for anything else,
+    booleans included (JSON `true` is not a number)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _number(obj: Mapping[str, Any], key: str, maximum: int, *, default: int | None = None) -> int:
+    """A whole number in 0..maximum under `key` (absent or null: `default`, if there is one)."""
+    value = obj.get(key)
+    if value is None and default is not None:
+        return default
+    number = _whole(value)
+    if number is None or not 0 <= number <= maximum:
+        raise ModelError(f"field {key!r} is not a whole number in 0..{maximum}")
+    return number
+
+
 def _extra(obj: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in known}
 
@@ -146,12 +175,14 @@ class HeartbeatResult:
     def from_json(cls, obj: Any) -> HeartbeatResult:
         if not isinstance(obj, Mapping):
             raise ModelError("a heartbeat response is not a JSON object")
-        ttl = obj.get("ttl_seconds")
+        extended = obj.get("lease_extended", False)
+        if not isinstance(extended, bool):
+            raise ModelError("field 'lease_extended' is not a boolean")
         return cls(
             last_heartbeat=_str(obj, "last_heartbeat") or "",
-            lease_extended=bool(obj.get("lease_extended")),
+            lease_extended=extended,
             state=_str(obj, "state") or "",
-            ttl_seconds=int(ttl) if isinstance(ttl, int | float) else 0,
+            ttl_seconds=_number(obj, "ttl_seconds", MAX_TTL_SECONDS, default=0),
             extra=_extra(obj, HEARTBEAT_FIELDS),
         )
 
@@ -171,13 +202,13 @@ class LeaseSnapshot:
     def from_json(cls, obj: Any) -> LeaseSnapshot | None:
         if not isinstance(obj, Mapping):
             return None
-        ttl = obj.get("ttl_seconds")
+        ttl = _whole(obj.get("ttl_seconds"))
         extended = obj.get("lease_extended")
         return cls(
             state=_str(obj, "state", required=False),
             last_heartbeat=_str(obj, "last_heartbeat", required=False),
             lease_extended=extended if isinstance(extended, bool) else None,
-            ttl_seconds=int(ttl) if isinstance(ttl, int | float) else None,
+            ttl_seconds=ttl if ttl is not None and 0 <= ttl <= MAX_TTL_SECONDS else None,
             lease_updated_at=_str(obj, "lease_updated_at", required=False),
             extra=_extra(obj, LEASE_SNAPSHOT_FIELDS),
         )
@@ -197,8 +228,7 @@ class QueueStats:
             raise ModelError("queue stats are not a JSON object")
 
         def count(key: str) -> int:
-            value = obj.get(key)
-            return int(value) if isinstance(value, int | float) else 0
+            return _number(obj, key, MAX_COUNT, default=0)
 
         return cls(
             depth=count("depth"),

@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from tenacity import RetryCallState
-
 from ._errors import APIStatusError, ResponseError, TransportError, WorkApiError
 
 CONFLICT_IS_TRANSIENT = frozenset({"get", "update", "list", "stats"})
@@ -67,18 +65,10 @@ def is_retryable(exc: BaseException, operation: str) -> bool:
     return False
 
 
-def backoff_wait(policy: RetryPolicy) -> object:
-    """A tenacity wait: the server's retry-after when it gave a sane one, else full-jitter backoff."""
-
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        if (
-            isinstance(exc, APIStatusError)
-            and exc.retry_after is not None
-            and exc.retry_after <= policy.max_retry_after
-        ):
-            return exc.retry_after
-        ceiling = min(policy.max_backoff, policy.initial_backoff * 2 ** (state.attempt_number - 1))
-        return random.uniform(0, ceiling)
-
-    return wait
+def retry_delay(policy: RetryPolicy, attempt: int, exc: BaseException) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): the server's retry-after when it gave a
+    sane one, else full-jitter backoff."""
+    if isinstance(exc, APIStatusError) and exc.retry_after is not None and exc.retry_after <= policy.max_retry_after:
+        return exc.retry_after
+    ceiling = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling)

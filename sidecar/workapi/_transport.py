@@ -1,47 +1,251 @@
-"""The HTTP connection layer under httpx: aiohttp (the default) or httpx's own.
+"""Moving one request's bytes: aiohttp directly (the default) or httpx.
 
-httpx is the client API either way (requests, timeouts, errors); what differs is the transport that moves the
-bytes. httpx's own (httpcore + h11, pure Python) costs about 1.6 ms of CPU per Work API request on this
-project's benchmark machine; aiohttp's (C-accelerated parser), through `httpx-aiohttp` (the transport the
-official Anthropic and OpenAI SDKs offer for the same reason), about 0.7 ms, with a third less latency
-(`python -m bench.http_backends`). At 10,000 leases that is 0.33 instead of 0.68 of a core.
+The client builds each request itself (URL and headers prebuilt per operation, issue #13) and hands an
+`Exchange` the method, the URL, the headers and the body; the exchange gives back the status, the headers and a
+body of at most `max_bytes` (issue #11: a larger answer is never read into memory, the connection is closed).
+
+Why aiohttp directly by default (measured with `python -m bench.http_backends --layers` on the benchmark machine,
+process CPU per heartbeat against the emulator, 16 in flight):
+
+    httpx.AsyncClient over httpx-aiohttp, trust_env (netrc and proxies per request, in the thread pool)  1.04 ms
+    httpx.AsyncClient over httpx-aiohttp, without trust_env                                               0.47 ms
+    httpx.Request handed to the httpx-aiohttp transport (no AsyncClient pipeline, no cookie jar)          0.28 ms
+    aiohttp ClientSession with a prebuilt URL and headers                                                 0.13 ms
+
+httpx's request/response layer alone costs more than the whole aiohttp exchange, so that layer goes on the hot
+path. httpx stays available (`http_backend="httpx"`, or any `transport=` an embedder passes) behind the same
+interface (imported only then: a sidecar on the default backend never loads it).
+
+Environment settings are resolved once, at construction: HTTP(S)_PROXY / NO_PROXY (and the proxy's netrc
+credentials) for the Work API's URL, and SSL_CERT_FILE / SSL_CERT_DIR for the TLS context. No cookie jar, no
+compression (an answer must be JSON as sent), no redirects.
 """
 
 from __future__ import annotations
 
-import httpx
+import contextlib
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # imported where used: a sidecar on the default backend never loads httpx (memory, start-up)
+    import httpx
 
 HTTP_BACKENDS = ("aiohttp", "httpx")
 
 
-def make_transport(backend: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
-    """The transport for `backend`; None means httpx's own (the client then applies `limits` and the environment's
-    proxies itself). Both honour HTTP(S)_PROXY / NO_PROXY and SSL_CERT_FILE / SSL_CERT_DIR, as httpx does."""
-    if backend == "httpx":
-        return None
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    reason: str
+    headers: Mapping[str, str]
+    """Case-insensitive (header names as sent by the server)."""
+    body: bytes
+
+
+class ExchangeFailed(Exception):
+    """No HTTP answer: `name` is the failure's kind (never the URL, a header or a body)."""
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        super().__init__(name)
+        self.name = name
+        self.detail = detail
+
+
+class AnswerTooLarge(Exception):
+    def __init__(self, limit: int, declared: int | None) -> None:
+        super().__init__(f"the answer is larger than {limit} bytes")
+        self.limit = limit
+        self.declared = declared
+
+
+class Exchange(Protocol):
+    async def send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
+    ) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+def make_exchange(
+    backend: str,
+    *,
+    base_url: str,
+    max_connections: int,
+    connect_timeout: float,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Exchange:
+    if transport is not None or backend == "httpx":
+        return HttpxExchange(max_connections=max_connections, connect_timeout=connect_timeout, transport=transport)
     if backend != "aiohttp":
         raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}, not {backend!r}")
-    import aiohttp
-    from httpx_aiohttp import AiohttpTransport
+    return AiohttpExchange(base_url=base_url, max_connections=max_connections, connect_timeout=connect_timeout)
 
-    ssl_context = httpx.create_ssl_context()
 
-    def session() -> aiohttp.ClientSession:  # made on first use, inside the running event loop
+KEEPALIVE_SECONDS = 30.0
+
+
+class AiohttpExchange:
+    """One aiohttp session (made on first use, inside the running loop) with every environment setting resolved
+    at construction."""
+
+    def __init__(self, *, base_url: str, max_connections: int, connect_timeout: float) -> None:
+        import aiohttp
+        import yarl
+        from aiohttp.helpers import get_env_proxy_for_url
+
+        self._aiohttp = aiohttp
+        self._url = yarl.URL
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._ssl = _ssl_context() if base_url.startswith("https:") else None
+        self._proxy: Any = None
+        self._proxy_auth: Any = None
+        # HTTP(S)_PROXY / NO_PROXY for this URL, and the proxy's netrc credentials: once, not per request.
+        with contextlib.suppress(LookupError):
+            self._proxy, self._proxy_auth = get_env_proxy_for_url(yarl.URL(base_url))
+        self._session: Any = None
+
+    def _make_session(self) -> Any:
+        aiohttp = self._aiohttp
         connector = aiohttp.TCPConnector(
-            limit=limits.max_connections or 0, keepalive_timeout=limits.keepalive_expiry, ssl=ssl_context
+            limit=self._max_connections,
+            keepalive_timeout=KEEPALIVE_SECONDS,
+            ssl=self._ssl if self._ssl is not None else True,
         )
-        return aiohttp.ClientSession(connector=connector, trust_env=True)  # trust_env: HTTP(S)_PROXY, NO_PROXY
+        return aiohttp.ClientSession(
+            connector=connector,
+            trust_env=False,  # resolved above, once
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
+        )
 
-    return AiohttpTransport(limits=limits, client=session)
+    async def send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
+    ) -> Answer:
+        session = self._session
+        if session is None:
+            session = self._session = self._make_session()
+        aiohttp = self._aiohttp
+        try:
+            response = await session.request(
+                method,
+                self._url(url, encoded=True),
+                headers=headers,
+                data=body,
+                proxy=self._proxy,
+                proxy_auth=self._proxy_auth,
+                allow_redirects=False,
+            )
+        except aiohttp.ClientError as exc:
+            raise ExchangeFailed(_aiohttp_name(exc), _detail(exc)) from None
+        except OSError as exc:
+            raise ExchangeFailed(type(exc).__name__, _detail(exc)) from None
+        try:
+            declared = response.content_length
+            if declared is not None and declared > max_bytes:
+                raise AnswerTooLarge(max_bytes, declared)
+            if declared is not None:
+                data = await response.read()
+            else:  # chunked or until close: read in pieces and stop past the cap
+                pieces: list[bytes] = []
+                size = 0
+                content = response.content
+                while chunk := await content.read(65536):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise AnswerTooLarge(max_bytes, None)
+                    pieces.append(chunk)
+                data = b"".join(pieces)
+        except aiohttp.ClientError as exc:
+            response.close()
+            raise ExchangeFailed(_aiohttp_name(exc), _detail(exc)) from None
+        except BaseException:
+            response.close()  # not released to the pool: the rest of the body is never read
+            raise
+        response.release()
+        return Answer(response.status, response.reason or "", response.headers, data)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
-def describe_failure(exc: httpx.TransportError) -> tuple[bool, str]:
-    """(was it a timeout, the failure's name) for a request that got no HTTP answer.
+class HttpxExchange:
+    """httpx's own stack (or an embedder's transport): the same interface, for those who want httpx's."""
 
-    httpx-aiohttp maps aiohttp's errors coarsely (a connection the server dropped arrives as ConnectTimeout),
-    so its underlying aiohttp error decides where there is one.
-    """
-    cause = exc.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        return isinstance(cause, TimeoutError), type(cause).__name__
-    return isinstance(exc, httpx.TimeoutException), type(exc).__name__
+    def __init__(
+        self, *, max_connections: int, connect_timeout: float, transport: httpx.AsyncBaseTransport | None
+    ) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(max_connections, 16))
+        self._client = httpx.AsyncClient(
+            # Read/write/pool timeouts: the client's overall deadline per attempt bounds them all.
+            timeout=httpx.Timeout(connect=connect_timeout, read=None, write=None, pool=None),
+            limits=limits,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
+    ) -> Answer:
+        import httpx
+
+        request = self._client.build_request(method, url, headers=headers, content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise ExchangeFailed(_httpx_name(exc), _detail(exc)) from None
+        try:
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise AnswerTooLarge(max_bytes, int(declared))
+            pieces: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise AnswerTooLarge(max_bytes, None)
+                pieces.append(chunk)
+        except httpx.TransportError as exc:
+            raise ExchangeFailed(_httpx_name(exc), _detail(exc)) from None
+        finally:
+            await response.aclose()
+        return Answer(response.status_code, response.reason_phrase, response.headers, b"".join(pieces))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _ssl_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
+    """The TLS context httpx's `create_ssl_context()` makes (without loading httpx): the CAs of SSL_CERT_FILE, else
+    of SSL_CERT_DIR, else certifi's."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=environ["SSL_CERT_FILE"])
+    if environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=environ["SSL_CERT_DIR"])
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _aiohttp_name(exc: BaseException) -> str:
+    return "Timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
+def _httpx_name(exc: httpx.TransportError) -> str:
+    import httpx
+
+    return "Timeout" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
+
+
+def _detail(exc: BaseException) -> str:
+    """The failure's own words, capped (an OS error: no URL or header in it)."""
+    return str(exc)[:200]

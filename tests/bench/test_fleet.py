@@ -42,6 +42,16 @@ def test_fleet_smoke_run(tmp_path: Path) -> None:
         assert scaler["final_replicas"] == 0, "back to zero once the queue is empty"
         assert set(run["phases"]) == {"idle", "burst", "trickle"}
     assert "| K | fleet idle requests/min |" in (tmp_path / "fleet.md").read_text()
+    # Issue #13, one-sandbox pods: K sidecars (without and with --idle-poll-gap) vs K SDK workers.
+    pods = results["pods"]
+    assert [run["k"] for run in pods] == list(results["meta"]["ks"])
+    for run in pods:
+        for side in ("sidecar", "sidecar_gap", "sdk"):
+            # an SDK worker sleeps 1-3 s after an empty poll: the smoke's short window may see none of its polls
+            assert run[side]["idle_per_minute"] > 0 or side == "sdk", side
+            assert run[side]["dispatched"] == run[side]["items"], side
+            assert isinstance(run[side]["p50_ms"], numbers.Real) and isinstance(run[side]["p99_ms"], numbers.Real)
+    assert "One-sandbox pods" in (tmp_path / "fleet.md").read_text()
     assert (tmp_path / "fleet_replicas.png").stat().st_size > 1000
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
     assert not leftovers, f"the fleet left processes behind: {leftovers}"

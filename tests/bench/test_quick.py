@@ -58,12 +58,26 @@ def test_smoke_run_writes_every_figure(tmp_path: Path, short_dir: str) -> None:
             assert isinstance(figures["requests_per_item"]["short"][side][n]["total"], numbers.Real)
         assert isinstance(figures["requests_per_item"]["long"][side]["requests_per_item"]["total"], numbers.Real)
     assert figures["leases_held"], "no lease hold ran"
+    # Issue #13: the floor, the dispatch steps, the burst, CPU per request, and where and what was measured.
+    for n in ns:
+        floor = figures["dispatch_latency"]["floor"][n]
+        assert isinstance(floor["p50_ms"], numbers.Real)
+        for side in ("sidecar", "floor"):
+            steps = figures["dispatch_latency"][side][n]["steps"]
+            assert len(steps) == 6 and all(isinstance(v, numbers.Real) for v in steps.values()), (side, steps)
+        assert isinstance(figures["throughput"]["sidecar"][n]["sidecar_cpu_ms_per_request"], numbers.Real)
+        assert figures["throughput"]["sdk"][n]["processes"] == min(int(n), 10)
+    for side in ("sidecar", "sdk"):
+        assert figures["burst"][side]["received"] == figures["burst"][side]["items"]
+    meta = results["meta"]
+    assert meta["commit"] and isinstance(meta["dirty"], bool) and len(meta["loadavg_start"]) == 3
+    assert meta["commit"] in (tmp_path / "latest.md").read_text()
     for held in figures["leases_held"].values():
         for key in ("lost", "lateness_p99_ms", "sidecar_cores", "rss_per_lease_kb", "idle_rss_mb"):
             assert isinstance(held[key], numbers.Real), key
     assert isinstance(figures["sidecar_rss_idle"]["rss_mb"], numbers.Real)
     assert isinstance(figures["emulator_heartbeat_capacity"]["heartbeats_per_second"], numbers.Real)
-    assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
+    assert len(results["targets"]) == 7 and all(isinstance(t["met"], bool) for t in results["targets"])
     assert all(leaf is not None for leaf in _numbers(figures)), "a figure has no value"
     markdown = (tmp_path / "latest.md").read_text()
     assert "| figure | N | work-sidecar | official SDK worker |" in markdown

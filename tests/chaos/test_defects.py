@@ -1,8 +1,9 @@
 """One regression test per defect of issue #11 (points 1 to 11), black-box: real `work-sidecar serve` processes, the
 real emulator process, the fault proxy between them, real gRPC clients.
 
-Each test that fails on the code it was written against is marked `xfail(strict=True, reason="#11.N: …")`: when
-the defect is fixed the test passes, strict xfail turns that into a failure, and the mark must be removed.
+Each test was written against the code before the fixes and failed there for its defect (checked with
+`--runxfail` while they were marked strict xfail); every one passes now. A test that fails again names the defect
+that came back.
 """
 
 from __future__ import annotations
@@ -31,10 +32,6 @@ from tests.chaos.conftest import watcher
 pytestmark = pytest.mark.timeout(180)
 ENV = "env_chaos"
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def xfail(point: str, defect: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"#11.{point}: {defect}")
 
 
 async def take_item(emulator: Emulator, target: str, w: Any, env: str = ENV) -> pb.WorkAssigned:
@@ -109,7 +106,6 @@ async def test_deeply_nested_poll_answer_does_not_stop_polling(emulator: Emulato
         assert await wait_for(w.assigned, timeout=12), "the item never reached the sandbox: polling stopped"
 
 
-@xfail("2", "a deeply nested answer to get/update raises RecursionError: the sandbox's call ends UNKNOWN")
 @pytest.mark.parametrize("operation", ["get", "update"])
 async def test_deeply_nested_read_answer_is_a_documented_error(
     emulator: Emulator, proxy: Proxy, sidecar: Any, operation: str
@@ -209,7 +205,6 @@ async def test_keepalive_client_that_does_not_read_is_bounded(emulator: Emulator
 # -- 5. answer size and overall deadline -----------------------------------------------------------------------
 
 
-@xfail("5", "no cap on a Work API answer's size: a 300 MB poll answer is read whole")
 async def test_huge_poll_answer_is_capped(emulator: Emulator, proxy: Proxy, sidecar: Any) -> None:
     """guarantee: every answer is validated, size first — a 300 MB poll answer costs the sidecar less than 100 MB of
     RSS, and the sidecar keeps serving."""
@@ -230,7 +225,6 @@ async def test_huge_poll_answer_is_capped(emulator: Emulator, proxy: Proxy, side
     assert peak - base < 100 * 2**20, f"RSS grew by {(peak - base) / 2**20:.0f} MB"
 
 
-@xfail("5", "no overall deadline per attempt: a poll answer dripping 1 byte/s holds intake")
 async def test_dripping_poll_answer_does_not_hold_intake(emulator: Emulator, proxy: Proxy, sidecar: Any) -> None:
     """guarantee: one overall deadline per attempt (block_ms plus slack) — while a poll answer drips 1 byte/s, an
     item enqueued meanwhile still reaches the sandbox within 15 s."""
@@ -415,7 +409,6 @@ async def test_failed_start_never_removes_a_live_unix_socket(emulator: Emulator,
 # -- 10. input echo and validation ----------------------------------------------------------------------------
 
 
-@xfail("10", "a poll answer whose item id is not a valid id raises in the hand-over (a traceback per poll)")
 async def test_invalid_item_id_in_a_poll_answer_is_rejected_quietly(
     emulator: Emulator, proxy: Proxy, sidecar: Any
 ) -> None:
@@ -542,7 +535,6 @@ def test_short_auth_token_is_refused_on_a_public_address() -> None:
     one_line_error(code, err, "auth-token")
 
 
-@xfail("10", "the Work API's error message (which may quote the item secret) is copied into span status descriptions")
 async def test_work_api_error_text_never_reaches_logs_or_spans(
     emulator: Emulator, proxy: Proxy, procs: Processes
 ) -> None:

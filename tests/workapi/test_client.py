@@ -285,9 +285,10 @@ async def test_a_drop_and_a_timeout_are_told_apart(emulator: Emu, make_client: C
 def test_headers_per_provider() -> None:
     anthropic = WorkApiClient(provider="anthropic", api_key="k1", environment_id="env_1", worker_id="w")
     qoder = WorkApiClient(provider="qoder", api_key="k2", environment_id="env_1", worker_id="w")
-    headers: Any = anthropic._http.headers
+    headers: Any = anthropic.headers
     assert headers["anthropic-beta"] == "managed-agents-2026-04-01" and headers["anthropic-worker-id"] == "w"
-    assert qoder._http.headers["worker-id"] == "w" and "anthropic-version" not in qoder._http.headers
+    assert qoder.headers["worker-id"] == "w" and "anthropic-version" not in qoder.headers
+    assert "authorization" not in anthropic.headers and "authorization" in anthropic._headers
     assert "k1" not in repr(anthropic)
 
 

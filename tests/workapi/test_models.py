@@ -61,3 +61,26 @@ def test_retry_after_forms() -> None:
     assert seconds is not None and 28 <= seconds <= 31
     assert parse_retry_after({"retry-after": "soon"}) is None
     assert parse_retry_after({}) is None
+
+
+def test_the_work_apis_own_error_text_is_masked_in_our_exceptions() -> None:
+    """#11.10. Guarantee: an error message from the Work API that quotes a secret never carries it into our
+    exception text (and so into logs, spans and gRPC statuses); ids and ordinary words stay readable."""
+    from sidecar.workapi import BadRequestError
+
+    secret = "eyJzZXNzaW9uc190b2tlbiI6InNrLWFudC1yZXEtQUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVoi"
+    error = BadRequestError(
+        status_code=400,
+        error_type="invalid_request_error",
+        message=f"bad secret {secret} for work_011CggGShkqQV9cZ4YstEPag",
+        details=None,
+        request_id="req_1",
+        operation="stop",
+    )
+    assert secret not in str(error) and "[redacted]" in str(error)
+    assert "work_011CggGShkqQV9cZ4YstEPag" in str(error) and "bad secret" in str(error)
+    assert error.server_message.endswith("work_011CggGShkqQV9cZ4YstEPag"), "the raw text stays for code"
+    long = BadRequestError(
+        status_code=400, error_type="x", message="word " * 200, details=None, request_id=None, operation="stop"
+    )
+    assert len(str(long)) < 400
