@@ -84,10 +84,10 @@ bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
 
 # The scenario matrix against the emulator behind a fault proxy, then gRPC fuzzing; the table goes to chaos/results/.
-chaos: $(STAMP)
+chaos: $(TEST_STAMP)
 	$(BIN)/python -m chaos
 
-chaos-quick: $(STAMP)
+chaos-quick: $(TEST_STAMP)
 	$(BIN)/python -m chaos --quick
 
 polyglot-deps:
