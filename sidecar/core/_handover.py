@@ -3,8 +3,9 @@
 - The poller has reserved a watcher's slot before it calls `take`; the ack goes out at once.
 - Right after the ack the claiming heartbeat (`NO_HEARTBEAT`) is sent, before any slow step; only then is
   `WorkAssigned` queued for the sandbox. An ack that succeeded or whose outcome is unknown (no answer, a 5xx,
-  an answer that does not parse) is followed by claims with backoff until one answer is definitive: the lease
-  is ours, or it is not (412, 409, 404), or the key is refused. No acked item is left `starting`.
+  an answer that does not parse, an error that may have replaced a real answer) is followed by claims with
+  backoff until one answer is definitive: the lease is ours, or it is not (412, 409, 404). No acked item is left
+  `starting` while the Work API can be asked.
 - If the chosen watcher closed during ack and claim, the item goes to another watcher with a free slot,
   or, if there is none, the lease is released (it returns to the queue after a short TTL).
 - An assignment that was queued but never written (its watcher left) is `reassign`ed the same way.
@@ -176,12 +177,12 @@ class HandOver:
                     extra={"work_id": work.id, "error": str(exc)},
                 )
             except WorkApiError as exc:
+                # Any other failure may hide an ack that landed (a 5xx, no answer, or an error answer that replaced
+                # the real one on the way): the claim finds out. If the ack did not land, the claim gets 409/412.
                 telemetry.acks.add(1, {"result": "error"})
-                if not isinstance(exc, TransportError) and not is_retryable(exc, "ack"):
-                    log.warning("ack refused; the item is not taken", extra={"work_id": work.id, "error": str(exc)})
-                    _not_ours(work, span, "ack_failed", exc)
-                    return None
-                log.warning("ack outcome unknown; claiming to find out", extra={"work_id": work.id, "error": str(exc)})
+                log.warning(
+                    "ack failed or outcome unknown; claiming to find out", extra={"work_id": work.id, "error": str(exc)}
+                )
             finally:
                 ack_done.set()
             claimed = await self._claim_until_definitive(work, span)
@@ -210,8 +211,9 @@ class HandOver:
         )
 
     async def _claim_until_definitive(self, work: Work, span: Span) -> tuple[HeartbeatResult, float] | None:
-        """The claiming heartbeat, again and again with backoff while its outcome is unknown. (answer, sent at),
-        or None when the item is not ours (412/409/404) or the Work API refuses us (400/401/403)."""
+        """The claiming heartbeat, again and again with backoff until an answer is definitive about the item: (answer,
+        sent at), or None when the item is not ours (412/409/404). Anything else (5xx, no answer, unparseable, 4xx
+        refusals that may pass or replaced answers) is retried: the sidecar's drain or close ends it."""
         failures = 0
         while True:
             sent = time.monotonic()
@@ -227,17 +229,15 @@ class HandOver:
                 _not_ours(work, span, "claim_failed", exc)
                 return None
             except WorkApiError as exc:
+                # Not a definitive answer about this item (a 5xx, no answer, a body that does not parse, or a
+                # refusal of our key that may pass): an acked item left alone stays `starting`, so claim again.
                 telemetry.heartbeats.add(1, {"result": "claim_error"})
-                if not isinstance(exc, TransportError | ResponseError) and not is_retryable(exc, "heartbeat"):
-                    log.error(
-                        "the Work API refused the claim after the ack; the item stays starting until it reclaims it",
-                        extra={"work_id": work.id, "error": str(exc)},
-                    )
-                    telemetry.end_unassigned_span(span, "lost", "claim_refused")
-                    return None
                 failures += 1
                 delay = self._policy.claim_backoff.delay(failures)
-                log.warning(
+                log.log(
+                    logging.WARNING
+                    if is_retryable(exc, "heartbeat") or isinstance(exc, TransportError)
+                    else logging.ERROR,
                     "claiming heartbeat failed after the ack; claiming again",
                     extra={"work_id": work.id, "error": str(exc), "attempt": failures, "retry_in": round(delay, 2)},
                 )

@@ -151,6 +151,23 @@ async def test_unparseable_ack_answer_does_not_leave_the_item_starting(
         assert await wait_for(settled, timeout=12), f"left {(await emulator.item(ENV, work_id))['state']}"
 
 
+@pytest.mark.parametrize(("operation", "status"), [("ack", 400), ("ack", 403), ("claim", 403), ("claim", 401)])
+async def test_an_error_that_replaced_a_real_answer_does_not_strand_the_item(
+    emulator: Emulator, proxy: Proxy, sidecar: Any, operation: str, status: int
+) -> None:
+    """guarantee: no stranded items — an ack or a claim that reached the Work API but whose answer came back as a
+    refusal (replaced on the way, as `make chaos`'s fuzzed-answers scenario does) is not taken for "not ours": the
+    sidecar claims until an answer is definitive, so the item is handed over, never left `starting`."""
+    sc = await sidecar()
+    proxy.add(operation=operation, action="status", status=status, count=1, forward_first=True)
+    async with watcher(sc.target) as w:
+        [work_id] = await emulator.enqueue(ENV, 1)
+        assigned = await wait_for(w.assigned, timeout=30)
+        assert isinstance(assigned, pb.WorkAssigned) and assigned.work.id == work_id
+        assert proxy.count(operation, "status") == 1, "the refusal was seen"
+        assert (await emulator.item(ENV, work_id))["state"] == "active"
+
+
 @pytest.mark.timeout(240)
 async def test_claim_outage_longer_than_30s_does_not_leave_the_item_starting(
     emulator: Emulator, proxy: Proxy, sidecar: Any
