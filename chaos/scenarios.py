@@ -250,9 +250,11 @@ async def keepalive_flood(ctx: Context) -> None:
         call = stub.KeepAlive()
         deadline = time.monotonic() + ctx.phase
         sent = 0
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError, TimeoutError):
             while time.monotonic() < deadline:
-                await call.write(request)
+                # A write that blocks for 5 s: the sidecar cut this stream and stopped reading it (the status waits
+                # behind the answers this client never reads, as HTTP/2 trailers do).
+                await asyncio.wait_for(call.write(request), 5)
                 sent += 1
                 if sent % 2000 == 0:
                     peak = max(peak, ctx.sidecar.child.rss())
