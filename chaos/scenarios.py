@@ -206,7 +206,7 @@ async def theft(ctx: Context) -> None:
             )
             if answer.status_code == 200:
                 ctx.stolen[work_id] = at
-            else:
+            elif answer.status_code != 412:  # 412: the sidecar renewed between our read and our heartbeat: no theft
                 ctx.errors.append(f"rival heartbeat answered {answer.status_code}: {answer.text[:200]}")
 
         await during(ctx, step, 1.5)
