@@ -47,7 +47,6 @@ def test_fleet_smoke_run(tmp_path: Path) -> None:
     assert [run["k"] for run in pods] == list(results["meta"]["ks"])
     for run in pods:
         for side in ("sidecar", "sidecar_gap", "sdk"):
-            # an SDK worker sleeps 1-3 s after an empty poll: the smoke's short window may see none of its polls
             # the SDK and the sidecar with --idle-poll-gap may send nothing in a smoke-sized idle window (both wait
             # seconds after an empty poll); a sidecar without the gap always long-polls
             assert run[side]["idle_per_minute"] > 0 or side in ("sdk", "sidecar_gap"), side
