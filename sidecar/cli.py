@@ -95,6 +95,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          type=float, setting="LeasePolicy.reattach_grace"),
     Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int,
          setting="LeasePolicy.release_ttl_seconds"),
+    Flag("--confirm-refusals", "times a doubtful refusal (claim after ack, 409 on stop) is asked again",
+         type=int, setting="LeasePolicy.confirm_refusals"),
     Flag("--max-pollers", "parallel long polls while items keep coming", type=int, setting="PollPolicy.max_pollers"),
     Flag("--poll-block-ms", f"long poll block_ms ({MIN_BLOCK_MS}..{MAX_BLOCK_MS})", type=int,
          setting="PollPolicy.block_ms"),
@@ -251,6 +253,7 @@ def serve_settings(values: dict[str, Any]) -> Any:
             liveness_window=values["liveness_window"],
             reattach_grace=values["reattach_grace"],
             release_ttl_seconds=values["release_ttl"] or None,
+            confirm_refusals=values["confirm_refusals"],
         ),
         polling=PollPolicy(
             block_ms=values["poll_block_ms"],

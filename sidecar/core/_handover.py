@@ -4,8 +4,9 @@
 - Right after the ack the claiming heartbeat (`NO_HEARTBEAT`) is sent, before any slow step; only then is
   `WorkAssigned` queued for the sandbox. An ack that succeeded or whose outcome is unknown (no answer, a 5xx,
   an answer that does not parse, an error that may have replaced a real answer) is followed by claims with
-  backoff until one answer is definitive: the lease is ours, or it is not (412, 409, 404). No acked item is left
-  `starting` while the Work API can be asked.
+  backoff until one answer is definitive: the lease is ours, or it is not (412, 409, 404, asked again
+  `confirm_refusals` times: one such answer may be invented on the way). No acked item is left `starting`
+  while the Work API can be asked.
 - If the chosen watcher closed during ack and claim, the item goes to another watcher with a free slot,
   or, if there is none, the lease is released (it returns to the queue after a short TTL).
 - An assignment that was queued but never written (its watcher left) is `reassign`ed the same way.
@@ -212,9 +213,11 @@ class HandOver:
 
     async def _claim_until_definitive(self, work: Work, span: Span) -> tuple[HeartbeatResult, float] | None:
         """The claiming heartbeat, again and again with backoff until an answer is definitive about the item: (answer,
-        sent at), or None when the item is not ours (412/409/404). Anything else (5xx, no answer, unparseable, 4xx
-        refusals that may pass or replaced answers) is retried: the sidecar's drain or close ends it."""
-        failures = 0
+        sent at), or None when the item is not ours: 412/409/404, repeated `confirm_refusals` more times (one
+        such answer may have been invented on the way, and an acked item nobody claims stays `starting`). Anything
+        else (5xx, no answer, unparseable, 4xx refusals that may pass or replaced answers) is retried: the
+        sidecar's drain or close ends it."""
+        failures = refusals = 0
         while True:
             sent = time.monotonic()
             try:
@@ -226,8 +229,15 @@ class HandOver:
                 )
             except (PreconditionFailedError, ConflictError, NotFoundError) as exc:
                 telemetry.heartbeats.add(1, {"result": "claim_failed"})
-                _not_ours(work, span, "claim_failed", exc)
-                return None
+                refusals += 1
+                if refusals > self._policy.confirm_refusals:
+                    _not_ours(work, span, "claim_failed", exc)
+                    return None
+                delay = self._policy.claim_backoff.delay(refusals)
+                log.info(
+                    "claim refused after the ack; asking again before believing it",
+                    extra={"work_id": work.id, "error": str(exc), "refusals": refusals, "retry_in": round(delay, 2)},
+                )
             except WorkApiError as exc:
                 # Not a definitive answer about this item (a 5xx, no answer, a body that does not parse, or a
                 # refusal of our key that may pass): an acked item left alone stays `starting`, so claim again.
@@ -241,9 +251,9 @@ class HandOver:
                     "claiming heartbeat failed after the ack; claiming again",
                     extra={"work_id": work.id, "error": str(exc), "attempt": failures, "retry_in": round(delay, 2)},
                 )
-                await asyncio.sleep(delay)
-                continue
-            return result, sent
+            else:
+                return result, sent
+            await asyncio.sleep(delay)
 
     async def _finish_healthcheck(self, work: Work) -> None:
         span = telemetry.start_work_span(work, self._client.provider.name)

@@ -64,6 +64,12 @@ class LeasePolicy:
     fails without a definitive answer, the claim goes on after `claim_backoff`: an acked item is never left
     `starting` while the Work API can still be asked."""
     claim_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=10.0))
+    confirm_refusals: int = 2
+    """A refusal the sidecar has reason to doubt is asked again this many times (after `claim_backoff`) before it
+    is believed: a claim answered 412/409/404 right after the ack (an acked item nobody claims stays `starting`),
+    and a stop answered 409 while the item is not stopped. One such answer may be invented on the way (a proxy, a
+    fault); a real refusal repeats. A claim that lands on the retry is ours: the compare-and-swap on NO_HEARTBEAT
+    lets only one claim win."""
     heartbeat_concurrency: int = 256
     """Heartbeats in flight at once at most (the rest wait their turn in O(1))."""
     min_interval: float = 1.0
@@ -78,6 +84,8 @@ class LeasePolicy:
         for name in ("liveness_window", "reattach_grace", "claim_timeout", "release_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must not be negative")
+        if self.confirm_refusals < 0:
+            raise ValueError("--confirm-refusals must not be negative")
         if self.heartbeat_concurrency < 1:
             raise ValueError("heartbeat concurrency must be at least 1")
         if self.release_ttl_seconds is not None and self.release_ttl_seconds <= 0:

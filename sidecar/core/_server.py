@@ -139,6 +139,7 @@ class Sidecar:
             dispatcher=self.dispatcher,
             handover=self.handover,
             liveness=self.liveness,
+            policy=policy,
         )
         self.server = grpc.aio.server(interceptors=_interceptors(settings.server), options=server_options(settings))
         add_to_server(self.service, self.server)  # as the generated add_…_to_server, with lenient deserializers

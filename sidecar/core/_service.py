@@ -13,7 +13,7 @@ import grpc
 
 from ..work.v1 import work_service_pb2 as pb
 from ..work.v1 import work_service_pb2_grpc as pb_grpc
-from ..workapi import ConflictError, NotFoundError, WorkApiClient, WorkApiError
+from ..workapi import ConflictError, NotFoundError, Work, WorkApiClient, WorkApiError
 from . import _telemetry as telemetry
 from ._convert import queue_stats_message, work_message
 from ._dispatcher import Dispatcher, Watcher
@@ -28,6 +28,7 @@ from ._limits import (
     check_work_id,
 )
 from ._liveness import Liveness
+from ._policy import LeasePolicy
 from ._status import SidecarRpcError, abort, build_status, error, from_work_api
 
 log = logging.getLogger("sidecar.service")
@@ -115,8 +116,10 @@ class WorkService(pb_grpc.WorkServiceServicer):
         dispatcher: Dispatcher,
         handover: HandOver,
         liveness: Liveness,
+        policy: LeasePolicy,
     ) -> None:
         self._client = client
+        self._policy = policy
         self._leases = leases
         self._dispatcher = dispatcher
         self._handover = handover
@@ -300,16 +303,10 @@ class WorkService(pb_grpc.WorkServiceServicer):
         confirming = lease.state == pb.LEASE_STATE_STOP_REQUESTED
         force = request.force or (confirming and self._client.provider.confirm_stop_with_force)
         try:
-            with telemetry.use(lease.span):
-                work = await self._client.stop(lease.work_id, force=force)
+            work = await self._stop(lease, force)
         except NotFoundError as exc:
             self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
             raise
-        except ConflictError:
-            with telemetry.use(lease.span):
-                work = await self._client.get(lease.work_id)
-            if work.state != "stopped":
-                raise
         self._leases.update_work(lease, work)
         if work.state == "stopped":
             self._leases.end(lease, pb.LEASE_STATE_STOPPED)
@@ -317,6 +314,30 @@ class WorkService(pb_grpc.WorkServiceServicer):
             self._leases.request_stop(lease, by_sandbox=True)  # the sandbox asked for it: no StopRequested back
         log.info("stop", extra={"work_id": lease.work_id, "force": force, "state": work.state})
         return pb.StopWorkResponse(work=work_message(work))
+
+    async def _stop(self, lease: Lease, force: bool) -> Work:
+        """Stop, and believe a 409 ("already stopped") only when a read agrees or it repeats: a 409 for an item
+        that is not stopped may have been invented on the way, and a sandbox that gives up on its stop would
+        leave the item held until it leaves. ABORTED once `confirm_refusals` more stops got 409 too."""
+        refusals = 0
+        while True:
+            try:
+                with telemetry.use(lease.span):
+                    return await self._client.stop(lease.work_id, force=force)
+            except ConflictError:
+                with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
+                    work = await self._client.get(lease.work_id)
+                    if work.state == "stopped":
+                        return work
+                refusals += 1
+                if refusals > self._policy.confirm_refusals:
+                    raise
+                delay = self._policy.claim_backoff.delay(refusals)
+                log.info(
+                    "stop refused with 409 but the item is not stopped; asking again",
+                    extra={"work_id": lease.work_id, "refusals": refusals, "retry_in": round(delay, 2)},
+                )
+                await asyncio.sleep(delay)
 
     @_unary
     async def GetWork(self, request: pb.GetWorkRequest, context: Context) -> pb.GetWorkResponse:

@@ -98,6 +98,77 @@ async def test_an_acked_item_is_claimed_even_when_claims_fail_for_a_while(
     watch.cancel()
 
 
+async def test_an_invented_refusal_of_the_claim_does_not_strand_the_item(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """#11.3 (found by `make chaos`, fuzzed-answers). Guarantee: after a successful ack, one 409 on the claim that
+    the Work API never sent (a proxy, a fault) does not leave the item `starting`: the claim is asked again, lands,
+    and the item reaches a sandbox."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2))
+    watch = running.watch()
+    await api.fault(operation="heartbeat", status=409, count=1)  # answered by the fault; the claim never arrived
+    (queued,) = await api.enqueue(1)
+    assigned = await watch.assigned(timeout=15)
+    assert assigned.work.id == queued["id"]
+    assert await api.state(queued["id"]) == "active"
+    claims = [b["status"] for b in await api.requests("heartbeat", queued["id"])]
+    assert claims[:2] == [409, 200], claims
+    await running.stop(assigned)
+    watch.cancel()
+
+
+async def test_a_refusal_that_repeats_is_believed(api: Api, start_sidecar: SidecarFactory) -> None:
+    """#11.3. The other side of the rule above: a claim refused `confirm_refusals` + 1 times in a row is not
+    ours; the sidecar stops asking (no claim loop against an item someone else holds) and frees the slot."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2), confirm_refusals=2)
+    watch = running.watch()
+    await api.fault(operation="heartbeat", status=412, count=3)
+    (queued,) = await api.enqueue(1)
+    await eventually(lambda: _claims_answered(api, queued["id"], 3), timeout=15, message="three refused claims")
+    await api.clear_faults()
+    (second,) = await api.enqueue(1)  # the slot is free again: the next item is assigned
+    assigned = await watch.assigned(timeout=15)
+    assert assigned.work.id == second["id"]
+    assert [b["status"] for b in await api.requests("heartbeat", queued["id"])] == [412, 412, 412]
+    await running.stop(assigned)
+    watch.cancel()
+
+
+async def test_an_invented_conflict_on_stop_does_not_leave_the_item_held(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """#11 (found by `make chaos`, fuzzed-answers). Guarantee: a stop answered 409 ("already stopped") while the
+    item is not stopped is asked again, so the sandbox's StopWork succeeds and the item is stopped; it used to
+    end in ABORTED, and a sandbox that gave up left the item held until it left."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2))
+    watch, item = await running.take_one(api)
+    await api.fault(operation="stop", status=409, count=1)
+    answer = await running.stop(item)
+    assert answer.work.state == pb.WORK_STATE_STOPPED
+    assert await api.state(item.work.id) == "stopped"
+    assert [r["status"] for r in await api.requests("stop", item.work.id)] == [409, 200]
+    watch.cancel()
+
+
+async def test_a_conflict_on_stop_that_repeats_is_aborted(api: Api, start_sidecar: SidecarFactory) -> None:
+    """The other side: 409 on every stop while the item is active ends in ABORTED (WORK_CONFLICT) after
+    `confirm_refusals` + 1 stops, and the lease is still held (the sandbox may try again)."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2), confirm_refusals=1)
+    watch, item = await running.take_one(api)
+    await api.fault(operation="stop", status=409, count=None)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.stop(item)
+    assert refused.value.code() == grpc.StatusCode.ABORTED
+    assert len(await api.requests("stop", item.work.id)) == 2
+    await api.clear_faults()
+    assert (await running.stop(item)).work.state == pb.WORK_STATE_STOPPED
+    watch.cancel()
+
+
+async def _claims_answered(api: Api, work_id: str, count: int) -> bool:
+    return len([b for b in await api.requests("heartbeat", work_id) if b["status"] is not None]) >= count
+
+
 async def test_keepalive_client_that_does_not_read_is_cut(api: Api, start_sidecar: SidecarFactory) -> None:
     """#11.4. Guarantee: a KeepAlive client that pings without reading costs bounded memory and is cut with
     RESOURCE_EXHAUSTED."""
