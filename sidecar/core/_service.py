@@ -13,7 +13,7 @@ import grpc
 
 from ..work.v1 import work_service_pb2 as pb
 from ..work.v1 import work_service_pb2_grpc as pb_grpc
-from ..workapi import ConflictError, NotFoundError, Work, WorkApiClient, WorkApiError
+from ..workapi import ConflictError, NotFoundError, ResponseError, Work, WorkApiClient, WorkApiError
 from . import _telemetry as telemetry
 from ._convert import queue_stats_message, work_message
 from ._dispatcher import Dispatcher, Watcher
@@ -316,26 +316,28 @@ class WorkService(pb_grpc.WorkServiceServicer):
         return pb.StopWorkResponse(work=work_message(work))
 
     async def _stop(self, lease: Lease, force: bool) -> Work:
-        """Stop, and believe a 409 ("already stopped") only when a read agrees or it repeats: a 409 for an item
-        that is not stopped may have been invented on the way, and a sandbox that gives up on its stop would
-        leave the item held until it leaves. ABORTED once `confirm_refusals` more stops got 409 too."""
-        refusals = 0
+        """Stop, and settle an answer that may not be the truth by reading the item: a 409 ("already stopped")
+        for an item that is not stopped may have been invented on the way, and an answer that does not parse
+        leaves the outcome unknown. Asked again (at most `confirm_refusals` more times) while the item has not
+        reached the state the stop asked for; a sandbox that gave up on its stop would leave the item held."""
+        doubts = 0
         while True:
             try:
                 with telemetry.use(lease.span):
                     return await self._client.stop(lease.work_id, force=force)
-            except ConflictError:
+            except (ConflictError, ResponseError) as exc:
+                reached = ("stopped",) if force or isinstance(exc, ConflictError) else ("stopped", "stopping")
                 with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
                     work = await self._client.get(lease.work_id)
-                    if work.state == "stopped":
+                    if work.state in reached:
                         return work
-                refusals += 1
-                if refusals > self._policy.confirm_refusals:
+                doubts += 1
+                if doubts > self._policy.confirm_refusals:
                     raise
-                delay = self._policy.claim_backoff.delay(refusals)
+                delay = self._policy.claim_backoff.delay(doubts)
                 log.info(
-                    "stop refused with 409 but the item is not stopped; asking again",
-                    extra={"work_id": lease.work_id, "refusals": refusals, "retry_in": round(delay, 2)},
+                    "stop answered but the item has not stopped; asking again",
+                    extra={"work_id": lease.work_id, "error": str(exc), "doubts": doubts, "retry_in": round(delay, 2)},
                 )
                 await asyncio.sleep(delay)
 

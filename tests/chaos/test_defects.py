@@ -271,6 +271,30 @@ async def test_lease_lost_reaches_the_sandbox_a_second_before_the_api_lease_expi
         assert lost_at <= expiry - 1.0, f"LeaseLost {expiry - lost_at:+.2f}s before the API's expiry"
 
 
+@pytest.mark.parametrize(
+    ("action", "extra"),
+    [("status", {"status": 409}), ("mutate", {"mutation": "garbage"})],
+    ids=["invented-409", "unparseable-after-it-landed"],
+)
+async def test_a_doubtful_stop_answer_is_settled_by_reading_the_item(
+    emulator: Emulator, proxy: Proxy, sidecar: Any, action: str, extra: dict[str, Any]
+) -> None:
+    """guarantee: no stranded items (found by `make chaos`, fuzzed-answers) — a stop answered 409 that the Work API
+    never sent, or a stop that landed but whose answer does not parse, still ends in a stopped item and an OK
+    StopWork: the sidecar reads the item and asks again, instead of handing the sandbox ABORTED / INTERNAL (after
+    which a sandbox that gave up left the item held)."""
+    sc = await sidecar()
+    async with watcher(sc.target) as w:
+        item = await take_item(emulator, sc.target, w)
+        proxy.add(operation="stop", action=action, count=1, forward_first=action == "mutate", **extra)
+        answer = await w.stub.StopWork(
+            pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True), timeout=30
+        )
+        assert answer.work.state == pb.WORK_STATE_STOPPED
+        assert proxy.count("stop", action) == 1, "the doubtful answer was seen"
+        assert (await emulator.item(ENV, item.work.id))["state"] == "stopped"
+
+
 # -- 7. release races an in-flight renewal -------------------------------------------------------------------
 
 
