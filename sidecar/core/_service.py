@@ -13,7 +13,7 @@ import grpc
 
 from ..work.v1 import work_service_pb2 as pb
 from ..work.v1 import work_service_pb2_grpc as pb_grpc
-from ..workapi import ConflictError, NotFoundError, ResponseError, Work, WorkApiClient, WorkApiError
+from ..workapi import APIStatusError, NotFoundError, ResponseError, Work, WorkApiClient, WorkApiError
 from . import _telemetry as telemetry
 from ._convert import queue_stats_message, work_message
 from ._dispatcher import Dispatcher, Watcher
@@ -316,17 +316,21 @@ class WorkService(pb_grpc.WorkServiceServicer):
         return pb.StopWorkResponse(work=work_message(work))
 
     async def _stop(self, lease: Lease, force: bool) -> Work:
-        """Stop, and settle an answer that may not be the truth by reading the item: a 409 ("already stopped")
-        for an item that is not stopped may have been invented on the way, and an answer that does not parse
-        leaves the outcome unknown. Asked again (at most `confirm_refusals` more times) while the item has not
-        reached the state the stop asked for; a sandbox that gave up on its stop would leave the item held."""
+        """Stop, and settle a refusal or an unreadable answer by reading the item. The sidecar builds every stop
+        itself, so a 4xx for one (409 "already stopped" for an item that is not, 400, 412) may have been invented
+        on the way, and an answer that does not parse leaves the outcome unknown; a sandbox that gave up on its
+        stop would leave the item held. Asked again (at most `confirm_refusals` more times) while the item has not
+        reached the state the stop asked for. 404 (the item is gone) and 429/5xx (the client's retries) are not
+        doubted."""
         doubts = 0
         while True:
             try:
                 with telemetry.use(lease.span):
                     return await self._client.stop(lease.work_id, force=force)
-            except (ConflictError, ResponseError) as exc:
-                reached = ("stopped",) if force or isinstance(exc, ConflictError) else ("stopped", "stopping")
+            except (APIStatusError, ResponseError) as exc:
+                if not _doubtful_stop_answer(exc):
+                    raise
+                reached = ("stopped",) if force or isinstance(exc, APIStatusError) else ("stopped", "stopping")
                 with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
                     work = await self._client.get(lease.work_id)
                     if work.state in reached:
@@ -397,3 +401,10 @@ class WorkService(pb_grpc.WorkServiceServicer):
             environment_id=self._client.environment_id,
             provider=self._client.provider.name,
         )
+
+
+def _doubtful_stop_answer(exc: APIStatusError | ResponseError) -> bool:
+    """A stop answer to check by reading the item: one that does not parse, or a 4xx but 404 and 429."""
+    if isinstance(exc, ResponseError):
+        return True
+    return 400 <= exc.status_code < 500 and exc.status_code not in (404, 429)

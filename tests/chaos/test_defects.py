@@ -168,6 +168,7 @@ async def test_an_error_that_replaced_a_real_answer_does_not_strand_the_item(
         assert (await emulator.item(ENV, work_id))["state"] == "active"
 
 
+@pytest.mark.slow  # 40 s of real outage: `make chaos` runs it; test_hardening's short-deadline twin runs in make test
 @pytest.mark.timeout(240)
 async def test_claim_outage_longer_than_30s_does_not_leave_the_item_starting(
     emulator: Emulator, proxy: Proxy, sidecar: Any
@@ -273,16 +274,21 @@ async def test_lease_lost_reaches_the_sandbox_a_second_before_the_api_lease_expi
 
 @pytest.mark.parametrize(
     ("action", "extra"),
-    [("status", {"status": 409}), ("mutate", {"mutation": "garbage"})],
-    ids=["invented-409", "unparseable-after-it-landed"],
+    [
+        ("status", {"status": 409}),
+        ("status", {"status": 400}),
+        ("status", {"status": 412}),
+        ("mutate", {"mutation": "garbage"}),
+    ],
+    ids=["invented-409", "invented-400", "invented-412", "unparseable-after-it-landed"],
 )
 async def test_a_doubtful_stop_answer_is_settled_by_reading_the_item(
     emulator: Emulator, proxy: Proxy, sidecar: Any, action: str, extra: dict[str, Any]
 ) -> None:
-    """guarantee: no stranded items (found by `make chaos`, fuzzed-answers) — a stop answered 409 that the Work API
-    never sent, or a stop that landed but whose answer does not parse, still ends in a stopped item and an OK
-    StopWork: the sidecar reads the item and asks again, instead of handing the sandbox ABORTED / INTERNAL (after
-    which a sandbox that gave up left the item held)."""
+    """guarantee: no stranded items (found by `make chaos`, fuzzed-answers) — a stop refused with a 4xx the Work
+    API never sent, or a stop that landed but whose answer does not parse, still ends in a stopped item and an OK
+    StopWork: the sidecar reads the item and asks again, instead of handing the sandbox ABORTED / INVALID_ARGUMENT /
+    FAILED_PRECONDITION / INTERNAL (after which a sandbox that gave up left the item held)."""
     sc = await sidecar()
     async with watcher(sc.target) as w:
         item = await take_item(emulator, sc.target, w)

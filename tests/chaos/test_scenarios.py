@@ -7,22 +7,9 @@ import pytest
 
 from chaos.harness import Emulator, Processes
 from chaos.proxy import Proxy
-from chaos.scenarios import SCENARIOS, Scenario, rules, run_scenario
+from chaos.scenarios import SCENARIOS, run_scenario
 
-# The matrix's storm also hits claiming heartbeats, and a claim that meets a few 503s in a row gives up and leaves
-# its item `starting` (#11.3) at random: that defect has deterministic tests in test_defects.py, so this subset's
-# storm spares the claim to stay deterministic (`make chaos` keeps the full storm).
-STORM = Scenario(
-    "storm-5xx",
-    "half of poll, ack, renewal and stop requests answer 503",
-    rules(
-        *(
-            {"operation": op, "action": "status", "status": 503, "probability": 0.5}
-            for op in ("poll", "ack", "renew", "stop")
-        )
-    ),
-)
-BY_NAME = {**{s.name: s for s in SCENARIOS}, "storm-5xx": STORM}
+BY_NAME = {s.name: s for s in SCENARIOS}
 PHASE = 5.0
 SUBSET = {
     "storm-5xx": None,

@@ -169,6 +169,7 @@ async def _claims_answered(api: Api, work_id: str, count: int) -> bool:
     return len([b for b in await api.requests("heartbeat", work_id) if b["status"] is not None]) >= count
 
 
+@pytest.mark.slow  # pings until the transport's window is full (20+ s); tests/chaos has a shorter twin in make test
 async def test_keepalive_client_that_does_not_read_is_cut(api: Api, start_sidecar: SidecarFactory) -> None:
     """#11.4. Guarantee: a KeepAlive client that pings without reading costs bounded memory and is cut with
     RESOURCE_EXHAUSTED."""
