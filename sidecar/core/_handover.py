@@ -88,8 +88,8 @@ class HandOver:
 
     def start(self, work: Work, watcher: Watcher, *, returned_at: float) -> asyncio.Event:
         """Hand `work` over to `watcher` (whose slot the caller reserved) in the background. The event is set once
-        the ack has its outcome (the claim follows at once): the poller polls again only then, so the ack never
-        queues behind further polls."""
+        the ack and the first claim have their answers (or the item turned out not to be ours): the poller polls
+        again only then, so neither queues behind further polls, nor does their answers' handling."""
         acked = asyncio.Event()
         self._supervisor.spawn(self.take(work, watcher, returned_at=returned_at, acked=acked), name="hand-over")
         return acked
@@ -151,8 +151,9 @@ class HandOver:
         log.info("reassigning an item its sandbox never received", extra={"work_id": lease.work_id})
         self._assign(watcher, lease)
 
-    async def _claim(self, work: Work, span: Span, ack_done: asyncio.Event) -> Lease | None:
-        """Ack, then the claiming heartbeat. None when the item is not (or no longer) ours."""
+    async def _claim(self, work: Work, span: Span, answered: asyncio.Event) -> Lease | None:
+        """Ack, then the claiming heartbeat; `answered` is set once the first claim has its answer. None when the
+        item is not (or no longer) ours."""
         acked = work
         with telemetry.use(span):
             try:
@@ -184,9 +185,7 @@ class HandOver:
                 log.warning(
                     "ack failed or outcome unknown; claiming to find out", extra={"work_id": work.id, "error": str(exc)}
                 )
-            finally:
-                ack_done.set()
-            claimed = await self._claim_until_definitive(work, span)
+            claimed = await self._claim_until_definitive(work, span, answered)
         if claimed is None:
             return None
         result, sent = claimed
@@ -211,7 +210,9 @@ class HandOver:
             span=span,
         )
 
-    async def _claim_until_definitive(self, work: Work, span: Span) -> tuple[HeartbeatResult, float] | None:
+    async def _claim_until_definitive(
+        self, work: Work, span: Span, answered: asyncio.Event
+    ) -> tuple[HeartbeatResult, float] | None:
         """The claiming heartbeat, again and again with backoff until an answer is definitive about the item: (answer,
         sent at), or None when the item is not ours: 412/409/404, repeated `confirm_refusals` more times (one
         such answer may have been invented on the way, and an acked item nobody claims stays `starting`). Anything
@@ -253,6 +254,8 @@ class HandOver:
                 )
             else:
                 return result, sent
+            finally:
+                answered.set()  # the poller may poll again
             await asyncio.sleep(delay)
 
     async def _finish_healthcheck(self, work: Work) -> None:

@@ -29,7 +29,7 @@ from ._supervisor import Supervisor
 log = logging.getLogger("sidecar.poller")
 
 ACK_FIRST_WAIT = 2.0
-"""Seconds a poll loop waits for the ack of the item it just polled before it polls again."""
+"""Seconds a poll loop waits for the ack and the first claim of the item it just polled before it polls again."""
 
 
 class Poller:
@@ -114,8 +114,9 @@ class Poller:
                     extra={"work_id": work.id},
                 )
                 continue
-            # The ack first: no poll (this loop's next, or a new poller's) goes out before it; the claim follows it.
-            # (An ack that hangs holds intake for `ACK_FIRST_WAIT` at most.)
+            # The ack and the claim first: no poll (this loop's next, or a new poller's) goes out before both are
+            # answered, so neither they nor the handling of their answers queue behind polls. (An ack or a claim
+            # that hangs holds intake for `ACK_FIRST_WAIT` at most.)
             acked = self._handover.start(work, watcher, returned_at=returned_at)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(ACK_FIRST_WAIT):
