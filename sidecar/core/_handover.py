@@ -88,8 +88,8 @@ class HandOver:
 
     def start(self, work: Work, watcher: Watcher, *, returned_at: float) -> asyncio.Event:
         """Hand `work` over to `watcher` (whose slot the caller reserved) in the background. The event is set once
-        the ack and the first claim have their answers (or the item turned out not to be ours): the poller polls
-        again only then, so neither queues behind further polls, nor does their answers' handling."""
+        the item's WorkAssigned is queued for the sandbox, or the ack or the first claim failed: the poller polls
+        again only then, so neither the ack, the claim nor the hand-over queue behind further polls."""
         acked = asyncio.Event()
         self._supervisor.spawn(self.take(work, watcher, returned_at=returned_at, acked=acked), name="hand-over")
         return acked
@@ -102,6 +102,12 @@ class HandOver:
     ) -> None:
         """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it."""
         acked = acked or asyncio.Event()
+        try:
+            await self._take(work, watcher, returned_at, acked)
+        finally:
+            acked.set()
+
+    async def _take(self, work: Work, watcher: Watcher, returned_at: float, acked: asyncio.Event) -> None:
         span = telemetry.start_work_span(work, self._client.provider.name)
         self._intents.acking(work.id)
         try:
@@ -110,8 +116,6 @@ class HandOver:
             self._dispatcher.unreserve(watcher)
             telemetry.end_unassigned_span(span, "not_acked", "error")
             raise  # an interrupted claim stays unsettled: a successor releases the item
-        finally:
-            acked.set()
         self._intents.settled(work.id)
         if lease is None:
             self._dispatcher.unreserve(watcher)
@@ -124,6 +128,7 @@ class HandOver:
                 "watcher left during hand-over", extra={"work_id": work.id, "handed_to_another": bool(replacement)}
             )
             if replacement is None:
+                acked.set()  # the poller need not wait for the release
                 await self._leaser.release(
                     lease, pb.LEASE_LOST_REASON_SANDBOX_GONE, "the sandbox left before the item was assigned"
                 )
@@ -152,8 +157,8 @@ class HandOver:
         self._assign(watcher, lease)
 
     async def _claim(self, work: Work, span: Span, answered: asyncio.Event) -> Lease | None:
-        """Ack, then the claiming heartbeat; `answered` is set once the first claim has its answer. None when the
-        item is not (or no longer) ours."""
+        """Ack, then the claiming heartbeat; `answered` is set when a claim attempt failed (the caller sets it in
+        every other case). None when the item is not (or no longer) ours."""
         acked = work
         with telemetry.use(span):
             try:
@@ -253,9 +258,8 @@ class HandOver:
                     extra={"work_id": work.id, "error": str(exc), "attempt": failures, "retry_in": round(delay, 2)},
                 )
             else:
-                return result, sent
-            finally:
-                answered.set()  # the poller may poll again
+                return result, sent  # `take` lets the poller go on once WorkAssigned is queued
+            answered.set()  # this attempt failed: the poller may poll again while the claim goes on
             await asyncio.sleep(delay)
 
     async def _finish_healthcheck(self, work: Work) -> None:
