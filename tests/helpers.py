@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, overload
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench._procs import free_port  # one definition for tests, bench and chaos
 
 T = TypeVar("T")
 
@@ -73,8 +74,4 @@ async def serving(target: str | grpc.aio.Channel, service: str = "") -> bool:
     return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+__all__ = ["eventually", "free_port", "serving", "stays"]

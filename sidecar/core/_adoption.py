@@ -34,6 +34,7 @@ from ._lease import Leases
 from ._leaser import Leaser
 from ._liveness import Liveness
 from ._policy import LeasePolicy
+from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.adoption")
 
@@ -62,6 +63,8 @@ class Adoption:
         leaser: Leaser,
         liveness: Liveness,
         journal: Journal,
+        *,
+        supervisor: Supervisor,
     ) -> None:
         self._client = client
         self._policy = policy
@@ -70,7 +73,9 @@ class Adoption:
         self._liveness = liveness
         self._journal = journal
         self._limit = asyncio.Semaphore(SIDE_CONCURRENCY)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._supervisor = supervisor
+        self._pending: set[asyncio.Task[None]] = set()
+        """The release heartbeats still running (the supervisor owns them; `wait` waits for them)."""
 
     async def adopt(self, recovered: Recovered) -> AdoptionReport:
         """Adopt everything, yielding to the event loop every `CHUNK` leases so that the renewals of the first
@@ -173,19 +178,14 @@ class Adoption:
         log.info("finished a release interrupted by the restart", extra={"work_id": end.work_id})
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._supervisor.spawn(coro, name="adoption release")  # the supervisor's close cancels it
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def wait(self) -> None:
         """Until the background release heartbeats are done (tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
 
 
 def _work(work_id: str, data_type: str, data_id: str, environment_id: str, state: str) -> Work:

@@ -130,7 +130,9 @@ class Sidecar:
             client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor, intents=self.journal
         )
         self.adoption = (
-            Adoption(client, policy, self.leases, self.leaser, self.liveness, self.journal) if self.journal else None
+            Adoption(client, policy, self.leases, self.leaser, self.liveness, self.journal, supervisor=self.supervisor)
+            if self.journal
+            else None
         )
         self.poller = Poller(client, polling, self.dispatcher, self.handover, supervisor=self.supervisor)
         self.service = WorkService(
@@ -303,9 +305,7 @@ class Sidecar:
         await self.server.stop(grace=1.0)
         await self.poller.stop()
         self.liveness.close()
-        if self.adoption is not None:
-            await self.adoption.close()
-        await self.supervisor.close()
+        await self.supervisor.close()  # the adoption's release heartbeats too
         if self.journal is not None:
             self.journal.close(clean=drained)
         await self._exit.aclose()
