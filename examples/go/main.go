@@ -9,6 +9,9 @@
 //	The sidecar may restart under running items (a crash, a container update): while it cannot be reached
 //	(UNAVAILABLE), the watch, the KeepAlive stream and StopWork reconnect with backoff, and the new watch
 //	resumes the items still held (WatchWorkRequest.resume): a sidecar restarted with its --state-dir carries on.
+//	Fencing: while the sidecar cannot be reached nobody may be renewing the lease, so an item is given up a
+//	fencing margin before its lease's last known expiry (from WorkAssigned, then each KeepAlive answer): it is
+//	then abandoned like on LeaseLost (no StopWork), unless a KeepAlive answer came back before.
 //
 // Usage:
 //
@@ -22,6 +25,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"math/rand"
 	"net"
 	"os"
@@ -76,6 +80,27 @@ func dial(address string) (*grpc.ClientConn, error) {
 // reconnectFor is how long an unreachable (restarting) sidecar is retried before giving up.
 const reconnectFor = 60 * time.Second
 
+// The fencing rule of sidecar/_fencing.py (keep the constants in step): the margin is max(1.5 s, 10 % of the
+// TTL), never more than half the TTL; an item is given up that margin before its lease's last known expiry.
+const (
+	fenceMarginMin   = 1.5
+	fenceMarginRatio = 0.1
+)
+
+// fenceMargin is how long before a lease's expiry an item whose lease may not be renewed is given up.
+func fenceMargin(ttlSeconds float64) time.Duration {
+	margin := math.Min(math.Max(fenceMarginMin, ttlSeconds*fenceMarginRatio), ttlSeconds/2)
+	return time.Duration(margin * float64(time.Second))
+}
+
+// fenceAt is when to give up an item whose last known lease status is lease: now if its expiry is not known.
+func fenceAt(lease *workv1.Lease, now time.Time) time.Time {
+	if lease.GetExpiresAt() == nil || (lease.GetExpiresAt().GetSeconds() == 0 && lease.GetExpiresAt().GetNanos() == 0) {
+		return now
+	}
+	return lease.GetExpiresAt().AsTime().Add(-fenceMargin(float64(lease.GetTtlSeconds())))
+}
+
 // unreachable says whether err is UNAVAILABLE from the transport (the sidecar is down or restarting), not an
 // answer of the sidecar's (those carry status details: a Work API outage, a drain).
 func unreachable(err error) bool {
@@ -91,13 +116,31 @@ func backoff(n int) time.Duration {
 	return ceiling/2 + time.Duration(rand.Int63n(int64(ceiling/2)+1))
 }
 
-// item is one assigned work item: finish ends the work early (StopRequested, LeaseLost).
+// item is one assigned work item: finish ends the work early (StopRequested, LeaseLost, the fence); fenced ends
+// when the item is given up because the sidecar could not be reached before its lease would expire (the unary
+// calls for it run under it, so they give up then too).
 type item struct {
-	token    string
-	finish   context.CancelFunc
-	mu       sync.Mutex
-	lost     bool
-	finished context.Context
+	workID     string
+	token      string
+	finish     context.CancelFunc
+	mu         sync.Mutex
+	lost       bool
+	finished   context.Context
+	fenced     context.Context
+	fence      context.CancelFunc
+	lease      *workv1.Lease // the latest status: from WorkAssigned, then from each KeepAlive answer
+	fenceTimer *time.Timer
+	fenceArms  int // which arming fenceTimer is, so that a timer firing as it is disarmed does not fence
+	retired    bool
+}
+
+func newItem(assigned *workv1.WorkAssigned) *item {
+	finished, finish := context.WithCancel(context.Background())
+	fenced, fence := context.WithCancel(context.Background())
+	return &item{
+		workID: assigned.GetWork().GetId(), token: assigned.GetLeaseToken(), finish: finish, finished: finished,
+		fenced: fenced, fence: fence, lease: assigned.GetLease(),
+	}
 }
 
 func (it *item) markLost() {
@@ -105,6 +148,60 @@ func (it *item) markLost() {
 	it.lost = true
 	it.mu.Unlock()
 	it.finish()
+}
+
+// heard records a KeepAlive answer: the latest lease status, and the sidecar is reachable (disarms the fence).
+func (it *item) heard(lease *workv1.Lease) {
+	it.mu.Lock()
+	defer it.mu.Unlock()
+	it.lease = lease
+	it.disarmLocked()
+}
+
+// armFence starts the fence's timer while the sidecar cannot be reached (nobody may be renewing the lease): at
+// the fencing point, unless a KeepAlive answer disarms it before, the item is lost and abandoned (no StopWork).
+func (it *item) armFence() {
+	it.mu.Lock()
+	defer it.mu.Unlock()
+	if it.fenceTimer != nil || it.lost || it.retired {
+		return
+	}
+	it.fenceArms++
+	arm := it.fenceArms
+	it.fenceTimer = time.AfterFunc(time.Until(fenceAt(it.lease, time.Now())), func() { it.fenceNow(arm) })
+}
+
+// retire disarms the fence for good: the item is done with (stopped or abandoned).
+func (it *item) retire() {
+	it.mu.Lock()
+	defer it.mu.Unlock()
+	it.retired = true
+	it.disarmLocked()
+}
+
+func (it *item) disarmLocked() {
+	if it.fenceTimer != nil {
+		it.fenceTimer.Stop()
+		it.fenceTimer = nil
+	}
+}
+
+func (it *item) fenceNow(arm int) {
+	it.mu.Lock()
+	if it.fenceTimer == nil || it.fenceArms != arm || it.lost { // disarmed meanwhile, or lost already
+		it.mu.Unlock()
+		return
+	}
+	it.fenceTimer = nil
+	it.lost = true
+	it.mu.Unlock()
+	say("fenced %s: the sidecar could not be reached before the lease would expire", it.workID)
+	it.fence()
+	it.finish()
+}
+
+func (it *item) isFenced() bool {
+	return it.fenced.Err() != nil
 }
 
 func (it *item) isLost() bool {
@@ -130,15 +227,16 @@ func workOn(client workv1.WorkServiceClient, assigned *workv1.WorkAssigned, it *
 	defer kaCancel()
 	go keepAlive(kaCtx, client, work.GetId(), token, it, opts)
 
-	// The "work": read the item, tag it, wait (or until a stop request or a lost lease ends it early).
-	ctx, cancel := context.WithTimeout(context.Background(), reconnectFor)
-	current, err := retry(ctx, func() (*workv1.GetWorkResponse, error) {
+	// The "work": read the item, tag it, wait (or until a stop request or a lost lease ends it early). The calls
+	// run under it.fenced: once the item is fenced, they give up.
+	ctx, cancel := context.WithTimeout(it.fenced, reconnectFor)
+	current, err := retry(ctx, it.armFence, func() (*workv1.GetWorkResponse, error) {
 		return client.GetWork(ctx, &workv1.GetWorkRequest{WorkId: work.GetId(), LeaseToken: token})
 	})
 	if err == nil {
 		say("  GetWork %s: %s, lease %s", work.GetId(), current.GetWork().GetState(), current.GetLease().GetState())
 		var updated *workv1.UpdateWorkMetadataResponse
-		updated, err = retry(ctx, func() (*workv1.UpdateWorkMetadataResponse, error) {
+		updated, err = retry(ctx, it.armFence, func() (*workv1.UpdateWorkMetadataResponse, error) {
 			return client.UpdateWorkMetadata(ctx, &workv1.UpdateWorkMetadataRequest{
 				WorkId:     work.GetId(),
 				LeaseToken: token,
@@ -151,7 +249,9 @@ func workOn(client workv1.WorkServiceClient, assigned *workv1.WorkAssigned, it *
 	}
 	cancel()
 	if err != nil {
-		say("  work on %s failed: %v", work.GetId(), err)
+		if !it.isFenced() {
+			say("  work on %s failed: %v", work.GetId(), err)
+		}
 	} else {
 		select {
 		case <-time.After(opts.work):
@@ -160,29 +260,37 @@ func workOn(client workv1.WorkServiceClient, assigned *workv1.WorkAssigned, it *
 	}
 	kaCancel()
 
+	defer it.retire()
 	if it.isLost() {
 		say("abandoned %s: the lease is lost, not stopping it (it is not ours any more)", work.GetId())
 		return
 	}
-	ctx, cancel = context.WithTimeout(context.Background(), reconnectFor)
+	// Retried while the sidecar cannot be reached, but only until the fence: then the item is not ours to stop.
+	ctx, cancel = context.WithTimeout(it.fenced, reconnectFor)
 	defer cancel()
-	stopped, err := retry(ctx, func() (*workv1.StopWorkResponse, error) {
+	stopped, err := retry(ctx, it.armFence, func() (*workv1.StopWorkResponse, error) {
 		return client.StopWork(ctx, &workv1.StopWorkRequest{WorkId: work.GetId(), LeaseToken: token, Force: true})
 	})
 	if err != nil {
+		if it.isLost() {
+			say("abandoned %s: the lease is lost, not stopping it (it is not ours any more)", work.GetId())
+			return
+		}
 		say("stop %s failed: %v", work.GetId(), err)
 		return
 	}
 	say("stopped %s: state %s", work.GetId(), stopped.GetWork().GetState())
 }
 
-// retry runs a unary call again, with backoff, while the sidecar cannot be reached (until ctx ends).
-func retry[T any](ctx context.Context, call func() (T, error)) (T, error) {
+// retry runs a unary call again, with backoff, while the sidecar cannot be reached (until ctx ends);
+// onUnreachable is told of each unreachable try (it arms the item's fence).
+func retry[T any](ctx context.Context, onUnreachable func(), call func() (T, error)) (T, error) {
 	for attempt := 1; ; attempt++ {
 		response, err := call()
 		if err == nil || !unreachable(err) {
 			return response, err
 		}
+		onUnreachable()
 		select {
 		case <-ctx.Done():
 			return response, err
@@ -205,6 +313,7 @@ func keepAlive(ctx context.Context, client workv1.WorkServiceClient, workID, tok
 			}
 			return
 		}
+		it.armFence() // nobody may be renewing the lease until a KeepAlive answer comes again
 		failures++
 		say("  keepalive %s: the sidecar cannot be reached, reconnecting", workID)
 		select {
@@ -244,6 +353,7 @@ func keepAliveStream(ctx context.Context, client workv1.WorkServiceClient, workI
 		}
 		answered()
 		lease := response.GetLease()
+		it.heard(lease)
 		say("  keepalive %s: %s ttl=%ds expires=%s",
 			lease.GetWorkId(), lease.GetState(), lease.GetTtlSeconds(), clock(lease.GetExpiresAt()))
 		switch lease.GetState() {
@@ -346,9 +456,8 @@ func run(opts options) error {
 		switch ev := event.GetEvent().(type) {
 		case *workv1.WatchWorkResponse_WorkAssigned:
 			assigned := ev.WorkAssigned
-			finished, finish := context.WithCancel(context.Background())
-			it := &item{token: assigned.GetLeaseToken(), finish: finish, finished: finished}
-			workID := assigned.GetWork().GetId()
+			it := newItem(assigned)
+			workID := it.workID
 			mu.Lock()
 			items[workID] = it
 			mu.Unlock()
@@ -356,7 +465,8 @@ func run(opts options) error {
 			go func() {
 				defer running.Done()
 				workOn(client, assigned, it, opts)
-				finish()
+				it.finish()
+				it.fence() // releases the context; the item is done
 				mu.Lock()
 				delete(items, workID)
 				handled++

@@ -3,6 +3,10 @@ package main
 import (
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	workv1 "worksidecar/gen/go/sidecar/work/v1"
 )
 
 func TestAddressBeforeOrAfterFlags(t *testing.T) {
@@ -62,5 +66,25 @@ func TestDefaults(t *testing.T) {
 func TestExtraArgumentsAreRejected(t *testing.T) {
 	if _, err := parseOptions([]string{"a:1", "b:2"}); err == nil {
 		t.Error("two addresses were accepted")
+	}
+}
+
+// TestFencingRule mirrors sidecar/_fencing.py: max(1.5 s, 10 % of the TTL), at most half the TTL.
+func TestFencingRule(t *testing.T) {
+	for ttl, want := range map[float64]time.Duration{
+		2: time.Second, 4: 1500 * time.Millisecond, 15: 1500 * time.Millisecond, 60: 6 * time.Second,
+	} {
+		if got := fenceMargin(ttl); got != want {
+			t.Errorf("fenceMargin(%v) = %v, want %v", ttl, got, want)
+		}
+	}
+	expires := time.Unix(1000, 500_000_000)
+	lease := &workv1.Lease{TtlSeconds: 60, ExpiresAt: timestamppb.New(expires)}
+	if got := fenceAt(lease, time.Now()); !got.Equal(expires.Add(-6 * time.Second)) {
+		t.Errorf("fenceAt = %v, want the margin before %v", got, expires)
+	}
+	now := time.Now()
+	if got := fenceAt(&workv1.Lease{TtlSeconds: 60}, now); !got.Equal(now) {
+		t.Errorf("an unknown expiry fences at once, got %v", got)
 	}
 }

@@ -9,6 +9,9 @@
 //   The sidecar may restart under running items (a crash, a container update): while it cannot be reached
 //   (UNAVAILABLE), the watch, the KeepAlive stream and StopWork reconnect with backoff, and the new watch
 //   resumes the items still held (WatchWorkRequest.resume): a sidecar restarted with its --state-dir carries on.
+//   Fencing: while the sidecar cannot be reached nobody may be renewing the lease, so an item is given up a
+//   fencing margin before its lease's last known expiry (from WorkAssigned, then each KeepAlive answer): it is
+//   then abandoned like on LeaseLost (no StopWork), unless a KeepAlive answer came back before.
 //
 //   node sandbox.js unix:///tmp/work-sidecar.sock [--once] [--max-in-flight 2] [--work-seconds 2]
 //   WORK_SIDECAR_ADDR=127.0.0.1:50051 node sandbox.js        (WORK_SIDECAR_ADDRESS is accepted as an alias)
@@ -58,30 +61,61 @@ function backoffMs(n) {
 
 const RECONNECT_MS = 60_000; // give up on an unreachable sidecar after this long
 
-/** Promisifies a unary call of the client; retried with backoff while the sidecar cannot be reached. */
-async function unary(client, method, request) {
+// The fencing rule of sidecar/_fencing.py (keep the constants in step): the margin is max(1.5 s, 10 % of the
+// TTL), never more than half the TTL; an item is given up that margin before its lease's last known expiry.
+const FENCE_MARGIN_MIN = 1.5;
+const FENCE_MARGIN_RATIO = 0.1;
+
+function fenceMarginSeconds(ttlSeconds) {
+  return Math.min(Math.max(FENCE_MARGIN_MIN, ttlSeconds * FENCE_MARGIN_RATIO), ttlSeconds / 2);
+}
+
+/** Wall-clock ms at which to give up an item whose lease status is `lease`: now if its expiry is not known. */
+function fenceAtMs(lease) {
+  const expires = lease && lease.expires_at;
+  if (!expires || (!Number(expires.seconds) && !expires.nanos)) return Date.now();
+  const expiresMs = Number(expires.seconds) * 1000 + Math.floor((expires.nanos || 0) / 1e6);
+  return expiresMs - fenceMarginSeconds(Number(lease.ttl_seconds)) * 1000;
+}
+
+/**
+ * Promisifies a unary call of the client; retried with backoff while the sidecar cannot be reached.
+ * `signal` (the item's fence) gives up at once, also mid-call; `onUnreachable` is told of each unreachable try.
+ */
+async function unary(client, method, request, { signal, onUnreachable } = {}) {
   const started = Date.now();
   for (let attempt = 1; ; attempt += 1) {
+    if (signal && signal.aborted) throw new Error(`${method} given up: ${signal.reason.message}`);
     try {
       return await new Promise((resolve, reject) => {
-        client[method](request, (error, response) => (error ? reject(error) : resolve(response)));
+        const call = client[method](request, (error, response) => {
+          if (signal) signal.removeEventListener('abort', cancel);
+          if (error) reject(error);
+          else resolve(response);
+        });
+        function cancel() {
+          call.cancel();
+        }
+        if (signal) signal.addEventListener('abort', cancel, { once: true });
       });
     } catch (error) {
+      if (signal && signal.aborted) throw new Error(`${method} given up: ${signal.reason.message}`);
       if (!unreachable(error) || Date.now() - started > RECONNECT_MS) throw error;
-      await new Promise((resolve) => setTimeout(resolve, backoffMs(attempt)));
+      if (onUnreachable) onUnreachable();
+      await pause(backoffMs(attempt), signal);
     }
   }
 }
 
-/** Resolves after `ms`, or as soon as `signal` aborts. */
+/** Resolves after `ms`, or as soon as `signal` (if any) aborts. */
 function pause(ms, signal) {
   return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
+    if (signal && signal.aborted) return resolve();
     const timer = setTimeout(done, ms);
-    signal.addEventListener('abort', done, { once: true });
+    if (signal) signal.addEventListener('abort', done, { once: true });
     function done() {
       clearTimeout(timer);
-      signal.removeEventListener('abort', done);
+      if (signal) signal.removeEventListener('abort', done);
       resolve();
     }
   });
@@ -89,11 +123,35 @@ function pause(ms, signal) {
 
 /**
  * One assigned item: keep its lease alive, work, stop it. `item.finish` (an AbortController) is aborted by
- * StopRequested / LeaseLost; `item.lost` says the lease is gone.
+ * StopRequested / LeaseLost / the fence; `item.lost` says the lease is gone; `item.fenced` (an AbortController) is
+ * aborted when the item is given up because the sidecar could not be reached before the lease would expire.
  */
 async function workOn(client, assigned, item, options) {
   const work = assigned.work;
   const token = assigned.lease_token;
+  let lease = assigned.lease; // the latest lease status: from WorkAssigned, then from each KeepAlive answer
+
+  // The fence: armed while the sidecar cannot be reached, disarmed by the next KeepAlive answer. When it fires
+  // nobody may have renewed the lease since its last known expiry was heard: the item is abandoned, not stopped.
+  let fenceTimer = null;
+  let retired = false; // stopped or abandoned: the fence is not armed any more
+  const fence = () => {
+    fenceTimer = null;
+    if (item.lost || item.fenced.signal.aborted) return;
+    item.lost = true;
+    say(`fenced ${work.id}: the sidecar could not be reached before the lease would expire`);
+    item.fenced.abort(new Error('the sidecar could not be reached before the lease would expire'));
+    item.finish.abort();
+  };
+  const armFence = () => {
+    if (fenceTimer || retired || item.lost || item.fenced.signal.aborted) return;
+    fenceTimer = setTimeout(fence, Math.max(0, fenceAtMs(lease) - Date.now()));
+  };
+  const disarmFence = () => {
+    if (fenceTimer) clearTimeout(fenceTimer);
+    fenceTimer = null;
+  };
+  const calls = { signal: item.fenced.signal, onUnreachable: armFence };
   say(
     `assigned ${work.id} (session ${work.data ? work.data.id : '-'}), lease token of ${token.length} chars, ` +
       `lease ${assigned.lease.state} ttl ${assigned.lease.ttl_seconds}s`,
@@ -109,8 +167,10 @@ async function workOn(client, assigned, item, options) {
   let failures = 0;
   const openKeepAlive = () => {
     keepAlive = client.KeepAlive();
-    keepAlive.on('data', ({ lease }) => {
+    keepAlive.on('data', (response) => {
+      lease = response.lease;
       failures = 0;
+      disarmFence();
       say(`  keepalive ${lease.work_id}: ${lease.state} ttl=${lease.ttl_seconds}s expires=${time(lease.expires_at)}`);
       if (lease.state === 'LEASE_STATE_LOST') {
         item.lost = true;
@@ -121,6 +181,7 @@ async function workOn(client, assigned, item, options) {
     });
     keepAlive.on('error', (error) => {
       if (unreachable(error) && !item.finish.signal.aborted) {
+        armFence(); // nobody may be renewing the lease until a KeepAlive answer comes again
         failures += 1;
         say(`  keepalive ${work.id}: the sidecar cannot be reached, reconnecting`);
         setTimeout(() => {
@@ -138,32 +199,39 @@ async function workOn(client, assigned, item, options) {
 
   try {
     // The "work": read the item, tag it, wait (or until a stop request or a lost lease ends it early).
-    const current = await unary(client, 'GetWork', { work_id: work.id, lease_token: token });
+    const current = await unary(client, 'GetWork', { work_id: work.id, lease_token: token }, calls);
     say(`  GetWork ${work.id}: ${current.work.state}, lease ${current.lease.state}`);
     const updated = await unary(client, 'UpdateWorkMetadata', {
       work_id: work.id,
       lease_token: token,
       set: { handled_by: options.sandboxId, language: 'node' },
-    });
+    }, calls);
     say(`  UpdateWorkMetadata ${work.id}: metadata ${JSON.stringify(updated.work.metadata)}`);
     await pause(options.workSeconds * 1000, item.finish.signal);
   } catch (error) {
-    say(`  work on ${work.id} failed: ${error.message}`);
+    if (!item.fenced.signal.aborted) say(`  work on ${work.id} failed: ${error.message}`);
   } finally {
     clearInterval(pinger);
     keepAlive.end();
     keepAlive.cancel();
   }
 
-  if (item.lost) {
+  const abandon = () => {
+    retired = true;
+    disarmFence();
     say(`abandoned ${work.id}: the lease is lost, not stopping it (it is not ours any more)`);
-    return;
-  }
+  };
+  if (item.lost) return abandon();
   try {
-    const stopped = await unary(client, 'StopWork', { work_id: work.id, lease_token: token, force: true });
+    // Retried while the sidecar cannot be reached, but only until the fence: then the item is not ours to stop.
+    const stopped = await unary(client, 'StopWork', { work_id: work.id, lease_token: token, force: true }, calls);
     say(`stopped ${work.id}: state ${stopped.work.state}`);
   } catch (error) {
+    if (item.lost) return abandon();
     say(`stop ${work.id} failed: ${error.message}`);
+  } finally {
+    retired = true;
+    disarmFence();
   }
 }
 
@@ -171,7 +239,7 @@ async function workOn(client, assigned, item, options) {
 function run(options) {
   const api = loadApi();
   const client = new api.WorkService(options.address, grpc.credentials.createInsecure());
-  const items = new Map(); // work id -> { finish: AbortController, lost: boolean, done: Promise }
+  const items = new Map(); // work id -> { finish, fenced: AbortController, lost: boolean, done: Promise }
   let handled = 0;
   let leaving = false;
 
@@ -209,7 +277,13 @@ function run(options) {
       switch (event.event) {
         case 'work_assigned': {
           const assigned = event.work_assigned;
-          const item = { finish: new AbortController(), lost: false, done: null, token: assigned.lease_token };
+          const item = {
+            finish: new AbortController(),
+            fenced: new AbortController(),
+            lost: false,
+            done: null,
+            token: assigned.lease_token,
+          };
           items.set(assigned.work.id, item);
           item.done = workOn(client, assigned, item, options).finally(() => {
             items.delete(assigned.work.id);
@@ -317,4 +391,4 @@ if (require.main === module) {
   );
 }
 
-module.exports = { loadApi, parseOptions, run };
+module.exports = { loadApi, parseOptions, run, fenceMarginSeconds, fenceAtMs };

@@ -306,3 +306,12 @@ test('the address: argv, else WORK_SIDECAR_ADDR, else its alias WORK_SIDECAR_ADD
   assert.equal(parseOptions([], { WORK_SIDECAR_ADDRESS: '127.0.0.1:1' }).address, '127.0.0.1:1');
   assert.equal(parseOptions([], {}).address, 'unix:///tmp/work-sidecar.sock');
 });
+
+test('the fencing rule of sidecar/_fencing.py: max(1.5 s, 10 % of the TTL), at most half the TTL', () => {
+  const { fenceMarginSeconds, fenceAtMs } = require('./sandbox.js');
+  assert.deepEqual([2, 4, 15, 60].map(fenceMarginSeconds), [1, 1.5, 1.5, 6]);
+  const lease = { ttl_seconds: 60, expires_at: { seconds: '1000', nanos: 500_000_000 } };
+  assert.equal(fenceAtMs(lease), 1_000_500 - 6_000, 'the margin before the last known expiry');
+  const before = Date.now();
+  assert.ok(fenceAtMs({ ttl_seconds: 60, expires_at: null }) >= before, 'an unknown expiry fences at once');
+});

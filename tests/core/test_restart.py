@@ -43,6 +43,8 @@ class Sidecar:
     runs: int = 0
     logs: list[Path] = field(default_factory=list)
     state: str = ""
+    ttl: int = TTL
+    """The lease TTL the sidecar asks the Work API for (`--ttl`)."""
 
     @property
     def socket(self) -> str:
@@ -67,7 +69,7 @@ class Sidecar:
             self.proc = await asyncio.create_subprocess_exec(
                 str(BIN / "work-sidecar"), "serve",
                 "--api-url", self.api.url, "--environment-id", environment_id, "--listen", f"unix://{self.socket}",
-                "--ttl", str(TTL), "--release-ttl", "1", "--reattach-grace", str(self.grace),
+                "--ttl", str(self.ttl), "--release-ttl", "1", "--reattach-grace", str(self.grace),
                 "--liveness-window", "1", "--state-dir", self.state_dir, *self.extra, *extra,
                 env=env, stdout=subprocess.DEVNULL, stderr=stderr,
             )  # fmt: skip

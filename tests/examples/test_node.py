@@ -55,7 +55,7 @@ def test_node_example_sandbox_end_to_end(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == 0, out[-6000:]
-    assert re.search(r"^# pass 4$", out, re.MULTILINE), out[-3000:]
+    assert re.search(r"^# pass 5$", out, re.MULTILINE), out[-3000:]
     assert re.search(r"^# fail 0$", out, re.MULTILINE), out[-3000:]
     assert "# skipped 0" in out
     assert not list(scratch.iterdir()), "the node test removed the sidecar directories it made"

@@ -1,11 +1,16 @@
 """The Node and Go example sandboxes carry on across a sidecar crash (issue #12): `kill -9` of the sidecar process
 mid-work, a restart with the same `--state-dir`; the sandbox reconnects (KeepAlive with its old token), finishes and
-stops its item through the new process. The item is delivered once and ends `stopped`."""
+stops its item through the new process. The item is delivered once and ends `stopped`.
+
+And when the sidecar does not come back, they fence (#11.11, the rule of `sidecar/_fencing.py`): the item is given up
+a margin before its lease's last known expiry, and abandoned (no StopWork) before the Work API may hand it on."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -34,7 +39,9 @@ async def test_the_example_sandbox_carries_on_across_a_sidecar_restart(
         command = [*_node_command(), "--once", "--work-seconds", "8", "--ping-seconds", "0.3"]
     else:
         command = [str(request.getfixturevalue("go_sandbox")), "-once", "-work-seconds", "8", "-ping-seconds", "0.3"]
-    sidecar = Sidecar(api, short_dir, grace=3.0)  # shorter than the work: only a re-attach keeps the lease
+    # Grace 3 s, shorter than the work: only a re-attach keeps the lease. TTL 20: the sandbox fences its item a margin
+    # (2 s) before the last expiry it heard, as nobody renews the lease while no sidecar runs; the restart must fit.
+    sidecar = Sidecar(api, short_dir, grace=3.0, ttl=20)
     await sidecar.start()
     out = Path(short_dir) / "sandbox.out"
     with out.open("wb") as stdout:
@@ -58,3 +65,49 @@ async def test_the_example_sandbox_carries_on_across_a_sidecar_restart(
     assert "abandoned" not in text, text
     view = await api.item(queued["id"])
     assert (view["state"], view["deliveries"]) == ("stopped", 1)
+
+
+def _at(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.parametrize("language", ["node", "go"])
+async def test_the_example_sandbox_fences_its_item_when_the_sidecar_does_not_come_back(
+    language: str, api: Api, short_dir: str, request: pytest.FixtureRequest
+) -> None:
+    """Guarantee: with the sidecar gone for good nobody renews the lease, so the sandbox gives the item up (`fenced`)
+    before the lease expires in the Work API, and abandons it rather than stopping it (it may be someone else's)."""
+    if language == "node":
+        command = [*_node_command(), "--once", "--work-seconds", "30", "--ping-seconds", "0.3"]
+    else:
+        command = [str(request.getfixturevalue("go_sandbox")), "-once", "-work-seconds", "30", "-ping-seconds", "0.3"]
+    sidecar = Sidecar(api, short_dir, ttl=5)  # fencing margin 1.5 s: fenced ~3.5 s after the last renewal
+    await sidecar.start()
+    out = Path(short_dir) / "sandbox.out"
+    with out.open("wb") as stdout:
+        sandbox = await asyncio.create_subprocess_exec(
+            *command[:1], *command[1:2], f"unix://{sidecar.socket}", *command[2:],
+            stdout=stdout, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        [queued] = await api.enqueue(1)
+        work_id = queued["id"]
+        await eventually(lambda: b"UpdateWorkMetadata" in out.read_bytes(), timeout=20, message="working")
+        await sidecar.kill9()  # and it does not come back
+        await eventually(lambda: f"fenced {work_id}".encode() in out.read_bytes(), timeout=15, message="fenced")
+        fenced_at = time.time()  # within one poll (50 ms) of the line
+        # With --once the watch was closed when the item came, so the abandoned item is the sandbox's last: it
+        # leaves cleanly ("done: 1 item(s)", exit 0) without calling the unreachable sidecar again.
+        assert await asyncio.wait_for(sandbox.wait(), 20) == 0, out.read_text()
+    finally:
+        if sandbox.returncode is None:
+            sandbox.kill()
+            await sandbox.wait()
+        await sidecar.close()
+    text = out.read_text()
+    assert f"fenced {work_id}: the sidecar could not be reached before the lease would expire" in text, text
+    assert f"abandoned {work_id}: the lease is lost" in text, text
+    assert f"stopped {work_id}" not in text, text
+    view = await api.item(work_id)
+    assert view["state"] == "active" and view["lease_expires_at"], f"nobody stopped or released it: {view}"
+    assert fenced_at < _at(view["lease_expires_at"]), f"fenced at {fenced_at}, after the lease expired: {view}"
