@@ -22,6 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.runner import provenance
+
 from .harness import Emulator, Processes
 from .proxy import Proxy
 from .scenarios import SCENARIOS, run_scenario
@@ -46,6 +48,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 def document(meta: dict[str, Any], rows: list[dict[str, Any]], fuzz: dict[str, Any] | None) -> str:
     out = [
         f"# Chaos run `{meta['mode']}` on {meta['started']}",
+        "",
+        f"Commit `{meta.get('commit', 'unknown')}`{' (with uncommitted changes)' if meta.get('dirty') else ''}"
+        + (
+            f" (HEAD moved to `{meta['commit_at_end']}` during the run)"
+            if meta.get("commit_at_end") not in (None, meta.get("commit"))
+            else ""
+        )
+        + f", on {meta.get('cpu_model', 'unknown CPU')}.",
         "",
         f"{meta['minutes']:.1f} min, {meta['cpus']} CPUs, Python {meta['python']}, seed {meta['seed']}, "
         f"phase {meta['phase']} s per scenario. Columns: see `chaos/invariants.py` (lost = held past the API's "
@@ -72,6 +82,7 @@ def document(meta: dict[str, Any], rows: list[dict[str, Any]], fuzz: dict[str, A
 async def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     started_wall = datetime.now(UTC)
+    source = provenance()  # the code under test: recorded when the run starts
     procs = Processes()
     chosen = [s for s in SCENARIOS if (not args.only or s.name in args.only) and (not s.full_only or not args.quick)]
     rows: list[dict[str, Any]] = []
@@ -121,6 +132,8 @@ async def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "seed": args.seed,
         "phase": args.phase,
+        **source,
+        "commit_at_end": provenance()["commit"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps({**meta, "scenarios": rows, "fuzz": fuzz_result}, indent=2))
