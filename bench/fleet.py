@@ -38,6 +38,7 @@ from sidecar.keda import externalscaler_pb2 as kpb
 from sidecar.keda import externalscaler_pb2_grpc as kpb_grpc
 
 from ._procs import BIN, CHILDREN, KEY, Child, EmulatorProcess, count_operations, free_port, percentile
+from ._provenance import provenance
 from .sandboxes import Fleet
 
 METADATA = {"targetItemsPerReplica": "1", "activationThreshold": "0"}
@@ -351,6 +352,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Fleet run `{meta['preset']}` on {meta['date']} ({meta['cpus']} CPUs): K sidecar processes with one "
         f"sandbox each, `work-sidecar scaler` (stats every {meta['stats_interval']} s) and one emulator.",
         "",
+        f"Commit `{meta.get('commit', 'unknown')}`{' (with uncommitted changes)' if meta.get('dirty') else ''}.",
+        "",
         "| K | fleet idle requests/min | per sidecar | scaler stats/min | burst p50 / p99 (ms) "
         "| trickle dispatch p50 / p99 (ms) | max replicas asked | held by two at once |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -436,6 +439,7 @@ async def run(preset: FleetPreset, out: Path) -> dict[str, Any]:
     import os
 
     started = time.monotonic()
+    source = provenance()  # the code measured: recorded when the run starts
     emulator = await EmulatorProcess.start(default_ttl=60)
     try:
         runs = [await run_k(emulator, k, preset) for k in preset.ks]
@@ -450,6 +454,7 @@ async def run(preset: FleetPreset, out: Path) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "seconds": round(time.monotonic() - started, 1),
+            **source,
         },
         "runs": runs,
         "pods": pods,

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from . import fig_dispatch, fig_emulator, fig_idle, fig_leases, fig_lifecycle, report
 from ._presets import Preset
 from ._procs import CHILDREN, EmulatorProcess
+from ._provenance import provenance
 
 T = TypeVar("T")
 
@@ -79,6 +79,7 @@ async def _timed(progress: Progress, name: str, work: Callable[[], Awaitable[T]]
 async def run(preset: Preset, out: Path, *, progress_bar: bool = True) -> dict[str, Any]:
     started_wall = datetime.now(UTC)
     started = time.monotonic()
+    source = provenance()  # the code measured: recorded when the run starts
     load_start = [round(x, 2) for x in os.getloadavg()]
     figures: dict[str, Any] = {
         "idle_requests_per_minute": {"sidecar": {}, "sdk": {}},
@@ -154,7 +155,7 @@ async def run(preset: Preset, out: Path, *, progress_bar: bool = True) -> dict[s
         CHILDREN.kill_all()
     results = {
         "meta": {
-            **provenance(),
+            **source,
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "preset": preset.name,
@@ -172,30 +173,6 @@ async def run(preset: Preset, out: Path, *, progress_bar: bool = True) -> dict[s
     }
     report.write(results, out)
     return results
-
-
-def provenance() -> dict[str, Any]:
-    """The commit measured (and whether the tree had uncommitted changes), and the machine."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo").read().splitlines():  # noqa: SIM115
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "commit": git("rev-parse", "--short=12", "HEAD").strip() or "unknown",
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
-        "host": platform.node(),
-        "cpu_model": cpu_model or platform.processor() or "unknown",
-        "kernel": platform.release(),
-    }
 
 
 def notes(p: Preset) -> list[str]:

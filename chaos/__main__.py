@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.runner import provenance
+from bench._provenance import provenance
 
 from .harness import Emulator, Processes
 from .proxy import Proxy
