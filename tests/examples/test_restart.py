@@ -31,24 +31,31 @@ def _node_command() -> list[str]:
     return [node, str(ROOT / "examples/node/sandbox.js")]
 
 
+async def _start_sandbox(
+    language: str, request: pytest.FixtureRequest, sidecar: Sidecar, out: Path, work_seconds: int
+) -> asyncio.subprocess.Process:
+    """The example sandbox on the sidecar's socket with --once, working `work_seconds` on its item and pinging
+    KeepAlive every 0.3 s; its output goes to `out`."""
+    address = f"unix://{sidecar.socket}"
+    if language == "node":
+        argv = [*_node_command(), address, "--once", "--work-seconds", str(work_seconds), "--ping-seconds", "0.3"]
+    else:
+        go = str(request.getfixturevalue("go_sandbox"))
+        argv = [go, address, "-once", "-work-seconds", str(work_seconds), "-ping-seconds", "0.3"]
+    with out.open("wb") as stdout:
+        return await asyncio.create_subprocess_exec(*argv, stdout=stdout, stderr=subprocess.STDOUT)
+
+
 @pytest.mark.parametrize("language", ["node", "go"])
 async def test_the_example_sandbox_carries_on_across_a_sidecar_restart(
     language: str, api: Api, short_dir: str, request: pytest.FixtureRequest
 ) -> None:
-    if language == "node":
-        command = [*_node_command(), "--once", "--work-seconds", "8", "--ping-seconds", "0.3"]
-    else:
-        command = [str(request.getfixturevalue("go_sandbox")), "-once", "-work-seconds", "8", "-ping-seconds", "0.3"]
     # Grace 3 s, shorter than the work: only a re-attach keeps the lease. TTL 20: the sandbox fences its item a margin
     # (2 s) before the last expiry it heard, as nobody renews the lease while no sidecar runs; the restart must fit.
     sidecar = Sidecar(api, short_dir, grace=3.0, ttl=20)
     await sidecar.start()
     out = Path(short_dir) / "sandbox.out"
-    with out.open("wb") as stdout:
-        sandbox = await asyncio.create_subprocess_exec(
-            *command[:1], *command[1:2], f"unix://{sidecar.socket}", *command[2:],
-            stdout=stdout, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    sandbox = await _start_sandbox(language, request, sidecar, out, work_seconds=8)
     try:
         [queued] = await api.enqueue(1)
         await eventually(lambda: b"UpdateWorkMetadata" in out.read_bytes(), timeout=20, message="working")
@@ -77,18 +84,10 @@ async def test_the_example_sandbox_fences_its_item_when_the_sidecar_does_not_com
 ) -> None:
     """Guarantee: with the sidecar gone for good nobody renews the lease, so the sandbox gives the item up (`fenced`)
     before the lease expires in the Work API, and abandons it rather than stopping it (it may be someone else's)."""
-    if language == "node":
-        command = [*_node_command(), "--once", "--work-seconds", "30", "--ping-seconds", "0.3"]
-    else:
-        command = [str(request.getfixturevalue("go_sandbox")), "-once", "-work-seconds", "30", "-ping-seconds", "0.3"]
     sidecar = Sidecar(api, short_dir, ttl=5)  # fencing margin 1.5 s: fenced ~3.5 s after the last renewal
     await sidecar.start()
     out = Path(short_dir) / "sandbox.out"
-    with out.open("wb") as stdout:
-        sandbox = await asyncio.create_subprocess_exec(
-            *command[:1], *command[1:2], f"unix://{sidecar.socket}", *command[2:],
-            stdout=stdout, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    sandbox = await _start_sandbox(language, request, sidecar, out, work_seconds=30)
     try:
         [queued] = await api.enqueue(1)
         work_id = queued["id"]
