@@ -302,8 +302,10 @@ class WorkService(pb_grpc.WorkServiceServicer):
             return pb.StopWorkResponse(work=work_message(lease.work))
         confirming = lease.state == pb.LEASE_STATE_STOP_REQUESTED
         force = request.force or (confirming and self._client.provider.confirm_stop_with_force)
+        # What the stop asks for: `stopped`, or for a graceful stop the sandbox starts itself, `stopping` already.
+        done = ("stopped",) if force or confirming else ("stopped", "stopping")
         try:
-            work = await self._stop(lease, force)
+            work = await self._stop(lease, force, done)
         except NotFoundError as exc:
             self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
             raise
@@ -315,13 +317,12 @@ class WorkService(pb_grpc.WorkServiceServicer):
         log.info("stop", extra={"work_id": lease.work_id, "force": force, "state": work.state})
         return pb.StopWorkResponse(work=work_message(work))
 
-    async def _stop(self, lease: Lease, force: bool) -> Work:
+    async def _stop(self, lease: Lease, force: bool, done: tuple[str, ...]) -> Work:
         """Stop, and settle a refusal or an unreadable answer by reading the item. The sidecar builds every stop
         itself, so a 4xx for one (409 "already stopped" for an item that is not, 400, 412) may have been invented
         on the way, and an answer that does not parse leaves the outcome unknown; a sandbox that gave up on its
-        stop would leave the item held. Asked again (at most `confirm_refusals` more times) while the item has not
-        reached the state the stop asked for. 404 (the item is gone) and 429/5xx (the client's retries) are not
-        doubted."""
+        stop would leave the item held. Asked again (at most `confirm_refusals` more times) while the item is in
+        none of the `done` states. 404 (the item is gone) and 429/5xx (the client's retries) are not doubted."""
         doubts = 0
         while True:
             try:
@@ -330,10 +331,9 @@ class WorkService(pb_grpc.WorkServiceServicer):
             except (APIStatusError, ResponseError) as exc:
                 if not _doubtful_stop_answer(exc):
                     raise
-                reached = ("stopped",) if force or isinstance(exc, APIStatusError) else ("stopped", "stopping")
                 with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
                     work = await self._client.get(lease.work_id)
-                    if work.state in reached:
+                    if work.state in done:
                         return work
                 doubts += 1
                 if doubts > self._policy.confirm_refusals:

@@ -301,6 +301,24 @@ async def test_a_doubtful_stop_answer_is_settled_by_reading_the_item(
         assert (await emulator.item(ENV, item.work.id))["state"] == "stopped"
 
 
+async def test_a_graceful_stop_that_landed_is_not_sent_twice(emulator: Emulator, proxy: Proxy, sidecar: Any) -> None:
+    """guarantee: a graceful stop that landed but whose answer came back as a 409 (replaced on the way) is settled by
+    the read (the item is `stopping`): StopWork answers STOPPING and no second stop is sent (on Qoder a second stop
+    would confirm it, turning the sandbox's graceful stop into a finished item)."""
+    sc = await sidecar()
+    async with watcher(sc.target) as w:
+        item = await take_item(emulator, sc.target, w)
+        proxy.add(operation="stop", action="status", status=409, count=1, forward_first=True)
+        answer = await w.stub.StopWork(
+            pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=False), timeout=30
+        )
+        assert answer.work.state == pb.WORK_STATE_STOPPING
+        assert (await emulator.item(ENV, item.work.id))["state"] == "stopping"
+        assert proxy.count("stop", "status") == 1
+        stops = [e for e in await emulator.requests() if e["operation"] == "stop" and e["work_id"] == item.work.id]
+        assert len(stops) == 1, f"one stop reached the Work API, not two: {stops}"
+
+
 # -- 7. release races an in-flight renewal -------------------------------------------------------------------
 
 
