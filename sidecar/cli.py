@@ -95,7 +95,7 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          type=float, setting="LeasePolicy.reattach_grace"),
     Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int,
          setting="LeasePolicy.release_ttl_seconds"),
-    Flag("--confirm-refusals", "times a doubtful refusal (claim after ack, 409 on stop) is asked again",
+    Flag("--confirm-refusals", "times a doubtful refusal (claim after ack, 4xx on stop) is asked again",
          type=int, setting="LeasePolicy.confirm_refusals"),
     Flag("--max-pollers", "parallel long polls while items keep coming", type=int, setting="PollPolicy.max_pollers"),
     Flag("--poll-block-ms", f"long poll block_ms ({MIN_BLOCK_MS}..{MAX_BLOCK_MS})", type=int,

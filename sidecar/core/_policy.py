@@ -67,8 +67,9 @@ class LeasePolicy:
     confirm_refusals: int = 2
     """A refusal the sidecar has reason to doubt is asked again this many times (after `claim_backoff`) before it
     is believed: a claim answered 412/409/404 right after the ack (an acked item nobody claims stays `starting`),
-    and a stop answered 409 while the item is not stopped. One such answer may be invented on the way (a proxy, a
-    fault); a real refusal repeats. A claim that lands on the retry is ours: the compare-and-swap on NO_HEARTBEAT
+    and a stop answered with a 4xx (but 404 and 429) or a body that does not parse while a read shows the item has
+    not reached the state asked for. One such answer may be invented on the way (a proxy, a fault); a real refusal
+    repeats. A claim that lands on the retry is ours: the compare-and-swap on NO_HEARTBEAT
     lets only one claim win."""
     heartbeat_concurrency: int = 256
     """Heartbeats in flight at once at most (the rest wait their turn in O(1))."""

@@ -29,7 +29,8 @@ from ._supervisor import Supervisor
 log = logging.getLogger("sidecar.poller")
 
 ACK_FIRST_WAIT = 2.0
-"""Seconds a poll loop waits for the ack and the first claim of the item it just polled before it polls again."""
+"""Seconds a poll loop waits, before it polls again, for the item it just polled to be handed over (ack, claim,
+WorkAssigned queued) or for the ack or a claim attempt to fail."""
 
 
 class Poller:
@@ -114,9 +115,10 @@ class Poller:
                     extra={"work_id": work.id},
                 )
                 continue
-            # The ack and the claim first: no poll (this loop's next, or a new poller's) goes out before both are
-            # answered, so neither they nor the handling of their answers queue behind polls. (An ack or a claim
-            # that hangs holds intake for `ACK_FIRST_WAIT` at most.)
+            # The hand-over first: no poll (this loop's next, or a new poller's) goes out before the item's
+            # WorkAssigned is queued (or the ack or a claim attempt failed), so neither the ack, the claim, the
+            # handling of their answers nor the stream write queue behind polls. (A hang holds intake for
+            # `ACK_FIRST_WAIT` at most.)
             acked = self._handover.start(work, watcher, returned_at=returned_at)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(ACK_FIRST_WAIT):
