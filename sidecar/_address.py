@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 
-__all__ = ["ADDRESS_ALIASES", "ADDRESS_ENV", "sidecar_address"]
+__all__ = ["ADDRESS_ALIASES", "ADDRESS_ENV", "add_sidecar_argument", "sidecar_address"]
 
 ADDRESS_ENV = "WORK_SIDECAR_ADDR"
 ADDRESS_ALIASES = ("WORK_SIDECAR_ADDRESS",)
@@ -23,3 +24,13 @@ def sidecar_address(environ: Mapping[str, str] | None = None) -> str | None:
         if value:
             return value
     return None
+
+
+def add_sidecar_argument(parser: argparse.ArgumentParser) -> None:
+    """`--sidecar ADDR`, defaulting to the environment's address: the same flag in `exec` and `health`."""
+    parser.add_argument(
+        "--sidecar",
+        default=sidecar_address(),
+        metavar="ADDR",
+        help=f"the sidecar's address, unix:///path or host:port [env {ADDRESS_ENV}]",
+    )

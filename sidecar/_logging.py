@@ -81,6 +81,10 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+LOG_FORMATS = ("auto", "json", "text")
+"""What `--log-format` takes, in every command: `auto` is text on a TTY, else JSON lines."""
+
+
 def configure_logging(
     *, fmt: str = "auto", level: str = "INFO", secrets: Iterable[str | None] = (), stream: TextIO | None = None
 ) -> None:

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._address import ADDRESS_ENV, sidecar_address
+from ._address import ADDRESS_ENV, add_sidecar_argument
+from ._logging import LOG_FORMATS
 from .wire import MAX_BLOCK_MS, MIN_BLOCK_MS, PROVIDERS
 
 ENV_PREFIX = "WORK_SIDECAR_"
@@ -32,9 +33,6 @@ class UsageError(SystemExit):
     def __init__(self, message: str) -> None:
         print(f"work-sidecar: {message}", file=sys.stderr)
         super().__init__(USAGE_EXIT)
-
-
-LOG_FORMATS = ("auto", "json", "text")
 
 
 @dataclass(frozen=True)
@@ -190,12 +188,7 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
         epilog="example:\n  work-sidecar health --sidecar unix:///var/run/work-sidecar/sidecar.sock",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    health.add_argument(
-        "--sidecar",
-        default=sidecar_address(),
-        metavar="ADDR",
-        help=f"the sidecar's address, unix:///path or host:port [env {ADDRESS_ENV}]",
-    )
+    add_sidecar_argument(health)
     health.add_argument(
         "--service",
         default="",

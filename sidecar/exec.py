@@ -43,9 +43,9 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ._address import ADDRESS_ALIASES, ADDRESS_ENV, sidecar_address
+from ._address import ADDRESS_ALIASES, ADDRESS_ENV, add_sidecar_argument
 from ._fencing import fence_margin
-from ._logging import configure_logging
+from ._logging import LOG_FORMATS, configure_logging
 from .client import _Reconnect, sidecar_unreachable
 from .wire import WORK_TIMESTAMPS, work_object
 from .work.v1 import work_service_pb2 as pb
@@ -371,12 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--sidecar",
-        default=sidecar_address(),
-        metavar="ADDR",
-        help=f"the sidecar's address, unix:///path or host:port [env {ADDRESS_ENV}]",
-    )
+    add_sidecar_argument(parser)
     parser.add_argument(
         "--max-in-flight", type=int, default=1, metavar="N", help="children running at once (default 1)"
     )
@@ -411,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format",
         default="auto",
-        choices=("auto", "json", "text"),
+        choices=LOG_FORMATS,
         help="the adapter's own log lines: auto (text on a TTY, else JSON), json or text",
     )
     return parser

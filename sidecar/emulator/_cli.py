@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .._logging import configure_logging
+from .._logging import LOG_FORMATS, configure_logging
 from ._server import Emulator, loop_factory
 from ._settings import EmulatorSettings, parse_setting
 
@@ -51,7 +51,7 @@ def build_parser(prog: str = "work-sidecar emulator") -> argparse.ArgumentParser
     parser.add_argument(
         "--log-format",
         default="auto",
-        choices=("auto", "json", "text"),
+        choices=LOG_FORMATS,
         help="log lines: auto (text on a TTY, else JSON), json or text",
     )
     return parser
