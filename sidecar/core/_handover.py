@@ -90,28 +90,28 @@ class HandOver:
         """Hand `work` over to `watcher` (whose slot the caller reserved) in the background. The event is set once
         the item's WorkAssigned is queued for the sandbox, or the ack or the first claim failed: the poller polls
         again only then, so neither the ack, the claim nor the hand-over queue behind further polls."""
-        acked = asyncio.Event()
-        self._supervisor.spawn(self.take(work, watcher, returned_at=returned_at, acked=acked), name="hand-over")
-        return acked
+        handed = asyncio.Event()
+        self._supervisor.spawn(self.take(work, watcher, returned_at=returned_at, handed=handed), name="hand-over")
+        return handed
 
     def start_healthcheck(self, work: Work) -> None:
         self._supervisor.spawn(self._finish_healthcheck(work), name="healthcheck")
 
     async def take(
-        self, work: Work, watcher: Watcher, *, returned_at: float, acked: asyncio.Event | None = None
+        self, work: Work, watcher: Watcher, *, returned_at: float, handed: asyncio.Event | None = None
     ) -> None:
         """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it."""
-        acked = acked or asyncio.Event()
+        handed = handed or asyncio.Event()
         try:
-            await self._take(work, watcher, returned_at, acked)
+            await self._take(work, watcher, returned_at, handed)
         finally:
-            acked.set()
+            handed.set()
 
-    async def _take(self, work: Work, watcher: Watcher, returned_at: float, acked: asyncio.Event) -> None:
+    async def _take(self, work: Work, watcher: Watcher, returned_at: float, handed: asyncio.Event) -> None:
         span = telemetry.start_work_span(work, self._client.provider.name)
         self._intents.acking(work.id)
         try:
-            lease = await self._claim(work, span, acked)
+            lease = await self._claim(work, span, handed)
         except BaseException:
             self._dispatcher.unreserve(watcher)
             telemetry.end_unassigned_span(span, "not_acked", "error")
@@ -128,7 +128,7 @@ class HandOver:
                 "watcher left during hand-over", extra={"work_id": work.id, "handed_to_another": bool(replacement)}
             )
             if replacement is None:
-                acked.set()  # the poller need not wait for the release
+                handed.set()  # the poller need not wait for the release
                 await self._leaser.release(
                     lease, pb.LEASE_LOST_REASON_SANDBOX_GONE, "the sandbox left before the item was assigned"
                 )
@@ -156,8 +156,8 @@ class HandOver:
         log.info("reassigning an item its sandbox never received", extra={"work_id": lease.work_id})
         self._assign(watcher, lease)
 
-    async def _claim(self, work: Work, span: Span, answered: asyncio.Event) -> Lease | None:
-        """Ack, then the claiming heartbeat; `answered` is set when a claim attempt failed (the caller sets it in
+    async def _claim(self, work: Work, span: Span, handed: asyncio.Event) -> Lease | None:
+        """Ack, then the claiming heartbeat; `handed` is set when a claim attempt failed (the caller sets it in
         every other case). None when the item is not (or no longer) ours."""
         acked = work
         with telemetry.use(span):
@@ -190,7 +190,7 @@ class HandOver:
                 log.warning(
                     "ack failed or outcome unknown; claiming to find out", extra={"work_id": work.id, "error": str(exc)}
                 )
-            claimed = await self._claim_until_definitive(work, span, answered)
+            claimed = await self._claim_until_definitive(work, span, handed)
         if claimed is None:
             return None
         result, sent = claimed
@@ -216,7 +216,7 @@ class HandOver:
         )
 
     async def _claim_until_definitive(
-        self, work: Work, span: Span, answered: asyncio.Event
+        self, work: Work, span: Span, handed: asyncio.Event
     ) -> tuple[HeartbeatResult, float] | None:
         """The claiming heartbeat, again and again with backoff until an answer is definitive about the item: (answer,
         sent at), or None when the item is not ours: 412/409/404, repeated `confirm_refusals` more times (one
@@ -259,7 +259,7 @@ class HandOver:
                 )
             else:
                 return result, sent  # `take` lets the poller go on once WorkAssigned is queued
-            answered.set()  # this attempt failed: the poller may poll again while the claim goes on
+            handed.set()  # this attempt failed: the poller may poll again while the claim goes on
             await asyncio.sleep(delay)
 
     async def _finish_healthcheck(self, work: Work) -> None:

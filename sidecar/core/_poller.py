@@ -28,7 +28,7 @@ from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.poller")
 
-ACK_FIRST_WAIT = 2.0
+HAND_OVER_WAIT = 2.0
 """Seconds a poll loop waits, before it polls again, for the item it just polled to be handed over (ack, claim,
 WorkAssigned queued) or for the ack or a claim attempt to fail."""
 
@@ -118,11 +118,11 @@ class Poller:
             # The hand-over first: no poll (this loop's next, or a new poller's) goes out before the item's
             # WorkAssigned is queued (or the ack or a claim attempt failed), so neither the ack, the claim, the
             # handling of their answers nor the stream write queue behind polls. (A hang holds intake for
-            # `ACK_FIRST_WAIT` at most.)
-            acked = self._handover.start(work, watcher, returned_at=returned_at)
+            # `HAND_OVER_WAIT` at most.)
+            handed = self._handover.start(work, watcher, returned_at=returned_at)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(ACK_FIRST_WAIT):
-                    await acked.wait()
+                async with asyncio.timeout(HAND_OVER_WAIT):
+                    await handed.wait()
             if self._pollers < self._policy.max_pollers and (self._dispatcher.free_capacity() > self._polls_in_flight):
                 self._start_poller(primary=False)
 
