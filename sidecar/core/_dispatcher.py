@@ -61,6 +61,9 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self._assignments = itertools.count(1)
         self._capacity = asyncio.Event()
+        self._free = 0
+        """The sum of every open watcher's `free`, kept up to date by each change below (read once per poll, per
+        reservation and per stats call: no walk over all watchers)."""
         self.draining = False
 
     # -- watchers -----------------------------------------------------------------------------------
@@ -70,13 +73,15 @@ class Dispatcher:
             id=next(self._ids), sandbox_id=sandbox_id, max_in_flight=max(1, max_in_flight), max_items=max_items
         )
         self._watchers[watcher.id] = watcher
+        self._free += watcher.free
         self._update()
         return watcher
 
     def close_watcher(self, watcher: Watcher) -> list[pb.WorkAssigned]:
         """Mark the watcher gone; return the assignments that were queued but never written."""
+        if self._watchers.pop(watcher.id, None) is not None:
+            self._free -= watcher.free
         watcher.closed = True
-        self._watchers.pop(watcher.id, None)
         unsent: list[pb.WorkAssigned] = []
         while not watcher.queue.empty():
             message = watcher.queue.get_nowait()
@@ -90,9 +95,7 @@ class Dispatcher:
         return list(self._watchers.values())
 
     def free_capacity(self) -> int:
-        if self.draining:
-            return 0
-        return sum(w.free for w in self._watchers.values())
+        return 0 if self.draining else self._free
 
     async def wait_for_capacity(self) -> None:
         """Return once some watcher has a free slot, or the sidecar drains."""
@@ -104,7 +107,7 @@ class Dispatcher:
 
     def reserve(self) -> Watcher | None:
         """Pick the fairest watcher with a free slot and hold that slot; None when there is none."""
-        if self.draining:
+        if self.draining or not self._free:
             return None
         best: Watcher | None = None
         for watcher in self._watchers.values():
@@ -113,34 +116,39 @@ class Dispatcher:
             if best is None or (watcher.load, watcher.last_assigned) < (best.load, best.last_assigned):
                 best = watcher
         if best is not None:
+            before = best.free
             best.reserved += 1
             best.last_assigned = next(self._assignments)
-            self._update()
+            self._changed(best, before)
         return best
 
     def unreserve(self, watcher: Watcher) -> None:
+        before = watcher.free
         watcher.reserved = max(0, watcher.reserved - 1)
-        self._update()
+        self._changed(watcher, before)
 
-    def assign(self, watcher: Watcher, work_id: str, message: pb.WorkAssigned) -> None:
-        """Turn the watcher's reservation into a held lease and queue the assignment."""
+    def assign(self, watcher: Watcher, work_id: str, event: pb.WatchWorkResponse) -> None:
+        """Turn the watcher's reservation into a held lease and queue the assignment (a `work_assigned` event)."""
+        before = watcher.free
         watcher.reserved = max(0, watcher.reserved - 1)
         watcher.held.add(work_id)
         watcher.given += 1
-        watcher.queue.put_nowait(pb.WatchWorkResponse(work_assigned=message))
-        self._update()
+        watcher.queue.put_nowait(event)
+        self._changed(watcher, before)
 
     def attach(self, watcher: Watcher, work_id: str) -> None:
         """A lease the sandbox already holds is held by this watcher again (WatchWork resume): it takes a slot
         and counts as given (towards `max_items`)."""
+        before = watcher.free
         if work_id not in watcher.held:
             watcher.held.add(work_id)
             watcher.given += 1
-        self._update()
+        self._changed(watcher, before)
 
     def release(self, watcher: Watcher, work_id: str) -> None:
+        before = watcher.free
         watcher.held.discard(work_id)
-        self._update()
+        self._changed(watcher, before)
 
     def send(self, watcher: Watcher, event: pb.WatchWorkResponse) -> None:
         if not watcher.closed:
@@ -191,6 +199,11 @@ class Dispatcher:
     def end_all(self) -> None:
         for watcher in self._watchers.values():
             watcher.queue.put_nowait(None)
+
+    def _changed(self, watcher: Watcher, before: int) -> None:
+        """`watcher`'s slots changed (it had `before` free): keep the total, wake those waiting for capacity."""
+        self._free += watcher.free - before  # a closed watcher's `free` is 0 before and after: no change
+        self._update()
 
     def _update(self) -> None:
         if self.draining or self.free_capacity() > 0:
