@@ -1,4 +1,10 @@
-"""Conversions between the Work API client's models and the sidecar.work.v1 messages."""
+"""Conversions between the Work API client's models and the sidecar.work.v1 messages.
+
+Messages are filled in place (`fill_work`, `fill_timestamp`): with upb, a message passed to a constructor as a
+keyword is copied, so `WatchWorkResponse(work_assigned=WorkAssigned(work=Work(created_at=Timestamp(…))))` copies
+each level again. Filling the fields of the outermost message costs less than half as much, on the path of every
+assignment and every stop (`python -m bench.convert_cost`: 4.0 vs 9.7 µs per WorkAssigned event, hot).
+"""
 
 from __future__ import annotations
 
@@ -22,34 +28,45 @@ WORK_STATES = {
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def timestamp(value: datetime | str | None) -> Timestamp | None:
-    """A protobuf Timestamp (whole microseconds) of an aware datetime or an RFC 3339 string; naive means UTC.
-    Integer arithmetic on the timedelta: `Timestamp.FromDatetime` goes through a time tuple, several times slower
-    on the path of every assignment."""
+def fill_timestamp(target: Timestamp, value: datetime | str | None) -> bool:
+    """Set `target` to an aware datetime or an RFC 3339 string (whole microseconds; naive means UTC). False, and
+    `target` untouched, when there is no time. Integer arithmetic on the timedelta: `Timestamp.FromDatetime` goes
+    through a time tuple, several times slower on the path of every assignment."""
     when = parse_time(value) if isinstance(value, str) or value is None else value
     if when is None:
-        return None
+        return False
     delta = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)) - _EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
+    target.seconds = delta.days * 86_400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
+    return True
 
 
-def work_message(work: Work) -> pb.Work:
-    times = {}
+def timestamp(value: datetime | str | None) -> Timestamp | None:
+    """A new protobuf Timestamp of `value` (see `fill_timestamp`), or None."""
+    ts = Timestamp()
+    return ts if fill_timestamp(ts, value) else None
+
+
+def fill_work(target: pb.Work, work: Work) -> pb.Work:
+    """Fill an empty `pb.Work` (a field of the message being built) from `work`."""
+    target.id = work.id
+    target.environment_id = work.environment_id
+    data = target.data
+    data.type = work.data.type
+    data.id = work.data.id
+    target.state = WORK_STATES.get(work.state, pb.WORK_STATE_UNSPECIFIED)
+    target.raw_state = work.state
+    if work.metadata:
+        target.metadata.update(work.metadata)
     for name in WORK_TIMESTAMPS:
         value = getattr(work, name)
         if value is not None:
-            ts = timestamp(value)
-            if ts is not None:
-                times[name] = ts
-    return pb.Work(
-        id=work.id,
-        environment_id=work.environment_id,
-        data=pb.WorkData(type=work.data.type, id=work.data.id),
-        state=WORK_STATES.get(work.state, pb.WORK_STATE_UNSPECIFIED),
-        metadata=work.metadata,
-        raw_state=work.state,
-        **times,
-    )
+            fill_timestamp(getattr(target, name), value)  # reading a field does not make it present; setting does
+    return target
+
+
+def work_message(work: Work) -> pb.Work:
+    return fill_work(pb.Work(), work)
 
 
 def queue_stats_message(stats: QueueStats, sidecar: pb.SidecarStats) -> pb.GetQueueStatsResponse:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import HeartbeatResult, Work, WorkSecret
-from ._convert import timestamp
+from ._convert import fill_timestamp
 from ._tokens import TokenIssuer
 
 if TYPE_CHECKING:
@@ -89,18 +89,18 @@ class Lease:
         return self.last_success + self.ttl_seconds
 
     def status(self) -> pb.Lease:
-        message = pb.Lease(
-            work_id=self.work.id,
-            state=self.state,  # type: ignore[arg-type]
-            last_heartbeat=self.last_heartbeat,
-            ttl_seconds=min(max(self.ttl_seconds, 0), 2**31 - 1),
-            lost_reason=self.lost_reason,  # type: ignore[arg-type]
-        )
+        return self.fill_status(pb.Lease())
+
+    def fill_status(self, target: pb.Lease) -> pb.Lease:
+        """Fill an empty `pb.Lease` (a field of the message being built) with this lease's status."""
+        target.work_id = self.work.id
+        target.state = self.state  # type: ignore[assignment]
+        target.last_heartbeat = self.last_heartbeat
+        target.ttl_seconds = min(max(self.ttl_seconds, 0), 2**31 - 1)
+        target.lost_reason = self.lost_reason  # type: ignore[assignment]
         if not self.ended:
-            ts = timestamp(self.expires_at)
-            if ts is not None:
-                message.expires_at.CopyFrom(ts)
-        return message
+            fill_timestamp(target.expires_at, self.expires_at)
+        return target
 
 
 class Follower(Protocol):
