@@ -41,7 +41,7 @@ from ..workapi import (
     parse_time,
 )
 from . import _telemetry as telemetry
-from ._convert import work_message
+from ._convert import fill_work
 from ._dispatcher import Dispatcher, Watcher
 from ._lease import Lease, Leases
 from ._leaser import Leaser
@@ -138,9 +138,11 @@ class HandOver:
         telemetry.dispatch_latency.record(time.monotonic() - returned_at)
 
     def _assign(self, watcher: Watcher, lease: Lease) -> None:
-        """Queue WorkAssigned on a watcher that holds a reservation for it."""
-        self._leases.assign(lease, watcher)
+        """Queue WorkAssigned on a watcher that holds a reservation for it, then record the assignment. Both in
+        one step (nothing can see one without the other), in this order so that the stream's write is the first
+        thing the loop runs next: what observers defer (log lines) comes after it."""
         self._dispatcher.assign(watcher, lease.work_id, assignment(lease))
+        self._leases.assign(lease, watcher)
 
     def reassign(self, message: pb.WorkAssigned) -> None:
         """An assignment that was never written (its watcher left): give it to another watcher or release it."""
@@ -280,15 +282,14 @@ def _not_ours(work: Work, span: Span, reason: str, exc: BaseException | None) ->
     telemetry.end_unassigned_span(span, "not_taken", reason)
 
 
-def assignment(lease: Lease) -> pb.WorkAssigned:
-    traceparent, tracestate = telemetry.trace_headers(lease.span)
-    message = pb.WorkAssigned(
-        work=work_message(lease.work),
-        lease_token=lease.token,
-        traceparent=traceparent,
-        tracestate=tracestate,
-        lease=lease.status(),
-    )
+def assignment(lease: Lease) -> pb.WatchWorkResponse:
+    """The WatchWork event that hands `lease` to its sandbox, built in place (see `_convert`)."""
+    response = pb.WatchWorkResponse()
+    message = response.work_assigned
+    fill_work(message.work, lease.work)
+    message.lease_token = lease.token
+    message.traceparent, message.tracestate = telemetry.trace_headers(lease.span)
+    lease.fill_status(message.lease)
     if lease.secret is not None:
         message.secret = lease.secret.reveal()
         try:
@@ -296,6 +297,7 @@ def assignment(lease: Lease) -> pb.WorkAssigned:
         except SecretDecodeError:
             log.warning("the item's secret does not decode; passing it on raw", extra={"work_id": lease.work_id})
         else:
-            message.session_credentials.sessions_token = credentials.sessions_token
-            message.session_credentials.api_base_url = credentials.api_base_url or ""
-    return message
+            sessions = message.session_credentials
+            sessions.sessions_token = credentials.sessions_token
+            sessions.api_base_url = credentials.api_base_url or ""
+    return response

@@ -15,7 +15,7 @@ from ..work.v1 import work_service_pb2 as pb
 from ..work.v1 import work_service_pb2_grpc as pb_grpc
 from ..workapi import APIStatusError, NotFoundError, ResponseError, Work, WorkApiClient, WorkApiError
 from . import _telemetry as telemetry
-from ._convert import queue_stats_message, work_message
+from ._convert import fill_work, queue_stats_message
 from ._dispatcher import Dispatcher, Watcher
 from ._handover import HandOver
 from ._lease import Lease, Leases
@@ -299,7 +299,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
         if lease.state == pb.LEASE_STATE_LOST:
             raise self._lost(lease)
         if lease.state == pb.LEASE_STATE_STOPPED:
-            return pb.StopWorkResponse(work=work_message(lease.work))
+            return _stop_response(lease.work)
         confirming = lease.state == pb.LEASE_STATE_STOP_REQUESTED
         force = request.force or (confirming and self._client.provider.confirm_stop_with_force)
         # What the stop asks for: `stopped`, or for a graceful stop the sandbox starts itself, `stopping` already.
@@ -314,8 +314,13 @@ class WorkService(pb_grpc.WorkServiceServicer):
             self._leases.end(lease, pb.LEASE_STATE_STOPPED)
         elif work.state == "stopping":
             self._leases.request_stop(lease, by_sandbox=True)  # the sandbox asked for it: no StopRequested back
-        log.info("stop", extra={"work_id": lease.work_id, "force": force, "state": work.state})
-        return pb.StopWorkResponse(work=work_message(work))
+        # A stop that ended the lease is logged once, by the lease's end ("lease ended", state stopped).
+        log.log(
+            logging.DEBUG if lease.ended else logging.INFO,
+            "stop",
+            extra={"work_id": lease.work_id, "force": force, "state": work.state},
+        )
+        return _stop_response(work)
 
     async def _stop(self, lease: Lease, force: bool, done: tuple[str, ...]) -> Work:
         """Stop, and settle a refusal or an unreadable answer by reading the item. The sidecar builds every stop
@@ -350,7 +355,10 @@ class WorkService(pb_grpc.WorkServiceServicer):
         lease = self._authorize(request.work_id, request.lease_token)
         with telemetry.use(lease.span):
             work = await self._client.get(lease.work_id)
-        return pb.GetWorkResponse(work=work_message(work), lease=lease.status())
+        response = pb.GetWorkResponse()
+        fill_work(response.work, work)
+        lease.fill_status(response.lease)
+        return response
 
     @_unary
     async def ListWork(self, request: pb.ListWorkRequest, context: Context) -> pb.ListWorkResponse:
@@ -363,7 +371,10 @@ class WorkService(pb_grpc.WorkServiceServicer):
             )
         check_page_token(request.page_token)
         page = await self._client.list_page(limit=limit, cursor=request.page_token or None)
-        return pb.ListWorkResponse(work=[work_message(w) for w in page.data], next_page_token=page.next_cursor or "")
+        response = pb.ListWorkResponse(next_page_token=page.next_cursor or "")
+        for work in page.data:
+            fill_work(response.work.add(), work)
+        return response
 
     @_unary
     async def UpdateWorkMetadata(
@@ -385,7 +396,9 @@ class WorkService(pb_grpc.WorkServiceServicer):
         patch: dict[str, str | None] = {**dict(request.set), **{key: None for key in request.remove}}
         with telemetry.use(lease.span):
             work = await self._client.update_metadata(lease.work_id, patch)
-        return pb.UpdateWorkMetadataResponse(work=work_message(work))
+        response = pb.UpdateWorkMetadataResponse()
+        fill_work(response.work, work)
+        return response
 
     @_unary
     async def GetQueueStats(self, request: pb.GetQueueStatsRequest, context: Context) -> pb.GetQueueStatsResponse:
@@ -408,3 +421,9 @@ def _doubtful_stop_answer(exc: APIStatusError | ResponseError) -> bool:
     if isinstance(exc, ResponseError):
         return True
     return 400 <= exc.status_code < 500 and exc.status_code not in (404, 429)
+
+
+def _stop_response(work: Work) -> pb.StopWorkResponse:
+    response = pb.StopWorkResponse()
+    fill_work(response.work, work)
+    return response

@@ -8,6 +8,7 @@ API is a no-op. Never recorded: secrets, keys, lease tokens.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -97,7 +98,7 @@ def use(span: Span | None) -> AbstractContextManager[Any]:
 
 def trace_headers(span: Span | None) -> tuple[str, str]:
     """(traceparent, tracestate) for the item's span; empty strings when tracing is off."""
-    if span is None:
+    if span is None or not span.get_span_context().is_valid:  # tracing off: nothing to propagate
         return "", ""
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
@@ -122,8 +123,27 @@ def reason_name(reason: int) -> str:
     return REASON_NAMES.get(reason, "unspecified")
 
 
+def _log_soon(level: int, message: str, fields: dict[str, object]) -> None:
+    """Log after the current step of the event loop (with the current trace context): a transition's caller
+    finishes first, so the hand-over has queued WorkAssigned before the line is formatted and written (issue #13:
+    a log write on the way to the sandbox costs ~0.1 ms). Without a running loop (a test), at once."""
+    if not log.isEnabledFor(level):
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        log.log(level, message, extra=fields)
+        return
+    loop.call_soon(_write_log, level, message, fields)
+
+
+def _write_log(level: int, message: str, fields: dict[str, object]) -> None:
+    log.log(level, message, extra=fields)
+
+
 class TelemetryObserver:
-    """Turns lease transitions into metrics, span events and log lines (the only place that does)."""
+    """Turns lease transitions into metrics, span events and log lines (the only place that does). Log lines are
+    written after the transition's step (`_log_soon`)."""
 
     def claimed(self, lease: Lease) -> None:
         if lease.adopted:  # after a restart: the adoption logs one line for all of them
@@ -135,14 +155,14 @@ class TelemetryObserver:
     def assigned(self, lease: Lease) -> None:
         if lease.span is not None and lease.sandbox_id:
             lease.span.set_attribute("sandbox.id", lease.sandbox_id)
-        log.info("work assigned", extra={"work_id": lease.work_id, "sandbox_id": lease.sandbox_id})
+        _log_soon(logging.INFO, "work assigned", {"work_id": lease.work_id, "sandbox_id": lease.sandbox_id})
 
     def renewed(self, lease: Lease, result: HeartbeatResult) -> None:
         if lease.span is not None:
             lease.span.add_event("heartbeat", {"work.state": result.state, "lease.ttl_seconds": result.ttl_seconds})
 
     def stop_requested(self, lease: Lease) -> None:
-        log.info("stop requested", extra={"work_id": lease.work_id, "by_sandbox": lease.stop_notified})
+        _log_soon(logging.INFO, "stop requested", {"work_id": lease.work_id, "by_sandbox": lease.stop_notified})
 
     def ended(self, lease: Lease) -> None:
         final = outcome(lease)
@@ -164,4 +184,4 @@ class TelemetryObserver:
         fields: dict[str, object] = {"work_id": lease.work_id, "state": final}
         if lease.lost_reason != pb.LEASE_LOST_REASON_UNSPECIFIED:
             fields.update(reason=reason, detail=lease.lost_message)
-        log.log(logging.INFO if final == "stopped" else logging.WARNING, "lease ended", extra=fields)
+        _log_soon(logging.INFO if final == "stopped" else logging.WARNING, "lease ended", fields)
