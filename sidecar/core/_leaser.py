@@ -51,6 +51,7 @@ class Leaser:
         self._leases = leases
         self._supervisor = supervisor
         self._renewing: dict[Lease, asyncio.Task[None]] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
         self._heap: list[tuple[float, int, Lease]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -95,7 +96,15 @@ class Leaser:
             )
 
     def spawn_release(self, lease: Lease, reason: int, message: str) -> None:
-        self._supervisor.spawn(self.release(lease, reason, message), name="release")
+        task = self._supervisor.spawn(self.release(lease, reason, message), name="release")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def releases_sent(self) -> None:
+        """Wait for the release heartbeats in flight (each bounded by `release_timeout`): a drain that ended
+        every lease waits for them before the process exits, or the items would return only at their TTL."""
+        if self._releasing:
+            await asyncio.wait(list(self._releasing))
 
     def _crashed(self, lease: Lease, exc: BaseException) -> None:
         """A renewal failed unexpectedly: fence the lease (the sandbox hears LeaseLost), then release it."""

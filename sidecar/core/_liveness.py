@@ -2,8 +2,10 @@
 
 A sandbox is present for a lease while its WatchWork stream is open, or while KeepAlive pinged the lease
 within `liveness_window`. Once absent, the lease waits `reattach_grace` for a KeepAlive with its token (the
-sandbox re-attaching), then it is released. The state kept per lease (last ping, absent since, one timer)
-is this module's own: it never writes a lease's fields.
+sandbox re-attaching), then it is released. While the sidecar drains there is no grace: the pod is going
+away, nothing is assigned again, and a lease nobody holds would only keep the drain (and the exit) waiting.
+The state kept per lease (last ping, absent since, one timer) is this module's own: it never writes a lease's
+fields.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Liveness:
         self._leases = leases
         self._leaser = leaser
         self._presence: dict[Lease, _Presence] = {}
+        self._draining = False
 
     def ping(self, lease: Lease) -> None:
         """A KeepAlive ping for a live lease."""
@@ -48,6 +51,15 @@ class Liveness:
         presence = self._of(lease)
         presence.absent_since = time.monotonic()
         presence.timer = asyncio.get_running_loop().call_later(self._policy.reattach_grace + 0.01, self.check, lease)
+
+    def start_drain(self) -> None:
+        """The sidecar drains: a lease whose sandbox is gone (now or later) is released at once. A sandbox that
+        is still there (its stream open, or KeepAlive pinging) keeps its lease until it stops the item or the
+        drain timeout passes, as before."""
+        self._draining = True
+        for lease, presence in list(self._presence.items()):
+            if presence.absent_since is not None:
+                self.check(lease)
 
     def watcher_closed(self, work_ids: set[str]) -> None:
         for work_id in list(work_ids):
@@ -92,17 +104,26 @@ class Liveness:
             return
         if presence.absent_since is None:
             presence.absent_since = now
-            log.info(  # routine (a sandbox that closes its watch and keeps the lease with KeepAlive); a release warns
-                "sandbox gone; waiting for it to re-attach",
-                extra={"work_id": lease.work_id, "grace_seconds": self._policy.reattach_grace},
-            )
-        remaining = presence.absent_since + self._policy.reattach_grace - now
+            if self._draining:
+                log.info("sandbox gone while draining; releasing its lease", extra={"work_id": lease.work_id})
+            else:
+                # routine (a sandbox that closes its watch and keeps the lease with KeepAlive); a release warns
+                log.info(
+                    "sandbox gone; waiting for it to re-attach",
+                    extra={"work_id": lease.work_id, "grace_seconds": self._policy.reattach_grace},
+                )
+        grace = 0.0 if self._draining else self._policy.reattach_grace
+        remaining = presence.absent_since + grace - now
         if remaining > 0:
             presence.timer = loop.call_later(remaining + 0.01, self.check, lease)
             return
         self.ended(lease)
         self._leaser.spawn_release(
-            lease, pb.LEASE_LOST_REASON_SANDBOX_GONE, "the sandbox did not re-attach within the grace period"
+            lease,
+            pb.LEASE_LOST_REASON_SANDBOX_GONE,
+            "the sandbox left while the sidecar drained"
+            if self._draining
+            else "the sandbox did not re-attach within the grace period",
         )
 
     def close(self) -> None:

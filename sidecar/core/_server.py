@@ -281,6 +281,7 @@ class Sidecar:
         await self.health_reporter.update()  # readiness NOT_SERVING at once; liveness stays SERVING while draining
         notice = pb.Draining(deadline=Timestamp(seconds=int(deadline), nanos=int((deadline % 1) * 1e9)))
         self.dispatcher.start_drain(notice)
+        self.liveness.start_drain()
         await self.poller.stop()
         remaining = drain_timeout - (time.monotonic() - started)
         try:
@@ -292,6 +293,7 @@ class Sidecar:
             await asyncio.gather(
                 *(self.leaser.release(lease, pb.LEASE_LOST_REASON_DRAINED, "the sidecar drained") for lease in leases)
             )
+        await self.leaser.releases_sent()  # of leases whose sandbox left (liveness): their items requeue at once
         self.dispatcher.end_all()
         log.info("drained", extra={"seconds": round(time.monotonic() - started, 3)})
         self.state = Lifecycle.DRAINED

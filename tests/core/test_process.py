@@ -95,6 +95,25 @@ async def test_drain_timeout_releases_unfinished_work(api: Api, short_dir: str) 
     await eventually(lambda: _state_is(api, item.work.id, "queued"), timeout=10, message="released item requeued")
 
 
+async def test_a_drain_does_not_wait_for_a_sandbox_that_left(api: Api, short_dir: str) -> None:
+    """Guarantee: a drain is not held up by a lease whose sandbox has gone (it would have waited out the
+    re-attach grace, here as long as the drain timeout), and that item returns to the queue at once, released
+    with a short TTL before the process exits, not at its lease's TTL."""
+    flags = ("--drain-timeout", "30", "--reattach-grace", "30", "--ttl", "60")
+    async with _holding_one_item(api, f"{short_dir}/g.sock", *flags) as (proc, watch, item):
+        proc.send_signal(signal.SIGTERM)
+        await watch.next("draining", timeout=5)
+        watch.cancel()  # the sandbox leaves with the item in hand (its pod is going away too)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert asyncio.get_running_loop().time() - started < 10, "not the 30 s grace or drain timeout"
+    releases = [
+        r for r in await api.requests("heartbeat", item.work.id) if r["query"].get("desired_ttl_seconds") == "1"
+    ]
+    assert len(releases) == 1, "released with the short TTL before the exit"
+    await eventually(lambda: _state_is(api, item.work.id, "queued"), timeout=10, message="released item requeued")
+
+
 async def test_second_sigterm_exits_at_once(api: Api, short_dir: str) -> None:
     async with _holding_one_item(api, f"{short_dir}/s.sock", "--drain-timeout", "60") as (proc, watch, _):
         proc.send_signal(signal.SIGTERM)
