@@ -51,7 +51,7 @@ def _step(dispatcher: Dispatcher, reserved: list[Watcher], action: str, pick: in
     elif action == "close" and watchers:
         dispatcher.close_watcher(watchers[pick % len(watchers)])
     elif action == "drain" and pick == 7:  # rare: nothing is free once draining
-        dispatcher.draining = True
+        dispatcher.start_drain(pb.Draining())
 
 
 @settings(max_examples=300, deadline=None)
