@@ -89,7 +89,7 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--ttl", "lease TTL in seconds asked for with every heartbeat", type=int, setting="LeasePolicy.ttl_seconds"),
     Flag("--liveness-window", "a lease without a WatchWork stream needs a KeepAlive ping this often (s)",
          type=float, setting="LeasePolicy.liveness_window"),
-    Flag("--reattach-grace", "seconds a gone sandbox has to re-attach before its leases are released",
+    Flag("--reattach-grace", "seconds a gone sandbox has to re-attach before its leases are released (0 when draining)",
          type=float, setting="LeasePolicy.reattach_grace"),
     Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int,
          setting="LeasePolicy.release_ttl_seconds"),

@@ -54,7 +54,8 @@ class LeasePolicy:
     liveness_window: float = 30.0
     """A lease whose WatchWork stream is gone stays alive while KeepAlive pings it at least this often (s)."""
     reattach_grace: float = 30.0
-    """After a sandbox disappears, how long its leases wait for it to re-attach before they are released (s)."""
+    """After a sandbox disappears, how long its leases wait for it to re-attach before they are released (s); while
+    the sidecar drains they are released at once."""
     release_ttl_seconds: int | None = 10
     """On release, one last heartbeat asks for this TTL so the item returns to the queue sooner (None: skip)."""
     release_timeout: float = 5.0
