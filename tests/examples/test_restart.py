@@ -8,8 +8,10 @@ a margin before its lease's last known expiry, and abandoned (no StopWork) befor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
@@ -46,6 +48,25 @@ async def _start_sandbox(
         return await asyncio.create_subprocess_exec(*argv, stdout=stdout, stderr=subprocess.STDOUT)
 
 
+@contextlib.asynccontextmanager
+async def _working(
+    language: str, request: pytest.FixtureRequest, api: Api, sidecar: Sidecar, out: Path, work_seconds: int
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """The sidecar started, the example sandbox on it, one item queued and being worked on: (sandbox, work id).
+    On exit a sandbox still running is killed and the sidecar closed."""
+    await sidecar.start()
+    sandbox = await _start_sandbox(language, request, sidecar, out, work_seconds)
+    try:
+        [queued] = await api.enqueue(1)
+        await eventually(lambda: b"UpdateWorkMetadata" in out.read_bytes(), timeout=20, message="working")
+        yield sandbox, queued["id"]
+    finally:
+        if sandbox.returncode is None:
+            sandbox.kill()
+            await sandbox.wait()
+        await sidecar.close()
+
+
 @pytest.mark.parametrize("language", ["node", "go"])
 async def test_the_example_sandbox_carries_on_across_a_sidecar_restart(
     language: str, api: Api, short_dir: str, request: pytest.FixtureRequest
@@ -53,24 +74,15 @@ async def test_the_example_sandbox_carries_on_across_a_sidecar_restart(
     # Grace 3 s, shorter than the work: only a re-attach keeps the lease. TTL 20: the sandbox fences its item a margin
     # (2 s) before the last expiry it heard, as nobody renews the lease while no sidecar runs; the restart must fit.
     sidecar = Sidecar(api, short_dir, grace=3.0, ttl=20)
-    await sidecar.start()
     out = Path(short_dir) / "sandbox.out"
-    sandbox = await _start_sandbox(language, request, sidecar, out, work_seconds=8)
-    try:
-        [queued] = await api.enqueue(1)
-        await eventually(lambda: b"UpdateWorkMetadata" in out.read_bytes(), timeout=20, message="working")
+    async with _working(language, request, api, sidecar, out, work_seconds=8) as (sandbox, work_id):
         await sidecar.kill9()
         await sidecar.start()
         assert await asyncio.wait_for(sandbox.wait(), 40) == 0, out.read_text()
-    finally:
-        if sandbox.returncode is None:
-            sandbox.kill()
-            await sandbox.wait()
-        await sidecar.close()
     text = out.read_text()
-    assert f"stopped {queued['id']}: state WORK_STATE_STOPPED" in text, text
+    assert f"stopped {work_id}: state WORK_STATE_STOPPED" in text, text
     assert "abandoned" not in text, text
-    view = await api.item(queued["id"])
+    view = await api.item(work_id)
     assert (view["state"], view["deliveries"]) == ("stopped", 1)
 
 
@@ -85,24 +97,14 @@ async def test_the_example_sandbox_fences_its_item_when_the_sidecar_does_not_com
     """Guarantee: with the sidecar gone for good nobody renews the lease, so the sandbox gives the item up (`fenced`)
     before the lease expires in the Work API, and abandons it rather than stopping it (it may be someone else's)."""
     sidecar = Sidecar(api, short_dir, ttl=5)  # fencing margin 1.5 s: fenced ~3.5 s after the last renewal
-    await sidecar.start()
     out = Path(short_dir) / "sandbox.out"
-    sandbox = await _start_sandbox(language, request, sidecar, out, work_seconds=30)
-    try:
-        [queued] = await api.enqueue(1)
-        work_id = queued["id"]
-        await eventually(lambda: b"UpdateWorkMetadata" in out.read_bytes(), timeout=20, message="working")
+    async with _working(language, request, api, sidecar, out, work_seconds=30) as (sandbox, work_id):
         await sidecar.kill9()  # and it does not come back
         await eventually(lambda: f"fenced {work_id}".encode() in out.read_bytes(), timeout=15, message="fenced")
         fenced_at = time.time()  # within one poll (50 ms) of the line
         # With --once the watch was closed when the item came, so the abandoned item is the sandbox's last: it
         # leaves cleanly ("done: 1 item(s)", exit 0) without calling the unreachable sidecar again.
         assert await asyncio.wait_for(sandbox.wait(), 20) == 0, out.read_text()
-    finally:
-        if sandbox.returncode is None:
-            sandbox.kill()
-            await sandbox.wait()
-        await sidecar.close()
     text = out.read_text()
     assert f"fenced {work_id}: the sidecar could not be reached before the lease would expire" in text, text
     assert f"abandoned {work_id}: the lease is lost" in text, text
