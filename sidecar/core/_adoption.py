@@ -74,8 +74,6 @@ class Adoption:
         self._journal = journal
         self._limit = asyncio.Semaphore(SIDE_CONCURRENCY)
         self._supervisor = supervisor
-        self._pending: set[asyncio.Task[None]] = set()
-        """The release heartbeats still running (the supervisor owns them; `wait` waits for them)."""
 
     async def adopt(self, recovered: Recovered) -> AdoptionReport:
         """Adopt everything, yielding to the event loop every `CHUNK` leases so that the renewals of the first
@@ -178,14 +176,7 @@ class Adoption:
         log.info("finished a release interrupted by the restart", extra={"work_id": end.work_id})
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._supervisor.spawn(coro, name="adoption release")  # the supervisor's close cancels it
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def wait(self) -> None:
-        """Until the background release heartbeats are done (tests)."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        self._supervisor.spawn(coro, name="adoption release")  # the supervisor's close cancels it
 
 
 def _work(work_id: str, data_type: str, data_id: str, environment_id: str, state: str) -> Work:
