@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 
-from sidecar.core._convert import WORK_STATES, fill_work, timestamp
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sidecar.core._convert import WORK_STATES, fill_timestamp, fill_work
 from sidecar.wire import WORK_TIMESTAMPS
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import Work
@@ -34,8 +36,8 @@ def _nested() -> pb.WatchWorkResponse:
     for name in WORK_TIMESTAMPS:
         value = getattr(WORK, name)
         if value is not None:
-            ts = timestamp(value)  # the same arithmetic as in place: only the construction differs
-            if ts is not None:
+            ts = Timestamp()
+            if fill_timestamp(ts, value):  # the same arithmetic as in place: only the construction differs
                 times[name] = ts
     work = pb.Work(
         id=WORK.id,

@@ -41,12 +41,6 @@ def fill_timestamp(target: Timestamp, value: datetime | str | None) -> bool:
     return True
 
 
-def timestamp(value: datetime | str | None) -> Timestamp | None:
-    """A new protobuf Timestamp of `value` (see `fill_timestamp`), or None."""
-    ts = Timestamp()
-    return ts if fill_timestamp(ts, value) else None
-
-
 def fill_work(target: pb.Work, work: Work) -> pb.Work:
     """Fill an empty `pb.Work` (a field of the message being built) from `work`."""
     target.id = work.id
@@ -65,15 +59,9 @@ def fill_work(target: pb.Work, work: Work) -> pb.Work:
     return target
 
 
-def work_message(work: Work) -> pb.Work:
-    return fill_work(pb.Work(), work)
-
-
 def queue_stats_message(stats: QueueStats, sidecar: pb.SidecarStats) -> pb.GetQueueStatsResponse:
     message = pb.GetQueueStatsResponse(
         depth=stats.depth, pending=stats.pending, workers_polling=stats.workers_polling, sidecar=sidecar
     )
-    ts = timestamp(stats.oldest_queued_at)
-    if ts is not None:
-        message.oldest_queued_at.CopyFrom(ts)
+    fill_timestamp(message.oldest_queued_at, stats.oldest_queued_at)
     return message

@@ -8,9 +8,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core._convert import timestamp, work_message
+from sidecar.core._convert import fill_timestamp, fill_work
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import Work
+
+
+def timestamp(value: datetime | str | None) -> Timestamp | None:
+    ts = Timestamp()
+    return ts if fill_timestamp(ts, value) else None
 
 
 def _reference(when: datetime) -> Timestamp:
@@ -48,7 +53,7 @@ def test_work_message_carries_every_timestamp_it_has() -> None:
             "metadata": {"a": "b"},
         }
     )
-    message = work_message(work)
+    message = fill_work(pb.Work(), work)
     assert message.state == pb.WORK_STATE_ACTIVE and message.raw_state == "active"
     assert message.created_at == Timestamp(seconds=1796187600, nanos=123_456_000)
     assert message.started_at == Timestamp(seconds=1796187601)
