@@ -132,7 +132,7 @@ def _log_soon(level: int, message: str, fields: dict[str, object]) -> None:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        log.log(level, message, extra=fields)
+        _write_log(level, message, fields)
         return
     loop.call_soon(_write_log, level, message, fields)
 
