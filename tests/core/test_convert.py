@@ -40,7 +40,7 @@ def test_timestamp_of_rfc3339_strings() -> None:
     assert timestamp(None) is None
 
 
-def test_work_message_carries_every_timestamp_it_has() -> None:
+def test_fill_work_carries_every_timestamp_it_has() -> None:
     work = Work.from_json(
         {
             "id": "work_011CSdNtQP2qLp5QBMeoZSLs",
