@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ._address import ADDRESS_ENV, sidecar_address
+from ._address import ADDRESS_ENV, CHANNEL_OPTIONS, sidecar_address
 from ._fencing import fence_margin
 from .work.v1 import work_service_pb2 as pb
 from .work.v1 import work_service_pb2_grpc as pb_grpc
@@ -241,9 +241,7 @@ class SidecarClient:
         """How long to keep reconnecting to an unreachable sidecar (None: for ever)."""
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self._own_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(
-            self.target, options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
-        )
+        self.channel = channel or grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.WorkServiceStub(self.channel)
         self.draining = asyncio.Event()
         self._items: dict[str, Assignment] = {}

@@ -43,7 +43,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ._address import ADDRESS_ALIASES, ADDRESS_ENV, add_sidecar_argument
+from ._address import ADDRESS_ALIASES, ADDRESS_ENV, CHANNEL_OPTIONS, add_sidecar_argument
 from ._fencing import fence_margin
 from ._logging import LOG_FORMATS, configure_logging
 from .client import _Reconnect, sidecar_unreachable
@@ -144,7 +144,7 @@ class ExecAdapter:
         stop_watching = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum, stop_watching)
-        async with grpc.aio.insecure_channel(self.args.sidecar) as channel:
+        async with grpc.aio.insecure_channel(self.args.sidecar, options=CHANNEL_OPTIONS) as channel:
             self.stub = pb_grpc.WorkServiceStub(channel)
             self.sandbox_id = self.args.sandbox_id or f"exec:{socket.gethostname()}:{os.getpid()}"
             watcher = asyncio.ensure_future(self._reconnecting_watch(stop_watching))

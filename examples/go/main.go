@@ -36,6 +36,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -66,15 +67,22 @@ func clock(ts *timestamppb.Timestamp) string {
 // dial connects to "unix:///path" (a Unix socket) or "host:port". The dialer is explicit so that it works
 // with every grpc-go version, also those without a built-in unix resolver.
 func dial(address string) (*grpc.ClientConn, error) {
+	// A local sidecar that restarts is back within seconds: look for it at least every second, not at gRPC's
+	// default reconnect backoff (1 s growing to 120 s), which after a long outage finds it only when the item's
+	// fence is near or past.
+	reconnect := grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+		MinConnectTimeout: 5 * time.Second,
+	})
 	if strings.HasPrefix(address, "unix:") {
 		path := strings.TrimPrefix(strings.TrimPrefix(address, "unix:"), "//")
 		dialer := func(ctx context.Context, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
 		}
-		return grpc.Dial("passthrough:///unix", grpc.WithInsecure(), grpc.WithContextDialer(dialer))
+		return grpc.Dial("passthrough:///unix", grpc.WithInsecure(), grpc.WithContextDialer(dialer), reconnect)
 	}
-	return grpc.Dial(address, grpc.WithInsecure())
+	return grpc.Dial(address, grpc.WithInsecure(), reconnect)
 }
 
 // reconnectFor is how long an unreachable (restarting) sidecar is retried before giving up.

@@ -238,7 +238,13 @@ async function workOn(client, assigned, item, options) {
 /** Runs the sandbox until the watch ends, the sidecar drains, or (with `once`) the first item is done. */
 function run(options) {
   const api = loadApi();
-  const client = new api.WorkService(options.address, grpc.credentials.createInsecure());
+  // A local sidecar that restarts is back within seconds: look for it at least every second, not at gRPC's
+  // default reconnect backoff (1 s growing to 120 s), which after a long outage finds it only when the item's
+  // fence is near or past.
+  const client = new api.WorkService(options.address, grpc.credentials.createInsecure(), {
+    'grpc.initial_reconnect_backoff_ms': 100,
+    'grpc.max_reconnect_backoff_ms': 1000,
+  });
   const items = new Map(); // work id -> { finish, fenced: AbortController, lost: boolean, done: Promise }
   let handled = 0;
   let leaving = false;
