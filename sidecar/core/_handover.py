@@ -86,21 +86,15 @@ class HandOver:
         self._supervisor = supervisor
         self._intents: ClaimIntents = intents or _NoIntents()
 
-    def start(self, work: Work, watcher: Watcher, *, returned_at: float) -> asyncio.Event:
-        """Hand `work` over to `watcher` (whose slot the caller reserved) in the background. The event is set once
-        the item's WorkAssigned is queued for the sandbox, or the ack or the first claim failed: the poller polls
-        again only then, so neither the ack, the claim nor the hand-over queue behind further polls."""
-        handed = asyncio.Event()
-        self._supervisor.spawn(self.take(work, watcher, returned_at=returned_at, handed=handed), name="hand-over")
-        return handed
-
     def start_healthcheck(self, work: Work) -> None:
         self._supervisor.spawn(self._finish_healthcheck(work), name="healthcheck")
 
     async def take(
         self, work: Work, watcher: Watcher, *, returned_at: float, handed: asyncio.Event | None = None
     ) -> None:
-        """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it."""
+        """Claim `work` for `watcher`, whose slot the caller has reserved, and assign it. `handed` is set once the
+        item's WorkAssigned is queued for the sandbox, or the ack or a claim attempt failed (the poller's successor
+        polls only then, so neither the ack nor the claim queues behind further polls)."""
         handed = handed or asyncio.Event()
         try:
             await self._take(work, watcher, returned_at, handed)

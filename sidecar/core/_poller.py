@@ -8,6 +8,9 @@
 - An item is handed over only after a watcher with a free slot has been chosen and reserved; if none is
   left when the poll returns (a sandbox went away meanwhile), the item waits `unclaimed_wait` for a slot (a
   sandbox that reconnects at once gets it), and is then left unacked for the Work API to reclaim.
+- The loop whose poll returned the item does the hand-over itself (ack, claim, WorkAssigned), in its own task:
+  no task switch between the poll's answer and the ack. A successor loop takes over its place (and its count
+  and supervision) and polls once the item is handed over, so no poll queues ahead of the ack or the claim.
 - A failed poll waits `PollPolicy`'s backoff (exponential, capped; longer for errors that will not heal by
   themselves, such as a revoked key) before the next.
 """
@@ -55,6 +58,8 @@ class Poller:
         self._pollers = 0
         self._poll_returned = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        """The poll loops (a loop that turned into a hand-over is not one any more: `stop` lets it finish)."""
+        self._stopped = False
 
     @property
     def polls_in_flight(self) -> int:
@@ -64,7 +69,9 @@ class Poller:
         self._start_poller(primary=True)
 
     async def stop(self) -> None:
-        """Stop polling at once (in-flight polls are cancelled: what they would return is not acked)."""
+        """Stop polling at once (in-flight polls are cancelled: what they would return is not acked). Hand-overs
+        under way go on."""
+        self._stopped = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -73,10 +80,17 @@ class Poller:
         # Counted from the spawn to the task's end, not from when it first runs: two loops deciding in the same
         # tick would otherwise both see room for one more and exceed max_pollers.
         self._pollers += 1
+        self._spawn_poller(primary, None)
+
+    def _spawn_poller(self, primary: bool, after: asyncio.Event | None) -> None:
+        """A poll loop already counted in `_pollers`; with `after`, it polls once that is set (a successor)."""
+        if self._stopped:
+            self._pollers -= 1
+            return
         if primary:  # the one poll loop that must always run: restarted if it ever fails
-            task = self._supervisor.keep(lambda: self._poll_loop(primary=True), name="poll loop")
+            task = self._supervisor.keep(lambda: self._poll_loop(primary=True, after=after), name="poll loop")
         else:
-            task = self._supervisor.spawn(self._poll_loop(primary=False), name="extra poller")
+            task = self._supervisor.spawn(self._poll_loop(primary=False, after=after), name="extra poller")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(self._poller_done)
@@ -84,7 +98,9 @@ class Poller:
     def _poller_done(self, _task: asyncio.Task[None]) -> None:
         self._pollers -= 1
 
-    async def _poll_loop(self, *, primary: bool) -> None:
+    async def _poll_loop(self, *, primary: bool, after: asyncio.Event | None = None) -> None:
+        if after is not None:
+            await self._take_over(after)
         while not self._dispatcher.draining:
             if primary:
                 await self._wait_for_unpolled_capacity()
@@ -115,16 +131,36 @@ class Poller:
                     extra={"work_id": work.id},
                 )
                 continue
-            # The hand-over first: no poll (this loop's next, or a new poller's) goes out before the item's
-            # WorkAssigned is queued (or the ack or a claim attempt failed), so neither the ack, the claim, the
-            # handling of their answers nor the stream write queue behind polls. (A hang holds intake for
-            # `HAND_OVER_WAIT` at most.)
-            handed = self._handover.start(work, watcher, returned_at=returned_at)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HAND_OVER_WAIT):
-                    await handed.wait()
-            if self._pollers < self._policy.max_pollers and (self._dispatcher.free_capacity() > self._polls_in_flight):
-                self._start_poller(primary=False)
+            await self._hand_over_here(work, watcher, returned_at, primary=primary)
+            return
+
+    async def _take_over(self, handed: asyncio.Event) -> None:
+        """A successor waits for its predecessor's item to be handed over; then, while items keep coming and
+        capacity is free, one more poller joins."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HAND_OVER_WAIT):
+                await handed.wait()
+        if self._pollers < self._policy.max_pollers and (self._dispatcher.free_capacity() > self._polls_in_flight):
+            self._start_poller(primary=False)
+
+    async def _hand_over_here(self, work: Work, watcher: Watcher, returned_at: float, *, primary: bool) -> None:
+        """Turn this poll loop into the item's hand-over. Its successor (counted in its place, and the primary if
+        this was) is started once the ack is on its way (`call_soon` runs when this task first waits on the
+        network) and polls once `handed` is set: WorkAssigned queued, the ack or a claim attempt failed, or
+        `HAND_OVER_WAIT` passed (a hang holds intake no longer). So no poll goes out before the ack and the claim,
+        and neither they, the handling of their answers nor the stream write queue behind polls."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.discard(task)  # no longer a poll loop: `stop` must not cancel a hand-over
+            task.remove_done_callback(self._poller_done)  # its count goes to the successor
+            task.remove_done_callback(self._tasks.discard)
+        handed = asyncio.Event()
+        asyncio.get_running_loop().call_soon(self._spawn_poller, primary, handed)
+        # Crashes are logged here, as for any one-shot task: a primary's supervisor must not restart it (its
+        # successor is the primary now).
+        await self._supervisor.run(
+            self._handover.take(work, watcher, returned_at=returned_at, handed=handed), name="hand-over"
+        )
 
     async def _wait_for_unpolled_capacity(self) -> None:
         """Wait until a free slot is not already covered by a poll in flight: a poll that returns an item nobody

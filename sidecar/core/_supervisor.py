@@ -2,6 +2,7 @@
 
 - `spawn(coro, name=…, on_crash=…)`: a one-shot task (a renewal, a release, a hand-over). An unexpected
   exception is logged once, with its traceback, and `on_crash` runs (the owner fences the lease it concerned).
+  `run(coro, …)` does the same in the caller's own task.
 - `keep(factory, name=…)`: a loop that must run until it returns by itself (the poll loop, the renewal
   scheduler). If it raises, it is logged and started again after a capped exponential backoff. A loop that crashed
   `crash_limit` times within `crash_window` seconds counts as dead: `alive` turns False (liveness fails, so
@@ -47,6 +48,10 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def run(self, coro: Coroutine[Any, Any, None], *, name: str, on_crash: Crash | None = None) -> None:
+        """`coro` in the caller's task, guarded as `spawn`'s tasks are: it never raises but CancelledError."""
+        await self._guard(coro, name, on_crash)
 
     async def _guard(self, coro: Coroutine[Any, Any, None], name: str, on_crash: Crash | None) -> None:
         try:
