@@ -85,6 +85,9 @@ class HandOver:
         self._dispatcher = dispatcher
         self._supervisor = supervisor
         self._intents: ClaimIntents = intents or _NoIntents()
+        self._taking = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
 
     def start_healthcheck(self, work: Work) -> None:
         self._supervisor.spawn(self._finish_healthcheck(work), name="healthcheck")
@@ -96,10 +99,20 @@ class HandOver:
         item's WorkAssigned is queued for the sandbox, or the ack or a claim attempt failed (the poller's successor
         polls only then, so neither the ack nor the claim queues behind further polls)."""
         handed = handed or asyncio.Event()
+        self._taking += 1
+        self._settled.clear()
         try:
             await self._take(work, watcher, returned_at, handed)
         finally:
             handed.set()
+            self._taking -= 1
+            if not self._taking:
+                self._settled.set()
+
+    async def settled(self) -> None:
+        """Until no hand-over is under way: each item on its way to a sandbox is a lease, or not ours, by then (a
+        drain waits for this before it waits for the leases to end)."""
+        await self._settled.wait()
 
     async def _take(self, work: Work, watcher: Watcher, returned_at: float, handed: asyncio.Event) -> None:
         span = telemetry.start_work_span(work, self._client.provider.name)

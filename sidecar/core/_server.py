@@ -286,6 +286,7 @@ class Sidecar:
         remaining = drain_timeout - (time.monotonic() - started)
         try:
             async with asyncio.timeout(max(remaining, 0)):
+                await self.handover.settled()  # an item acked but not yet assigned is about to be a lease
                 await self.leases.wait_all_ended()
         except TimeoutError:
             leases = list(self.leases)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from datetime import datetime
@@ -87,3 +88,28 @@ async def _positive(value: Any) -> bool:
 
 async def _count_polls_since(api: Api, since: float, count: int) -> bool:
     return sum(1 for e in await api.admin.requests("poll") if _at(e) >= since) >= count
+
+
+async def test_a_drain_lets_a_hand_over_under_way_finish(api: Api, start_sidecar: SidecarFactory) -> None:
+    """No stranded item, no needless re-delivery: the poll loop that polled an item hands it over itself, and a
+    drain that stops polling while its ack is in flight must not cancel it (an acked item nobody claims stays
+    `starting`), nor end the sandbox's stream before the item reaches it (the lease would be released and the item
+    delivered again). The item reaches its sandbox, which finishes it within the drain."""
+    running = await start_sidecar(drain_timeout=3.0)
+    watch = running.watch()
+    await eventually(lambda: _positive(polls_in_flight(api)), message="the idle long poll")
+    await api.fault(operation="ack", latency_ms=800)
+    [queued] = await api.enqueue(1)
+    await eventually(lambda: _ack_in_flight(api), message="the ack is on its way")
+    drain = asyncio.ensure_future(running.sidecar.drain())
+    assigned = await watch.assigned(timeout=5)
+    assert assigned.work.id == queued["id"], "the hand-over went on through the drain"
+    await running.stop(assigned)
+    await asyncio.wait_for(drain, 10)
+    view = await api.item(queued["id"])
+    assert (view["state"], view["deliveries"]) == ("stopped", 1)
+    watch.cancel()
+
+
+async def _ack_in_flight(api: Api) -> bool:
+    return any(entry["status"] is None for entry in await api.requests("ack"))
