@@ -73,6 +73,9 @@ FLEET_SMOKE = FleetPreset(
 # -- processes ------------------------------------------------------------------------------------------------
 
 
+START_BATCH = 10
+
+
 async def _wait_health(target: str, child: Child, name: str) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -93,18 +96,24 @@ async def _wait_health(target: str, child: Child, name: str) -> None:
 async def _sidecars(
     emulator: EmulatorProcess, environment_id: str, k: int, extra: list[str] | None = None
 ) -> AsyncIterator[list[str]]:
-    """K `work-sidecar serve` processes of one environment, each on its own socket (K pods)."""
+    """K `work-sidecar serve` processes of one environment, each on its own socket (K pods). Started
+    `START_BATCH` at a time, each batch serving before the next starts: 50 interpreters starting at once on
+    2 slow cores took more than a minute for some of them."""
     children: list[Child] = []
     targets = []
     try:
-        for index in range(k):
-            target = f"unix://{CHILDREN.log_dir}/{environment_id}-{index}.sock"
-            argv = [str(BIN / "work-sidecar"), "serve", "--api-url", emulator.url, "--api-key", KEY]
-            argv += ["--environment-id", environment_id, "--listen", target, "--log-format", "json"]
-            argv += ["--worker-id", f"pod-{index}", "--log-level", "WARNING", *(extra or [])]
-            children.append(CHILDREN.start(f"sidecar-{environment_id}-{index}", argv))
-            targets.append(target)
-        await asyncio.gather(*(_wait_health(t, c, c.log_path.stem) for t, c in zip(targets, children, strict=True)))
+        for first in range(0, k, START_BATCH):
+            batch = []
+            for index in range(first, min(k, first + START_BATCH)):
+                target = f"unix://{CHILDREN.log_dir}/{environment_id}-{index}.sock"
+                argv = [str(BIN / "work-sidecar"), "serve", "--api-url", emulator.url, "--api-key", KEY]
+                argv += ["--environment-id", environment_id, "--listen", target, "--log-format", "json"]
+                argv += ["--worker-id", f"pod-{index}", "--log-level", "WARNING", *(extra or [])]
+                child = CHILDREN.start(f"sidecar-{environment_id}-{index}", argv)
+                children.append(child)
+                targets.append(target)
+                batch.append((target, child))
+            await asyncio.gather(*(_wait_health(t, c, c.log_path.stem) for t, c in batch))
         yield targets
     finally:
         for child in children:
