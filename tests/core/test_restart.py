@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
+from sidecar.client import Assignment, SidecarClient
 from sidecar.core._journal import JOURNAL_FILE
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
@@ -357,32 +358,44 @@ def _journal_says(sidecar: Sidecar, work_id: str, op: str) -> bool:
     return any(f'"op":"{op}","work":"{work_id}"'.encode() in line for line in data.split(b"\n"))
 
 
-async def test_the_python_client_carries_its_item_across_a_restart(api: Api, sidecar: Sidecar) -> None:
-    from sidecar.client import SidecarClient
+@contextlib.asynccontextmanager
+async def _client_holding_one(api: Api, sidecar: Sidecar, *, reconnect_timeout: float) -> AsyncIterator[Assignment]:
+    """Inside the block the Python client holds one item (KeepAlive running) while its watch keeps reading, so it
+    reconnects and resumes the item across a restart. After it: the item was stopped through the sidecar (on
+    leaving the item's `async with`) and delivered once."""
+    await sidecar.start()
+    target = f"unix://{sidecar.socket}"
+    async with SidecarClient(target, keepalive_interval=0.2, reconnect_timeout=reconnect_timeout) as client:
+        assignments = client.assignments()
+        item = await asyncio.wait_for(_first_of(assignments, api), 10)
+        watching = asyncio.ensure_future(anext(assignments))  # reconnects and resumes the item after a restart
+        async with item:
+            yield item
+            assert not item.lost.is_set()
+        assert item.stopped.is_set(), "the item was stopped through the restarted sidecar"
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        await assignments.aclose()
+    view = await api.item(item.work_id)
+    assert (view["state"], view["deliveries"]) == ("stopped", 1)
 
+
+async def _first_of(assignments: AsyncIterator[Assignment], api: Api) -> Assignment:
+    first = asyncio.ensure_future(anext(assignments))
+    await api.enqueue(1)
+    return await first
+
+
+async def test_the_python_client_carries_its_item_across_a_restart(api: Api, sidecar: Sidecar) -> None:
     # TTL 20, as for the examples: while the sidecar is down the client keeps the item until a fencing margin before
     # the lease's last known expiry. At the suite's TTL 3 that is 0 to 1.5 s after the kill, less than a restart may
     # take on a busy machine: the client would rightly give the item up, and the test would fail on timing.
     sidecar.ttl = 20
-    await sidecar.start()
-    async with SidecarClient(f"unix://{sidecar.socket}", keepalive_interval=0.2, reconnect_timeout=30) as client:
-        assignments = client.assignments()
-        first = asyncio.ensure_future(anext(assignments))
-        await api.enqueue(1)
-        item = await asyncio.wait_for(first, 10)
-        async with item:
-            await sidecar.kill9()
-            await sidecar.start()
-            second = asyncio.ensure_future(anext(assignments))  # the watch reconnects and resumes the item
-            await eventually(lambda: _resumed(sidecar), timeout=10, message="the new watch resumed the lease")
-            assert not item.lost.is_set()
-        assert item.stopped.is_set(), "the item was stopped through the restarted sidecar"
-        second.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await second
-        await assignments.aclose()
-    view = await api.item(item.work_id)
-    assert (view["state"], view["deliveries"]) == ("stopped", 1)
+    async with _client_holding_one(api, sidecar, reconnect_timeout=30):
+        await sidecar.kill9()
+        await sidecar.start()
+        await eventually(lambda: _resumed(sidecar), timeout=10, message="the new watch resumed the lease")
 
 
 @pytest.mark.slow
@@ -390,32 +403,15 @@ async def test_a_client_finds_the_restarted_sidecar_within_seconds_of_a_long_out
     """Guarantee: leases survive a restart. With gRPC's default reconnect backoff (1 s growing to 120 s) this client
     had not found the sidecar 24 s after it served again, when the item's fence came. The client's channel now
     looks at least every second (`sidecar._address.CHANNEL_OPTIONS`) and its own backoff retries every 2 s."""
-    from sidecar.client import SidecarClient
-
     sidecar.ttl = 60  # fenced 54 s after the last renewal: the 30 s outage is well inside
-    await sidecar.start()
-    async with SidecarClient(f"unix://{sidecar.socket}", keepalive_interval=0.2, reconnect_timeout=50) as client:
-        assignments = client.assignments()
-        first = asyncio.ensure_future(anext(assignments))
-        await api.enqueue(1)
-        item = await asyncio.wait_for(first, 10)
-        async with item:
-            await sidecar.kill9()
-            await eventually(item.disconnected.is_set, timeout=5, message="the client saw the sidecar go")
-            await asyncio.sleep(30)  # the outage itself, not a wait for a condition
-            await sidecar.start()
-            serving_again = time.monotonic()
-            second = asyncio.ensure_future(anext(assignments))
-            await eventually(lambda: not item.disconnected.is_set(), timeout=30, message="the client re-attached")
-            assert time.monotonic() - serving_again < 4.0, "found within a reconnect interval, not grpc's backoff"
-            assert not item.lost.is_set()
-        assert item.stopped.is_set()
-        second.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await second
-        await assignments.aclose()
-    view = await api.item(item.work_id)
-    assert (view["state"], view["deliveries"]) == ("stopped", 1)
+    async with _client_holding_one(api, sidecar, reconnect_timeout=50) as item:
+        await sidecar.kill9()
+        await eventually(item.disconnected.is_set, timeout=5, message="the client saw the sidecar go")
+        await asyncio.sleep(30)  # the outage itself, not a wait for a condition
+        await sidecar.start()
+        serving_again = time.monotonic()
+        await eventually(lambda: not item.disconnected.is_set(), timeout=30, message="the client re-attached")
+        assert time.monotonic() - serving_again < 4.0, "found within a reconnect interval, not grpc's backoff"
 
 
 async def test_exec_children_keep_running_across_a_restart(api: Api, sidecar: Sidecar, short_dir: str) -> None:
