@@ -2,10 +2,11 @@
 
     .venv/bin/python -m bench.http_backends [--seconds 8] [--items 200] [--concurrency 32] [--layers]
 
-For each `--http-backend` (aiohttp, httpx) it claims `--items` items from an emulator in its own process, then
-(1) drives compare-and-swap heartbeats from `--concurrency` tasks for `--seconds` and reports heartbeats per second
-and this process's CPU per heartbeat, and (2) sends 300 heartbeats one at a time and reports their p50 latency.
-Every heartbeat must succeed (a 412 would mean a broken CAS and raises). This is what chose aiohttp as the default.
+For each `--http-backend` (httptools, aiohttp, httpx) it claims `--items` items from an emulator in its own
+process, then (1) drives compare-and-swap heartbeats from `--concurrency` tasks for `--seconds` and reports
+heartbeats per second and this process's CPU per heartbeat, and (2) sends 300 heartbeats one at a time and reports
+their p50 latency. Every heartbeat must succeed (a 412 would mean a broken CAS and raises). This is what chose the
+default backend (first aiohttp over httpx, then the lean httptools exchange over aiohttp).
 
 `--layers` measures, on the same heartbeats, what each layer between the client and the socket costs (issue #13:
 httpx stays the interface unless a measurement proves a layer of it must go): the sidecar's client, a bare aiohttp
@@ -122,7 +123,7 @@ async def layers(emulator: EmulatorProcess, items: int, seconds: float, concurre
         return beat
 
     variants = {
-        "sidecar's WorkApiClient (aiohttp, prebuilt URL and headers)": sidecar_client,
+        "sidecar's WorkApiClient (default backend, prebuilt URL and headers)": sidecar_client,
         "aiohttp ClientSession, nothing else": bare,
         "httpx.Request → httpx-aiohttp transport": via_transport,
         "httpx.AsyncClient → httpx-aiohttp, trust_env off": via_client(env_free),

@@ -134,7 +134,8 @@ async def test_one_trace_per_item_metrics_and_no_secrets(
         item = await watch.assigned()
         assert item.traceparent.startswith("00-")
         trace_id = item.traceparent.split("-")[1]
-        sandbox_span_id = _sandbox_span(port, item.traceparent)
+        # Off the loop: the emulator answers in this loop, and a blocked loop starves the lease (TTL 2) of renewals.
+        sandbox_span_id = await asyncio.to_thread(_sandbox_span, port, item.traceparent)
         metadata = (("traceparent", item.traceparent),)
         await stub.GetWork(pb.GetWorkRequest(work_id=item.work.id, lease_token=item.lease_token), metadata=metadata)
         await eventually(lambda: _beats(api, item.work.id), timeout=10, message="a renewal heartbeat")

@@ -35,7 +35,7 @@ class WorkApiSettings:
     worker_id: str | None = None
     """Worker id sent to the Work API (default: random per process)."""
     max_connections: int = 100
-    http_backend: str = "aiohttp"
+    http_backend: str = "httptools"
     """The HTTP transport under httpx for Work API requests: aiohttp (default, cheaper) or httpx's own."""
     startup_check: float = 15.0
     """At start, one stats read must answer within this many seconds, or the sidecar exits with a one-line

@@ -37,7 +37,7 @@ class ScalerConfig:
     """How long a call waits for an environment's first reading."""
     max_environments: int = 64
     worker_id: str | None = None
-    http_backend: str = "aiohttp"
+    http_backend: str = "httptools"
     keepalive_time: float = 30.0
     log_format: str = "auto"
     log_level: str = "INFO"

@@ -102,7 +102,7 @@ class WorkApiClient:
         timeouts: Timeouts | None = None,
         retry: RetryPolicies | None = None,
         max_connections: int = 100,
-        http_backend: str = "aiohttp",
+        http_backend: str = "httptools",
         transport: httpx.AsyncBaseTransport | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:

@@ -1,20 +1,26 @@
-"""Moving one request's bytes: aiohttp directly (the default) or httpx.
+"""Moving one request's bytes: the lean HTTP/1.1 exchange (the default), aiohttp, or httpx.
 
 The client builds each request itself (URL and headers prebuilt per operation, issue #13) and hands an
 `Exchange` the method, the URL, the headers and the body; the exchange gives back the status, the headers and a
 body of at most `max_bytes` (issue #11: a larger answer is never read into memory, the connection is closed).
 
-Why aiohttp directly by default (measured with `python -m bench.http_backends --layers` on the benchmark machine,
-process CPU per heartbeat against the emulator, 16 in flight):
+Why not httpx's stack, nor aiohttp's, by default (`python -m bench.http_backends [--layers]`, process CPU per
+heartbeat against the emulator, 16 in flight; the first four on an Intel Xeon VM, the last two on the slower AMD
+EPYC VM of the latest run):
 
     httpx.AsyncClient over httpx-aiohttp, trust_env (netrc and proxies per request, in the thread pool)  1.04 ms
     httpx.AsyncClient over httpx-aiohttp, without trust_env                                               0.47 ms
     httpx.Request handed to the httpx-aiohttp transport (no AsyncClient pipeline, no cookie jar)          0.28 ms
     aiohttp ClientSession with a prebuilt URL and headers                                                 0.13 ms
+    the sidecar's client over aiohttp (`--http-backend aiohttp`), AMD EPYC                                0.30 ms
+    the sidecar's client over the lean exchange (`_lean.py`, the default), AMD EPYC                       0.19 ms
 
-httpx's request/response layer alone costs more than the whole aiohttp exchange, so that layer goes on the hot
-path. httpx stays available (`http_backend="httpx"`, or any `transport=` an embedder passes) behind the same
-interface (imported only then: a sidecar on the default backend never loads it).
+httpx's request/response layer alone costs more than a whole aiohttp exchange, and aiohttp's machinery (URL
+objects, the connector, a stream reader per answer) more than the rest of the client: the default exchange writes
+prebuilt bytes on asyncio's own transport and feeds the answer to httptools (llhttp). It speaks to the Work API's
+origin only, so when HTTP(S)_PROXY applies to the URL (less NO_PROXY) aiohttp carries the requests instead.
+httpx stays available (`http_backend="httpx"`, or any `transport=` an embedder passes) behind the same interface
+(imported only then: a sidecar on the default backend loads neither httpx nor aiohttp).
 
 Environment settings are resolved once, at construction: HTTP(S)_PROXY / NO_PROXY (and the proxy's netrc
 credentials) for the Work API's URL, and SSL_CERT_FILE / SSL_CERT_DIR for the TLS context. No cookie jar, no
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # imported where used: a sidecar on the default backend never loads httpx (memory, start-up)
     import httpx
 
-HTTP_BACKENDS = ("aiohttp", "httpx")
+HTTP_BACKENDS = ("httptools", "aiohttp", "httpx")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +85,26 @@ def make_exchange(
 ) -> Exchange:
     if transport is not None or backend == "httpx":
         return HttpxExchange(max_connections=max_connections, connect_timeout=connect_timeout, transport=transport)
-    if backend != "aiohttp":
+    if backend not in HTTP_BACKENDS:
         raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}, not {backend!r}")
+    if backend == "httptools" and not proxy_applies(base_url):
+        from ._lean import LeanExchange
+
+        return LeanExchange(base_url=base_url, max_connections=max_connections, connect_timeout=connect_timeout)
     return AiohttpExchange(base_url=base_url, max_connections=max_connections, connect_timeout=connect_timeout)
+
+
+def proxy_applies(base_url: str) -> bool:
+    """Whether HTTP(S)_PROXY (less NO_PROXY) names a proxy for this URL: the lean exchange speaks to the origin
+    only, so then aiohttp (which tunnels through the proxy) carries the requests."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies_environment, proxy_bypass
+
+    proxies = getproxies_environment()
+    parts = urlsplit(base_url)
+    if parts.scheme not in proxies:
+        return False
+    return not proxy_bypass(parts.hostname or "")  # NO_PROXY (on POSIX: from the environment)
 
 
 KEEPALIVE_SECONDS = 30.0

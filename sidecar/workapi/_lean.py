@@ -1,0 +1,303 @@
+"""A lean HTTP/1.1 exchange: asyncio's own transports, httptools (llhttp) as the parser, nothing else per request.
+
+Why (issue #13, measured with `python -m bench.http_backends`): the Work API client's requests are small, to one
+origin, over keep-alive connections, and the sidecar's CPU per request was mostly aiohttp's request and response
+machinery (URL objects, header multidicts, the connector's bookkeeping, a stream reader per answer). This exchange
+writes one prebuilt request (the header block is encoded once per operation) with one `write` and feeds the
+answer's bytes to llhttp; the answer is complete when llhttp says so.
+
+What it does not do, on purpose: proxies (`make_exchange` hands the request to aiohttp when HTTP(S)_PROXY applies
+to the Work API's URL), redirects, compression, cookies, `Expect: 100-continue`, pipelining. What it does as
+aiohttp did: a pool of at most `max_connections` keep-alive connections (idle ones closed after
+`KEEPALIVE_SECONDS`), TLS with the context `_ssl_context()` makes, a connect timeout, and the `max_bytes` cap (a
+declared length over it is refused before a byte of the body is read; an undeclared one stops at the cap). The
+caller's deadline cancels the wait; a connection whose exchange did not end cleanly is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ._transport import KEEPALIVE_SECONDS, Answer, AnswerTooLarge, ExchangeFailed, _detail, _ssl_context
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class _Abort(Exception):
+    """Raised inside a parser callback to stop parsing; the reason is kept on the connection."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: at most one exchange at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Answer] | None = None
+        self._max_bytes = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+        self._status = 0
+        self._headers_done = False
+        self._until_eof = False
+        self._keep_alive = False
+        self._error: BaseException | None = None
+
+    # -- one exchange ----------------------------------------------------------------------------------
+
+    def start(self, request: bytes, max_bytes: int, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Answer]:
+        assert self.transport is not None
+        self._waiter = waiter = loop.create_future()
+        self._max_bytes = max_bytes
+        self._reset_answer()
+        self.transport.write(request)
+        return waiter
+
+    def _reset_answer(self) -> None:
+        self._reason = b""
+        self._headers = []
+        self._body = []
+        self._size = 0
+        self._status = 0
+        self._headers_done = False
+        self._until_eof = False
+        self._keep_alive = False
+
+    def reusable(self) -> bool:
+        return not self.closed and self._error is None and self._keep_alive
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _finish(self, result: Answer | BaseException) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():
+            return
+        if isinstance(result, BaseException):
+            waiter.set_exception(result)
+        else:
+            waiter.set_result(result)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._finish(error)
+        self.close()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is not a subclass)
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None:  # bytes nobody asked for (on an idle connection): it cannot be trusted again
+            self._error = self._error or ExchangeFailed("UnexpectedData")
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(ExchangeFailed("ClientResponseError", "the server switched protocols"))
+        except httptools.HttpParserError as exc:
+            if self._error is not None:  # raised by one of our callbacks (a cap, an abort)
+                self._fail(self._error)
+            else:
+                self._fail(ExchangeFailed("ClientResponseError", f"not an HTTP/1.1 answer: {_detail(exc)}"))
+
+    def eof_received(self) -> bool:
+        if self._waiter is not None and self._until_eof and self._headers_done:
+            self.on_message_complete()  # the body is delimited by the end of the connection
+        self.closed = True
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None:
+            name = "ServerDisconnectedError" if exc is None else type(exc).__name__
+            self._fail(ExchangeFailed(name, "the connection closed before the answer was complete"))
+
+    # -- httptools callbacks ---------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # a second answer to one request: the connection cannot be trusted again
+            self._error = ExchangeFailed("UnexpectedData")
+            raise _Abort
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._status = status = self._parser.get_status_code()
+        if status < 200:
+            return  # an interim answer (100 Continue): the real one follows
+        declared: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                declared = int(value) if value.strip().isdigit() else None
+            elif lowered == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+        if declared is not None and declared > self._max_bytes:
+            self._error = AnswerTooLarge(self._max_bytes, declared)
+            raise _Abort
+        self._until_eof = declared is None and not chunked and status not in _NO_BODY_STATUSES
+        self._keep_alive = self._parser.should_keep_alive() and not self._until_eof  # llhttp: only here
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self._max_bytes:
+            self._error = AnswerTooLarge(self._max_bytes, None)
+            raise _Abort
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._status < 200:
+            self._reset_answer()
+            return
+        headers = CIMultiDictProxy(
+            CIMultiDict((name.decode("latin-1"), value.decode("latin-1")) for name, value in self._headers)
+        )
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._finish(Answer(self._status, self._reason.decode("latin-1"), headers, body))
+
+
+class LeanExchange:
+    """Requests to one origin (the Work API's) over a pool of keep-alive connections."""
+
+    def __init__(self, *, base_url: str, max_connections: int, connect_timeout: float) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the Work API's URL must be http:// or https:// with a host")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        default_port = (self._https and self._port == 443) or (not self._https and self._port == 80)
+        self._host_line = f"host: {host if default_port else f'{host}:{self._port}'}\r\n".encode("idna")
+        self._ssl: ssl.SSLContext | None = _ssl_context() if self._https else None
+        self._connect_timeout = connect_timeout
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: list[_Connection] = []
+        self._all: set[_Connection] = set()
+        self._heads: dict[int, tuple[Mapping[str, str], bytes]] = {}
+        self._closed = False
+
+    def _head(self, headers: Mapping[str, str]) -> bytes:
+        """The encoded header block for one operation's headers (a handful of mappings, each encoded once)."""
+        cached = self._heads.get(id(headers))
+        if cached is not None and cached[0] is headers:
+            return cached[1]
+        lines = [self._host_line]
+        for name, value in headers.items():
+            if not _is_token(name) or any(c in value for c in "\r\n\0"):
+                raise ValueError("a header name or value is not valid in HTTP/1.1")
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        head = b"".join(lines)
+        if len(self._heads) < 64:
+            self._heads[id(headers)] = (headers, head)  # keeps the mapping alive, so its id stays its own
+        return head
+
+    async def send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
+    ) -> Answer:
+        if self._closed:
+            raise ExchangeFailed("ClientClosed", "the client is closed")
+        if not url.startswith(self._origin):
+            raise ValueError("the request is not to the Work API's origin")
+        target = url[len(self._origin) :] or "/"
+        if not target.isascii() or not target.isprintable() or " " in target:
+            raise ValueError("the request target is not a valid HTTP/1.1 target")
+        start = f"{method} {target} HTTP/1.1\r\n".encode("ascii")
+        if body is not None:
+            request = b"%s%scontent-length: %d\r\n\r\n%s" % (start, self._head(headers), len(body), body)
+        elif method in ("POST", "PUT", "PATCH"):
+            request = b"%s%scontent-length: 0\r\n\r\n" % (start, self._head(headers))
+        else:
+            request = b"%s%s\r\n" % (start, self._head(headers))
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            connection = self._take_idle(loop.time())
+            if connection is None:
+                connection = await self._connect(loop)
+            try:
+                answer = await connection.start(request, max_bytes, loop)
+            except BaseException:  # failed, too large, or cancelled by the caller's deadline: never reused
+                self._discard(connection)
+                raise
+            if connection.reusable() and not self._closed:
+                connection.idle_since = now = loop.time()
+                self._idle.append(connection)
+                self._prune(now)
+            else:
+                self._discard(connection)
+            return answer
+
+    def _take_idle(self, now: float) -> _Connection | None:
+        idle = self._idle
+        while idle:
+            connection = idle.pop()  # the most recently used: the least likely to have been closed by the server
+            if not connection.closed and now - connection.idle_since < KEEPALIVE_SECONDS:
+                return connection
+            self._discard(connection)
+        return None
+
+    def _prune(self, now: float) -> None:
+        """Close the connections idle for KEEPALIVE_SECONDS or closed by the server: the oldest are at the bottom
+        (the pool is used from the top), so a burst's extra connections do not stay open for ever."""
+        idle = self._idle
+        while idle and (idle[0].closed or now - idle[0].idle_since >= KEEPALIVE_SECONDS):
+            self._discard(idle.pop(0))
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
+                    _Connection,
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise ExchangeFailed("Timeout", "connect timed out") from None
+        except ssl.SSLError as exc:
+            raise ExchangeFailed("ClientConnectorCertificateError", _detail(exc)) from None
+        except OSError as exc:
+            raise ExchangeFailed("ClientConnectorError", _detail(exc)) from None
+        self._all.add(connection)
+        return connection
+
+    def _discard(self, connection: _Connection) -> None:
+        connection.close()
+        self._all.discard(connection)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._idle.clear()
+        for connection in list(self._all):
+            self._discard(connection)
+
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _is_token(name: str) -> bool:
+    return bool(name) and all(c in _TOKEN_CHARS for c in name)
