@@ -189,9 +189,9 @@ class LeanExchange:
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
         self._origin = f"{parts.scheme}://{parts.netloc}"
-        host = f"[{self._host}]" if ":" in self._host else self._host
+        host = f"[{self._host}]" if ":" in self._host else self._host.encode("idna").decode("ascii")
         default_port = (self._https and self._port == 443) or (not self._https and self._port == 80)
-        self._host_line = f"host: {host if default_port else f'{host}:{self._port}'}\r\n".encode("idna")
+        self._host_line = f"host: {host if default_port else f'{host}:{self._port}'}\r\n".encode("ascii")
         self._ssl: ssl.SSLContext | None = _ssl_context() if self._https else None
         self._connect_timeout = connect_timeout
         self._slots = asyncio.Semaphore(max_connections)

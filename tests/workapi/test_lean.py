@@ -369,3 +369,18 @@ async def test_a_bursts_extra_connections_are_closed_once_idle_too_long(
         assert (await client.stats()).depth == 7
         await asyncio.sleep(0.05)  # pacing the traffic (the condition above is what the test waits on)
     assert server.connections == 5  # the one kept in use was never replaced
+
+
+@pytest.mark.parametrize(
+    ("base_url", "host"),
+    [
+        ("http://127.0.0.1:8080", b"127.0.0.1:8080"),
+        ("https://api.anthropic.com", b"api.anthropic.com"),
+        ("https://api.example:443/prefix", b"api.example"),
+        ("http://[::1]:9", b"[::1]:9"),
+        ("https://bücher.example", b"xn--bcher-kva.example"),
+    ],
+)
+def test_the_host_header_names_the_origin_as_http_wants_it(base_url: str, host: bytes) -> None:
+    exchange = LeanExchange(base_url=base_url, max_connections=1, connect_timeout=1.0)
+    assert exchange._head({}) == b"host: " + host + b"\r\n"
