@@ -296,19 +296,25 @@ async def test_a_broken_answer_is_a_transport_error_and_the_next_request_works(
     assert (await client.stats()).depth == 7, why
 
 
-async def test_no_more_than_max_connections_are_open(serve: Serve) -> None:
+def answer_once_together(count: int) -> Script:
+    """Holds the answers until `count` requests have arrived (so that many are in flight at once), then answers
+    every request at once."""
     gate = asyncio.Event()
     arrived = 0
 
     async def held(_: int, __: bytes, writer: asyncio.StreamWriter) -> None:
         nonlocal arrived
         arrived += 1
-        if arrived >= 2:
+        if arrived >= count:
             gate.set()
         await gate.wait()
         writer.write(ok())
 
-    server, client = await serve(held, max_connections=2)
+    return held
+
+
+async def test_no_more_than_max_connections_are_open(serve: Serve) -> None:
+    server, client = await serve(answer_once_together(2), max_connections=2)
     results = await asyncio.gather(*(client.stats() for _ in range(10)))
     assert [r.depth for r in results] == [7] * 10
     assert server.most_open == 2
@@ -349,18 +355,7 @@ async def test_a_bursts_extra_connections_are_closed_once_idle_too_long(
     from sidecar.workapi import _lean
 
     monkeypatch.setattr(_lean, "KEEPALIVE_SECONDS", 0.2)
-    gate = asyncio.Event()
-    arrived = 0
-
-    async def held_then_prompt(_: int, __: bytes, writer: asyncio.StreamWriter) -> None:
-        nonlocal arrived
-        arrived += 1
-        if arrived >= 5:
-            gate.set()
-        await gate.wait()
-        writer.write(ok())
-
-    server, client = await serve(held_then_prompt, max_connections=5)
+    server, client = await serve(answer_once_together(5), max_connections=5)
     await asyncio.gather(*(client.stats() for _ in range(5)))
     assert server.open_now == 5
     deadline = asyncio.get_running_loop().time() + 5
