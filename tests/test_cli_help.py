@@ -124,3 +124,11 @@ def test_unreachable_sidecar_errors_name_the_fix(tmp_path: Path) -> None:
     execd = _run("exec", "--sidecar", gone, "--reconnect-timeout", "1", "--once", "--", "true")
     assert execd.returncode == 1, execd
     assert "cannot reach the sidecar" in execd.stderr and "work-sidecar health --sidecar" in execd.stderr
+
+
+def test_the_http_backend_flag_offers_every_backend_of_the_client() -> None:
+    """cli.py spells the choices out (importing the client would slow every `health` probe); they must not drift."""
+    from sidecar.workapi import HTTP_BACKENDS
+
+    [flag] = [flag for flag in cli.SERVE_FLAGS if flag.name == "--http-backend"]
+    assert flag.choices == HTTP_BACKENDS

@@ -36,7 +36,8 @@ class WorkApiSettings:
     """Worker id sent to the Work API (default: random per process)."""
     max_connections: int = 100
     http_backend: str = "httptools"
-    """The HTTP transport under httpx for Work API requests: aiohttp (default, cheaper) or httpx's own."""
+    """The HTTP transport for Work API requests: httptools (default: the lean exchange, aiohttp when a proxy
+    applies), aiohttp, or httpx's own (`sidecar.workapi.HTTP_BACKENDS`)."""
     startup_check: float = 15.0
     """At start, one stats read must answer within this many seconds, or the sidecar exits with a one-line
     error naming the cause (URL, key or environment). 0: skip the check."""

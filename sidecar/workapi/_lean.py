@@ -48,8 +48,8 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._status = 0
-        self._headers_done = False
         self._until_eof = False
+        """The body ends with the connection (set once a final answer's headers are in)."""
         self._keep_alive = False
         self._error: BaseException | None = None
 
@@ -69,12 +69,15 @@ class _Connection(asyncio.Protocol):
         self._body = []
         self._size = 0
         self._status = 0
-        self._headers_done = False
         self._until_eof = False
         self._keep_alive = False
 
     def reusable(self) -> bool:
         return not self.closed and self._error is None and self._keep_alive
+
+    def stale(self, now: float) -> bool:
+        """Closed by the server, or idle for KEEPALIVE_SECONDS: not to be used again."""
+        return self.closed or now - self.idle_since >= KEEPALIVE_SECONDS
 
     def close(self) -> None:
         self.closed = True
@@ -117,7 +120,7 @@ class _Connection(asyncio.Protocol):
                 self._fail(ExchangeFailed("ClientResponseError", f"not an HTTP/1.1 answer: {_detail(exc)}"))
 
     def eof_received(self) -> bool:
-        if self._waiter is not None and self._until_eof and self._headers_done:
+        if self._waiter is not None and self._until_eof:
             self.on_message_complete()  # the body is delimited by the end of the connection
         self.closed = True
         return False  # close the transport
@@ -158,7 +161,6 @@ class _Connection(asyncio.Protocol):
             raise _Abort
         self._until_eof = declared is None and not chunked and status not in _NO_BODY_STATUSES
         self._keep_alive = self._parser.should_keep_alive() and not self._until_eof  # llhttp: only here
-        self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -254,7 +256,7 @@ class LeanExchange:
         idle = self._idle
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to have been closed by the server
-            if not connection.closed and now - connection.idle_since < KEEPALIVE_SECONDS:
+            if not connection.stale(now):
                 return connection
             self._discard(connection)
         return None
@@ -263,7 +265,7 @@ class LeanExchange:
         """Close the connections idle for KEEPALIVE_SECONDS or closed by the server: the oldest are at the bottom
         (the pool is used from the top), so a burst's extra connections do not stay open for ever."""
         idle = self._idle
-        while idle and (idle[0].closed or now - idle[0].idle_since >= KEEPALIVE_SECONDS):
+        while idle and idle[0].stale(now):
             self._discard(idle.pop(0))
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
