@@ -338,18 +338,25 @@ class WorkApiClient:
         (`python -m bench.retry_cost`), 4 % of the CPU budget of a whole request, and most requests succeed."""
         policy, operation = op.policy, op.name
         attempts = 1
+        last = first
 
         async def attempt() -> Any:
-            nonlocal attempts
-            attempts += 1
+            nonlocal attempts, last
             remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # A sleep overran the deadline (a busy loop, a slow host): no attempt starts past it, and the caller
+                # learns what the Work API last said, not a timeout of a request that was never sent.
+                raise last
+            attempts += 1
             try:
-                if remaining <= 0:
-                    raise RequestTimeout(f"{operation}: its deadline passed", operation=operation)
                 return await self._send_once(op, url, body, min(attempt_timeout, remaining), attempts)
             except WorkApiError as exc:
                 exc.attempts = attempts
+                last = exc
                 raise
+
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, WorkApiError) and is_retryable(exc, operation) and time.monotonic() < deadline
 
         def wait(state: RetryCallState) -> float:
             failed = first if state.outcome is None else state.outcome.exception()
@@ -366,7 +373,7 @@ class WorkApiClient:
         await asyncio.sleep(first_wait)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.max_attempts - 1) | stop_before_delay(deadline - time.monotonic()),
-            retry=retry_if_exception(lambda exc: isinstance(exc, WorkApiError) and is_retryable(exc, operation)),
+            retry=retry_if_exception(retryable),
             wait=wait,
             before_sleep=log_retry,
             reraise=True,

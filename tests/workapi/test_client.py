@@ -3,6 +3,7 @@ the seed documents mapped to its exception, and retries with deadlines."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -237,6 +238,43 @@ async def test_retries_stop_at_their_deadline(emulator: Emu, make_client: Client
     elapsed = time.monotonic() - started
     assert caught.value.attempts > 1
     assert elapsed < 1.5 + 0.5, f"retries ran past the deadline: {elapsed:.2f}s"
+
+
+class _StallOnRetry(logging.Handler):
+    """Blocks the event loop for `stall` seconds when the client announces its `nth` retry: a stand-in for a
+    busy host whose timer fires late, so the sleep before the next attempt overruns the deadline."""
+
+    def __init__(self, nth: int, stall: float) -> None:
+        super().__init__()
+        self.nth, self.stall, self.seen = nth, stall, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("work api attempt failed"):
+            self.seen += 1
+            if self.seen == self.nth:
+                time.sleep(self.stall)  # deliberately blocking: the point is a loop that cannot keep time
+
+
+async def test_a_sleep_that_overruns_the_deadline_ends_with_the_last_answer(
+    emulator: Emu, make_client: ClientFactory
+) -> None:
+    """Guarantee: no attempt starts past the deadline, and the caller gets what the Work API last said (here 503),
+    not a made-up timeout. CI once saw `RequestTimeout: its deadline passed` when a 2-core runner overslept."""
+    _, _, admin = emulator
+    policy = RetryPolicy(initial_backoff=0.1, max_backoff=0.3, deadline=1.0, max_attempts=100)
+    client = await make_client(retry=RetryPolicies(default=policy, per_operation={}))
+    await fault(admin, operation="stats", status=503, count=1000, retry_after_ms="200")
+    stall = _StallOnRetry(nth=2, stall=1.0)
+    logger = logging.getLogger("sidecar.workapi")
+    logger.addHandler(stall)
+    try:
+        with pytest.raises(ServerError) as caught:
+            await client.stats()
+    finally:
+        logger.removeHandler(stall)
+    assert stall.seen == 2
+    assert caught.value.attempts == 2
+    assert len(await requests(admin, "stats")) == 2
 
 
 async def test_x_should_retry_false_is_final(emulator: Emu, make_client: ClientFactory) -> None:
