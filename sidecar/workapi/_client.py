@@ -386,8 +386,9 @@ class WorkApiClient:
         with _telemetry.request_span(operation, op.method, op.route, self.provider.name, attempt) as span:
             started = time.monotonic()
             try:
-                async with asyncio.timeout(limit):
-                    answer = await self._exchange.send(op.method, url, op.headers, body, self.max_response_bytes)
+                answer = await self._exchange.send(
+                    op.method, url, op.headers, body, self.max_response_bytes, timeout=limit
+                )
             except TimeoutError:
                 span.failed("Timeout")
                 raise RequestTimeout(

@@ -7,7 +7,7 @@ this costs next to nothing. Nothing secret is ever recorded: no headers, no quer
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import INVALID_SPAN, ProxyTracer, ProxyTracerProvider, SpanKind, Status, StatusCode
@@ -37,6 +37,12 @@ class RequestSpan:
         self._operation = operation
         self._status = "error"
 
+    def __enter__(self) -> RequestSpan:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
     def answered(self, status_code: int, request_id: str | None) -> None:
         self._status = str(status_code)
         self._span.set_attribute("http.response.status_code", status_code)
@@ -60,13 +66,20 @@ def tracing_off() -> bool:
     return isinstance(_tracer, ProxyTracer) and isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
 
 
-@contextmanager
-def request_span(operation: str, method: str, route: str, provider: str, attempt: int) -> Iterator[RequestSpan]:
+def request_span(
+    operation: str, method: str, route: str, provider: str, attempt: int
+) -> AbstractContextManager[RequestSpan]:
+    """The span of one attempt, current while the attempt runs. With tracing off: a RequestSpan that records the
+    error counter only, and is its own context manager (no generator per request)."""
     if attempt > 1:
         _retries.add(1, {"operation": operation})
     if tracing_off():
-        yield RequestSpan(INVALID_SPAN, operation)
-        return
+        return RequestSpan(INVALID_SPAN, operation)
+    return _traced_span(operation, method, route, provider, attempt)
+
+
+@contextmanager
+def _traced_span(operation: str, method: str, route: str, provider: str, attempt: int) -> Iterator[RequestSpan]:
     attributes: dict[str, str | int] = {
         "http.request.method": method,
         "url.template": route,

@@ -29,6 +29,7 @@ compression (an answer must be JSON as sent), no redirects.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
@@ -69,8 +70,18 @@ class AnswerTooLarge(Exception):
 
 class Exchange(Protocol):
     async def send(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
-    ) -> Answer: ...
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        max_bytes: int,
+        *,
+        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself: one timer, not an asyncio.timeout
+    ) -> Answer:
+        """One request and its whole answer (at most `max_bytes` of body), all within `timeout` seconds: else
+        TimeoutError (or ExchangeFailed("Timeout") for a connect that timed out)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -148,6 +159,19 @@ class AiohttpExchange:
         )
 
     async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        max_bytes: int,
+        *,
+        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself: one timer, not an asyncio.timeout
+    ) -> Answer:
+        async with asyncio.timeout(timeout):
+            return await self._send(method, url, headers, body, max_bytes)
+
+    async def _send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
     ) -> Answer:
         session = self._session
@@ -216,6 +240,19 @@ class HttpxExchange:
         )
 
     async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        max_bytes: int,
+        *,
+        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself: one timer, not an asyncio.timeout
+    ) -> Answer:
+        async with asyncio.timeout(timeout):
+            return await self._send(method, url, headers, body, max_bytes)
+
+    async def _send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
     ) -> Answer:
         import httpx

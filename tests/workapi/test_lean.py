@@ -325,24 +325,72 @@ async def test_a_declared_length_over_the_cap_is_refused_before_the_body() -> No
     async with ScriptedServer(answer_ok) as server:
         exchange = LeanExchange(base_url=server.url, max_connections=1, connect_timeout=1.0)
         with pytest.raises(AnswerTooLarge) as caught:
-            await exchange.send("GET", server.url + "/stats", {}, None, max_bytes=len(STATS) - 1)
+            await exchange.send("GET", server.url + "/stats", {}, None, max_bytes=len(STATS) - 1, timeout=5)
         assert caught.value.declared == len(STATS)
-        answer = await exchange.send("GET", server.url + "/stats", {}, None, max_bytes=1024)
+        answer = await exchange.send("GET", server.url + "/stats", {}, None, max_bytes=1024, timeout=5)
         assert answer.status == 200 and answer.headers["Content-Type"] == "application/json"
         assert server.connections == 2  # the refused answer's connection was not reused
+        await exchange.aclose()
+
+
+async def test_answer_headers_are_read_case_insensitively_first_one_wins() -> None:
+    async def answer(_: int, __: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(ok(STATS, "Request-Id: req_1", "request-id: req_2", "X-Empty:"))
+
+    async with ScriptedServer(answer) as server:
+        exchange = LeanExchange(base_url=server.url, max_connections=1, connect_timeout=1.0)
+        headers = (await exchange.send("GET", server.url + "/stats", {}, None, 1024, timeout=5)).headers
+        assert headers.get("REQUEST-ID") == headers["request-id"] == "req_1"
+        assert headers.get("x-empty") == "" and "X-EMPTY" in headers
+        assert headers.get("retry-after") is None and "retry-after" not in headers
+        with pytest.raises(KeyError):
+            headers["retry-after"]
+        assert [name.lower() for name in headers] == [
+            "content-type",
+            "content-length",
+            "request-id",
+            "request-id",
+            "x-empty",
+        ]
+        assert len(headers) == 5
+        await exchange.aclose()
+
+
+async def test_the_timeout_bounds_the_wait_for_a_connection_and_for_the_answer() -> None:
+    """The exchange bounds itself (one timer, no asyncio.timeout around it): a request that waits for the only
+    connection, or for an answer that never comes, ends with TimeoutError in time; the connection is not reused."""
+    release = asyncio.Event()
+
+    async def held(_: int, __: bytes, writer: asyncio.StreamWriter) -> None:
+        await release.wait()  # answers only once the test is over
+
+    async with ScriptedServer(held) as server:
+        exchange = LeanExchange(base_url=server.url, max_connections=1, connect_timeout=1.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(exchange.send("GET", server.url + "/a", {}, None, 1024, timeout=0.5))
+        second = asyncio.ensure_future(exchange.send("GET", server.url + "/b", {}, None, 1024, timeout=0.2))
+        with pytest.raises(TimeoutError):
+            await second  # waited for the slot the first one holds
+        assert loop.time() - started < 0.45
+        with pytest.raises(TimeoutError):
+            await first  # waited for an answer
+        assert 0.5 <= loop.time() - started < 1.5
+        release.set()
+        assert server.requests and len(server.requests) == 1  # the second never got a connection
         await exchange.aclose()
 
 
 async def test_a_request_that_cannot_be_written_safely_is_refused() -> None:
     exchange = LeanExchange(base_url="http://127.0.0.1:1", max_connections=1, connect_timeout=1.0)
     with pytest.raises(ValueError, match="target"):
-        await exchange.send("GET", "http://127.0.0.1:1/a b", {}, None, 1024)
+        await exchange.send("GET", "http://127.0.0.1:1/a b", {}, None, 1024, timeout=5)
     with pytest.raises(ValueError, match="header"):
-        await exchange.send("GET", "http://127.0.0.1:1/a", {"x-api-key": "k\r\nx-injected: 1"}, None, 1024)
+        await exchange.send("GET", "http://127.0.0.1:1/a", {"x-api-key": "k\r\nx-injected: 1"}, None, 1024, timeout=5)
     with pytest.raises(ValueError, match="origin"):
-        await exchange.send("GET", "http://elsewhere.example/a", {}, None, 1024)
+        await exchange.send("GET", "http://elsewhere.example/a", {}, None, 1024, timeout=5)
     with pytest.raises(ExchangeFailed) as caught:  # nothing listens on port 1
-        await exchange.send("GET", "http://127.0.0.1:1/a", {}, None, 1024)
+        await exchange.send("GET", "http://127.0.0.1:1/a", {}, None, 1024, timeout=5)
     assert caught.value.name == "ClientConnectorError"
 
 
