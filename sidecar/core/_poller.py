@@ -137,9 +137,13 @@ class Poller:
     async def _take_over(self, handed: asyncio.Event) -> None:
         """A successor waits for its predecessor's item to be handed over; then, while items keep coming and
         capacity is free, one more poller joins."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(HAND_OVER_WAIT):
+        if not handed.is_set():
+            # A timer that sets the event, not an asyncio.timeout: this runs once per item (issue #13).
+            timer = asyncio.get_running_loop().call_later(HAND_OVER_WAIT, handed.set)
+            try:
                 await handed.wait()
+            finally:
+                timer.cancel()
         if self._pollers < self._policy.max_pollers and (self._dispatcher.free_capacity() > self._polls_in_flight):
             self._start_poller(primary=False)
 
