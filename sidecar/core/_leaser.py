@@ -160,7 +160,7 @@ class Leaser:
             sent = time.monotonic()
             try:
                 with telemetry.use(lease.span):
-                    # `deadline` bounds the request and its retries (one timer per attempt, in the exchange): no
+                    # `deadline` bounds the request and its retries (the exchange bounds each attempt): no
                     # second timeout around it, at 10,000 leases that is measurable (issue #13).
                     result = await self._client.heartbeat(
                         lease.work_id,

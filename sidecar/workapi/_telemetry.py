@@ -6,6 +6,8 @@ this costs next to nothing. Nothing secret is ever recorded: no headers, no quer
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
@@ -60,10 +62,26 @@ class RequestSpan:
         _errors.add(1, {"operation": self._operation, "status": self._status})
 
 
+_RECHECK_SECONDS = 1.0
+_tracing: tuple[float, bool] = (-1.0, True)
+"""(when to ask OpenTelemetry again, whether tracing was off when last asked)."""
+
+
 def tracing_off() -> bool:
     """No tracer provider installed (the default: nothing configured): spans would be no-ops, so none is made
-    (one per request is measurable at thousands of heartbeats per second)."""
-    return isinstance(_tracer, ProxyTracer) and isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+    (one per request is measurable at thousands of heartbeats per second). OpenTelemetry is asked at most once a
+    second (asking reads the environment, ~1 % of the CPU at saturation, issue #13): a provider installed while
+    requests run is used within a second; once one is installed it stays (OpenTelemetry allows no other)."""
+    global _tracing
+    if not isinstance(_tracer, ProxyTracer):
+        return False
+    now = time.monotonic()
+    until, off = _tracing
+    if now < until:
+        return off
+    off = isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+    _tracing = (now + _RECHECK_SECONDS if off else math.inf, off)
+    return off
 
 
 def request_span(

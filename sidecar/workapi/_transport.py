@@ -77,7 +77,7 @@ class Exchange(Protocol):
         body: bytes | None,
         max_bytes: int,
         *,
-        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself: one timer, not an asyncio.timeout
+        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
     ) -> Answer:
         """One request and its whole answer (at most `max_bytes` of body), all within `timeout` seconds: else
         TimeoutError (or ExchangeFailed("Timeout") for a connect that timed out)."""
@@ -166,7 +166,7 @@ class AiohttpExchange:
         body: bytes | None,
         max_bytes: int,
         *,
-        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself: one timer, not an asyncio.timeout
+        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
     ) -> Answer:
         async with asyncio.timeout(timeout):
             return await self._send(method, url, headers, body, max_bytes)
@@ -247,7 +247,7 @@ class HttpxExchange:
         body: bytes | None,
         max_bytes: int,
         *,
-        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself: one timer, not an asyncio.timeout
+        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
     ) -> Answer:
         async with asyncio.timeout(timeout):
             return await self._send(method, url, headers, body, max_bytes)

@@ -357,7 +357,7 @@ async def test_answer_headers_are_read_case_insensitively_first_one_wins() -> No
 
 
 async def test_the_timeout_bounds_the_wait_for_a_connection_and_for_the_answer() -> None:
-    """The exchange bounds itself (one timer, no asyncio.timeout around it): a request that waits for the only
+    """The exchange bounds itself (shared timers, no asyncio.timeout around it): a request that waits for the only
     connection, or for an answer that never comes, ends with TimeoutError in time; the connection is not reused."""
     release = asyncio.Event()
 
