@@ -121,7 +121,29 @@ def proxy_applies(base_url: str) -> bool:
 KEEPALIVE_SECONDS = 30.0
 
 
-class AiohttpExchange:
+class _Timed:
+    """An exchange whose `_send` has no deadline of its own: `send` bounds it with an asyncio.timeout."""
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        max_bytes: int,
+        *,
+        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
+    ) -> Answer:
+        async with asyncio.timeout(timeout):
+            return await self._send(method, url, headers, body, max_bytes)
+
+    async def _send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
+    ) -> Answer:
+        raise NotImplementedError
+
+
+class AiohttpExchange(_Timed):
     """One aiohttp session (made on first use, inside the running loop) with every environment setting resolved
     at construction."""
 
@@ -157,19 +179,6 @@ class AiohttpExchange:
             skip_auto_headers=("Accept-Encoding",),
             timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
         )
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        body: bytes | None,
-        max_bytes: int,
-        *,
-        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
-    ) -> Answer:
-        async with asyncio.timeout(timeout):
-            return await self._send(method, url, headers, body, max_bytes)
 
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
@@ -222,7 +231,7 @@ class AiohttpExchange:
             await self._session.close()
 
 
-class HttpxExchange:
+class HttpxExchange(_Timed):
     """httpx's own stack (or an embedder's transport): the same interface, for those who want httpx's."""
 
     def __init__(
@@ -238,19 +247,6 @@ class HttpxExchange:
             transport=transport,
             follow_redirects=False,
         )
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        body: bytes | None,
-        max_bytes: int,
-        *,
-        timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
-    ) -> Answer:
-        async with asyncio.timeout(timeout):
-            return await self._send(method, url, headers, body, max_bytes)
 
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
