@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -13,7 +14,15 @@ import grpc
 
 from ..work.v1 import work_service_pb2 as pb
 from ..work.v1 import work_service_pb2_grpc as pb_grpc
-from ..workapi import APIStatusError, NotFoundError, ResponseError, Work, WorkApiClient, WorkApiError
+from ..workapi import (
+    APIStatusError,
+    NotFoundError,
+    ResponseError,
+    Work,
+    WorkApiClient,
+    WorkApiError,
+    is_retryable,
+)
 from . import _telemetry as telemetry
 from ._convert import fill_work, queue_stats_message
 from ._dispatcher import Dispatcher, Watcher
@@ -34,6 +43,11 @@ from ._status import SidecarRpcError, abort, build_status, error, from_work_api
 log = logging.getLogger("sidecar.service")
 
 MAX_IN_FLIGHT = 10_000
+
+STOP_PERSIST = 60.0
+"""Seconds StopWork keeps asking the Work API to stop an item when the sandbox set no deadline."""
+STOP_MARGIN = 1.0
+"""Seconds of the sandbox's deadline left for the answer when StopWork gives up asking."""
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -305,7 +319,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
         # What the stop asks for: `stopped`, or for a graceful stop the sandbox starts itself, `stopping` already.
         done = ("stopped",) if force or confirming else ("stopped", "stopping")
         try:
-            work = await self._stop(lease, force, done)
+            work = await self._stop_persistently(lease, force, done, context.time_remaining())
         except NotFoundError as exc:
             self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
             raise
@@ -321,6 +335,36 @@ class WorkService(pb_grpc.WorkServiceServicer):
             extra={"work_id": lease.work_id, "force": force, "state": work.state},
         )
         return _stop_response(work)
+
+    async def _stop_persistently(
+        self, lease: Lease, force: bool, done: tuple[str, ...], time_remaining: float | None
+    ) -> Work:
+        """`_stop`, asked again while it fails for a reason that may pass (5xx, 429, no answer: the client's own
+        retries ran out in a storm) and the sandbox's deadline leaves room (without one: `STOP_PERSIST` seconds).
+        A sandbox that hears UNAVAILABLE may give up, and the item would stay held, by nobody working on it, until
+        the sandbox left (found by `make chaos`, storm-5xx: 6 stops in a row answered 503)."""
+        until = time.monotonic() + (STOP_PERSIST if time_remaining is None else time_remaining - STOP_MARGIN)
+        failures = 0
+        while True:
+            try:
+                return await self._stop(lease, force, done)
+            except WorkApiError as exc:
+                if lease.ended or not is_retryable(exc, "stop"):
+                    raise
+                failures += 1
+                delay = self._policy.claim_backoff.delay(failures)
+                if time.monotonic() + delay >= until:
+                    raise
+                log.warning(
+                    "stop failed after its retries; asking again within the sandbox's deadline",
+                    extra={
+                        "work_id": lease.work_id,
+                        "error": str(exc),
+                        "rounds": failures,
+                        "retry_in": round(delay, 2),
+                    },
+                )
+                await asyncio.sleep(delay)
 
     async def _stop(self, lease: Lease, force: bool, done: tuple[str, ...]) -> Work:
         """Stop, and settle a refusal or an unreadable answer by reading the item. The sidecar builds every stop

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.core import Backoff
 from sidecar.work.v1 import work_service_pb2 as pb
+from sidecar.workapi import RetryPolicy
 from tests.helpers import eventually
 
 from .conftest import Api, SidecarFactory
@@ -147,6 +148,46 @@ async def test_an_invented_conflict_on_stop_does_not_leave_the_item_held(
     assert answer.work.state == pb.WORK_STATE_STOPPED
     assert await api.state(item.work.id) == "stopped"
     assert [r["status"] for r in await api.requests("stop", item.work.id)] == [409, 200]
+    watch.cancel()
+
+
+async def test_a_stop_whose_retries_run_out_in_a_storm_is_asked_again_within_the_deadline(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """Found by `make chaos` (storm-5xx: half of all requests answer 503). Guarantee: a StopWork whose Work API
+    retries all fail with an error that may pass is asked again while the sandbox's deadline leaves room, so the
+    item is stopped; it used to end in UNAVAILABLE, and a sandbox that gave up left the item held until it left."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2))
+    watch, item = await running.take_one(api)
+    attempts = RetryPolicy().max_attempts
+    await api.fault(operation="stop", status=503, count=attempts + 1, retry_after_ms="20")
+    answer = await running.stub.StopWork(
+        pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True), timeout=30
+    )
+    assert answer.work.state == pb.WORK_STATE_STOPPED
+    assert await api.state(item.work.id) == "stopped"
+    assert [r["status"] for r in await api.requests("stop", item.work.id)] == [503] * (attempts + 1) + [200]
+    watch.cancel()
+
+
+async def test_a_stop_that_keeps_failing_ends_in_unavailable_before_the_deadline(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """The other side: with every stop answered 503, StopWork answers UNAVAILABLE before the sandbox's deadline
+    (so the sandbox hears why, and may try again), and the lease is still held."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2))
+    watch, item = await running.take_one(api)
+    await api.fault(operation="stop", status=503, count=None, retry_after_ms="20")
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.stub.StopWork(
+            pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True), timeout=3
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 3
+    assert len(await api.requests("stop", item.work.id)) > RetryPolicy().max_attempts
+    await api.clear_faults()
+    assert (await running.stop(item)).work.state == pb.WORK_STATE_STOPPED
     watch.cancel()
 
 
