@@ -319,7 +319,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
         # What the stop asks for: `stopped`, or for a graceful stop the sandbox starts itself, `stopping` already.
         done = ("stopped",) if force or confirming else ("stopped", "stopping")
         try:
-            work = await self._stop_persistently(lease, force, done, context.time_remaining())
+            work = await self._stop(lease, force, done, context.time_remaining())
         except NotFoundError as exc:
             self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
             raise
@@ -336,19 +336,45 @@ class WorkService(pb_grpc.WorkServiceServicer):
         )
         return _stop_response(work)
 
-    async def _stop_persistently(
-        self, lease: Lease, force: bool, done: tuple[str, ...], time_remaining: float | None
-    ) -> Work:
-        """`_stop`, asked again while it fails for a reason that may pass (5xx, 429, no answer: the client's own
-        retries ran out in a storm) and the sandbox's deadline leaves room (without one: `STOP_PERSIST` seconds).
-        A sandbox that hears UNAVAILABLE may give up, and the item would stay held, by nobody working on it, until
-        the sandbox left (found by `make chaos`, storm-5xx: 6 stops in a row answered 503)."""
+    async def _stop(self, lease: Lease, force: bool, done: tuple[str, ...], time_remaining: float | None) -> Work:
+        """Stop, asking again for either of two reasons:
+
+        - a doubtful answer, settled first by reading the item: the sidecar builds every stop itself, so a 4xx for
+          one (409 "already stopped" for an item that is not, 400, 412) may have been invented on the way, and an
+          answer that does not parse leaves the outcome unknown. Asked again (at most `confirm_refusals` more
+          times) while the item is in none of the `done` states, then as below if it may pass. 404 (the item is
+          gone) is not doubted;
+        - a failure that may pass (5xx, 429, no answer: the client's own retries ran out in a storm), while the
+          sandbox's deadline leaves room (without one: `STOP_PERSIST` seconds).
+
+        A sandbox that hears an error may give up, and the item would stay held, by nobody working on it, until
+        the sandbox left (found by `make chaos`: fuzzed-answers for the first, storm-5xx for the second)."""
         until = time.monotonic() + (STOP_PERSIST if time_remaining is None else time_remaining - STOP_MARGIN)
-        failures = 0
+        doubts = failures = 0
         while True:
             try:
-                return await self._stop(lease, force, done)
+                with telemetry.use(lease.span):
+                    return await self._client.stop(lease.work_id, force=force)
             except WorkApiError as exc:
+                if isinstance(exc, APIStatusError | ResponseError) and _doubtful_stop_answer(exc):
+                    with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
+                        work = await self._client.get(lease.work_id)
+                        if work.state in done:
+                            return work
+                    doubts += 1
+                    if doubts <= self._policy.confirm_refusals:
+                        delay = self._policy.claim_backoff.delay(doubts)
+                        log.info(
+                            "stop answered but the item has not stopped; asking again",
+                            extra={
+                                "work_id": lease.work_id,
+                                "error": str(exc),
+                                "doubts": doubts,
+                                "retry_in": round(delay, 2),
+                            },
+                        )
+                        await asyncio.sleep(delay)
+                        continue
                 if lease.ended or not is_retryable(exc, "stop"):
                     raise
                 failures += 1
@@ -360,37 +386,9 @@ class WorkService(pb_grpc.WorkServiceServicer):
                     extra={
                         "work_id": lease.work_id,
                         "error": str(exc),
-                        "rounds": failures,
+                        "failures": failures,
                         "retry_in": round(delay, 2),
                     },
-                )
-                await asyncio.sleep(delay)
-
-    async def _stop(self, lease: Lease, force: bool, done: tuple[str, ...]) -> Work:
-        """Stop, and settle a refusal or an unreadable answer by reading the item. The sidecar builds every stop
-        itself, so a 4xx for one (409 "already stopped" for an item that is not, 400, 412) may have been invented
-        on the way, and an answer that does not parse leaves the outcome unknown; a sandbox that gave up on its
-        stop would leave the item held. Asked again (at most `confirm_refusals` more times) while the item is in
-        none of the `done` states. 404 (the item is gone) and 429/5xx (the client's retries) are not doubted."""
-        doubts = 0
-        while True:
-            try:
-                with telemetry.use(lease.span):
-                    return await self._client.stop(lease.work_id, force=force)
-            except (APIStatusError, ResponseError) as exc:
-                if not _doubtful_stop_answer(exc):
-                    raise
-                with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
-                    work = await self._client.get(lease.work_id)
-                    if work.state in done:
-                        return work
-                doubts += 1
-                if doubts > self._policy.confirm_refusals:
-                    raise
-                delay = self._policy.claim_backoff.delay(doubts)
-                log.info(
-                    "stop answered but the item has not stopped; asking again",
-                    extra={"work_id": lease.work_id, "error": str(exc), "doubts": doubts, "retry_in": round(delay, 2)},
                 )
                 await asyncio.sleep(delay)
 
