@@ -1,7 +1,9 @@
 """Keeps leases alive: heartbeat compare-and-swap on a schedule, self-fencing, release.
 
 One scheduler task and a heap of due times serve every lease (10,000 leases are 10,000 heap entries,
-not 10,000 sleeping tasks); at most `concurrency` heartbeats run at once. The rules are `LeasePolicy`'s:
+not 10,000 sleeping tasks). Due leases queue for at most `concurrency` renewal workers, started as the queue
+needs them (a worker per renewal would be a task, a guard and two callbacks each time: at 10,000 leases that
+is measurable, issue #13). The rules are `LeasePolicy`'s:
 
 - each lease is renewed every `heartbeat_interval(ttl)`, echoing the previous `last_heartbeat` exactly; a
   request (with its retries) may take at most that interval;
@@ -25,6 +27,7 @@ import heapq
 import itertools
 import logging
 import time
+from functools import partial
 
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import ConflictError, LeaseLostError, NotFoundError, WorkApiClient, WorkApiError
@@ -50,15 +53,18 @@ class Leaser:
         self._policy = policy
         self._leases = leases
         self._supervisor = supervisor
-        self._renewing: dict[Lease, asyncio.Task[None]] = {}
+        # The renewals in flight; a lease maps to a future only once a release waits for its renewal.
+        self._renewing: dict[Lease, asyncio.Future[None] | None] = {}
         self._releasing: set[asyncio.Task[None]] = set()
         self._heap: list[tuple[float, int, Lease]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         # Never more heartbeats in flight than the HTTP pool has connections (the composition root subtracts the
-        # pollers'): the rest wait here, in O(1), and not in httpcore's pool queue, which rescans every queued
-        # request against every connection on each request and response.
-        self._limit = asyncio.Semaphore(max(1, concurrency))
+        # pollers'): the rest wait in this queue, in O(1), and not in the pool's.
+        self._due: asyncio.Queue[Lease] = asyncio.Queue()
+        self._max_workers = max(1, concurrency)
+        self._workers = 0
+        self._idle_workers = 0
 
     def track(self, lease: Lease, *, at_once: bool = False) -> None:
         """Start renewing a freshly claimed lease (its first heartbeat already succeeded); `at_once`: renew it
@@ -72,9 +78,11 @@ class Leaser:
 
         A renewal in flight is waited for first: it may change the CAS value at the Work API, and a release
         sent with the old one would get 412 while the renewal extends the lease by a whole TTL for nobody."""
-        renewing = self._renewing.get(lease)
-        if renewing is not None and not renewing.done():
-            await asyncio.wait([renewing])
+        if lease in self._renewing:
+            waiter = self._renewing[lease]
+            if waiter is None:
+                waiter = self._renewing[lease] = asyncio.get_running_loop().create_future()
+            await waiter
         last_heartbeat = lease.last_heartbeat
         if not self._leases.lose(lease, reason, message):
             return
@@ -127,7 +135,11 @@ class Leaser:
             while self._heap and self._heap[0][0] <= now:
                 _, _, lease = heapq.heappop(self._heap)
                 if not lease.ended:
-                    self._start_renewal(lease)
+                    self._due.put_nowait(lease)
+            # Workers waiting on the queue take one lease each; start more for the rest, up to the limit.
+            while self._due.qsize() > self._idle_workers and self._workers < self._max_workers:
+                self._workers += 1
+                self._supervisor.keep(self._renewals, name="renewals")
             wake.clear()
             # Until the next renewal is due, or an earlier one is scheduled: a timer that sets the event (this
             # loop wakes hundreds of times a second with 10,000 leases; an asyncio.timeout costs more).
@@ -138,72 +150,80 @@ class Leaser:
                 if timer is not None:
                     timer.cancel()
 
-    def _start_renewal(self, lease: Lease) -> None:
-        task = self._supervisor.spawn(
-            self._renew(lease), name="renewal", on_crash=lambda exc: self._crashed(lease, exc)
-        )
-        self._renewing[lease] = task
-        task.add_done_callback(
-            lambda done: self._renewing.pop(lease, None) if self._renewing.get(lease) is done else None
-        )
+    async def _renewals(self) -> None:
+        """A renewal worker: renews due leases one at a time, until the sidecar closes."""
+        due, renewing, supervisor = self._due, self._renewing, self._supervisor
+        while True:
+            self._idle_workers += 1
+            try:
+                lease = await due.get()
+            finally:
+                self._idle_workers -= 1
+            if lease.ended:  # released or lost while it waited
+                continue
+            renewing[lease] = None
+            try:
+                # A renewal that fails unexpectedly is logged once and fences its lease; the worker goes on.
+                await supervisor.run(self._renew(lease), name="renewal", on_crash=partial(self._crashed, lease))
+            finally:
+                waiter = renewing.pop(lease, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
 
     async def _renew(self, lease: Lease) -> None:
-        async with self._limit:
+        policy = self._policy
+        fence_at = lease.expires - policy.fence_margin(lease.ttl_seconds)
+        budget = min(policy.heartbeat_interval(lease.ttl_seconds), fence_at - time.monotonic())
+        if budget <= 0:
+            self._fence(lease)
+            return
+        sent = time.monotonic()
+        try:
+            with telemetry.use(lease.span):
+                # `deadline` bounds the request and its retries (the exchange bounds each attempt): no
+                # second timeout around it, at 10,000 leases that is measurable (issue #13).
+                result = await self._client.heartbeat(
+                    lease.work_id,
+                    expected_last_heartbeat=lease.last_heartbeat,
+                    desired_ttl_seconds=policy.ttl_seconds,
+                    deadline=budget,
+                )
+        except (LeaseLostError, ConflictError) as exc:
+            telemetry.heartbeats.add(1, {"result": "precondition_failed"})
+            self._leases.lose(lease, pb.LEASE_LOST_REASON_PRECONDITION_FAILED, _describe(exc))
+            return
+        except NotFoundError as exc:
+            telemetry.heartbeats.add(1, {"result": "not_found"})
+            self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, _describe(exc))
+            return
+        except (WorkApiError, TimeoutError) as exc:
+            telemetry.heartbeats.add(1, {"result": _failure_kind(exc)})
             if lease.ended:
                 return
-            policy = self._policy
-            fence_at = lease.expires - policy.fence_margin(lease.ttl_seconds)
-            budget = min(policy.heartbeat_interval(lease.ttl_seconds), fence_at - time.monotonic())
-            if budget <= 0:
+            if time.monotonic() >= fence_at:
                 self._fence(lease)
                 return
-            sent = time.monotonic()
-            try:
-                with telemetry.use(lease.span):
-                    # `deadline` bounds the request and its retries (the exchange bounds each attempt): no
-                    # second timeout around it, at 10,000 leases that is measurable (issue #13).
-                    result = await self._client.heartbeat(
-                        lease.work_id,
-                        expected_last_heartbeat=lease.last_heartbeat,
-                        desired_ttl_seconds=policy.ttl_seconds,
-                        deadline=budget,
-                    )
-            except (LeaseLostError, ConflictError) as exc:
-                telemetry.heartbeats.add(1, {"result": "precondition_failed"})
-                self._leases.lose(lease, pb.LEASE_LOST_REASON_PRECONDITION_FAILED, _describe(exc))
-                return
-            except NotFoundError as exc:
-                telemetry.heartbeats.add(1, {"result": "not_found"})
-                self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, _describe(exc))
-                return
-            except (WorkApiError, TimeoutError) as exc:
-                telemetry.heartbeats.add(1, {"result": _failure_kind(exc)})
-                if lease.ended:
-                    return
-                if time.monotonic() >= fence_at:
-                    self._fence(lease)
-                    return
-                retry_in = max(0.0, min(policy.retry_delay(lease.ttl_seconds), fence_at - time.monotonic()))
-                log.warning(
-                    "heartbeat failed; retrying within the TTL",
-                    extra={"work_id": lease.work_id, "error": _describe(exc), "retry_in": round(retry_in, 3)},
-                )
-                self._schedule(lease, time.monotonic() + retry_in)
-                return
-            if not self._leases.renewed(lease, result, sent_at=sent):
-                return
-            if result.state == "stopped":  # stopped by someone else (before lease_extended: it is false then)
-                telemetry.heartbeats.add(1, {"result": "stopped"})
-                self._leases.end(lease, pb.LEASE_STATE_STOPPED, pb.LEASE_LOST_REASON_STOPPED, "the item was stopped")
-                return
-            if not result.lease_extended:
-                telemetry.heartbeats.add(1, {"result": "not_extended"})
-                self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_EXTENDED, "the Work API did not extend the lease")
-                return
-            telemetry.heartbeats.add(1, {"result": "ok"})
-            if result.state == "stopping":
-                self._leases.request_stop(lease)
-            self._schedule(lease, sent + policy.heartbeat_interval(lease.ttl_seconds))  # from the send: see track()
+            retry_in = max(0.0, min(policy.retry_delay(lease.ttl_seconds), fence_at - time.monotonic()))
+            log.warning(
+                "heartbeat failed; retrying within the TTL",
+                extra={"work_id": lease.work_id, "error": _describe(exc), "retry_in": round(retry_in, 3)},
+            )
+            self._schedule(lease, time.monotonic() + retry_in)
+            return
+        if not self._leases.renewed(lease, result, sent_at=sent):
+            return
+        if result.state == "stopped":  # stopped by someone else (before lease_extended: it is false then)
+            telemetry.heartbeats.add(1, {"result": "stopped"})
+            self._leases.end(lease, pb.LEASE_STATE_STOPPED, pb.LEASE_LOST_REASON_STOPPED, "the item was stopped")
+            return
+        if not result.lease_extended:
+            telemetry.heartbeats.add(1, {"result": "not_extended"})
+            self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_EXTENDED, "the Work API did not extend the lease")
+            return
+        telemetry.heartbeats.add(1, {"result": "ok"})
+        if result.state == "stopping":
+            self._leases.request_stop(lease)
+        self._schedule(lease, sent + policy.heartbeat_interval(lease.ttl_seconds))  # from the send: see track()
 
     def _fence(self, lease: Lease) -> None:
         telemetry.heartbeats.add(1, {"result": "expired"})

@@ -68,6 +68,54 @@ async def test_release_waits_for_the_renewal_in_flight(api: Api, start_sidecar: 
     )
 
 
+class _FailingRenewal:
+    """A lease observer with a bug: it raises when one item's lease is renewed."""
+
+    def __init__(self, work_id: str) -> None:
+        self.work_id = work_id
+
+    def claimed(self, lease: object) -> None:
+        pass
+
+    def assigned(self, lease: object) -> None:
+        pass
+
+    def renewed(self, lease: Any, result: object) -> None:
+        if lease.work_id == self.work_id:
+            raise RuntimeError("a bug in a renewal")
+
+    def stop_requested(self, lease: object) -> None:
+        pass
+
+    def ended(self, lease: object) -> None:
+        pass
+
+
+async def test_a_renewal_that_fails_unexpectedly_fences_only_its_own_lease(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """Guarantee: a renewal that fails in a way nobody foresaw (a bug) is logged, its sandbox hears LeaseLost
+    (INTERNAL) and its item is released; the renewal workers go on renewing every other lease."""
+    running = await start_sidecar(ttl_seconds=2, release_ttl_seconds=1)
+    watch = running.watch(max_in_flight=2)
+    await api.enqueue(2)
+    first, second = await watch.assigned(), await watch.assigned()
+    running.sidecar.leases.observe(_FailingRenewal(first.work.id))
+    lost = await watch.next("lease_lost", timeout=10)
+    assert lost.lease_lost.work_id == first.work.id
+    assert lost.lease_lost.reason == pb.LEASE_LOST_REASON_INTERNAL
+    await eventually(lambda: _requested_ttl(api, first.work.id, "1"), timeout=10, message="the release heartbeat")
+    assert running.sidecar.supervisor.crashed >= 1
+    renewals = len(await api.requests("heartbeat", second.work.id))
+
+    async def renewed_twice_more() -> bool:
+        return len(await api.requests("heartbeat", second.work.id)) >= renewals + 2
+
+    await eventually(renewed_twice_more, timeout=10, message="the other lease is still renewed")
+    assert await api.state(second.work.id) == "active"
+    watch.cancel()
+
+
 async def _open(api: Api, operation: str, work_id: str, after: int) -> bool:
     entries = (await api.requests(operation, work_id))[after:]
     return any(entry["status"] is None for entry in entries)
