@@ -25,6 +25,9 @@ from ..wire import (
 )
 from ._secret import WorkSecret
 
+# A JSON object: json.loads gives dicts, checked first (an exact-type check; the ABC's costs ~1 µs per call).
+_OBJECT = (dict, Mapping)
+
 AFTER_ID_CURSOR = "after_id:"
 """`WorkPage.next_cursor` of a page that continues after an id (not a `page` token)."""
 
@@ -122,13 +125,13 @@ class Work:
 
     @classmethod
     def from_json(cls, obj: Any) -> Work:
-        if not isinstance(obj, Mapping):
+        if not isinstance(obj, _OBJECT):
             raise ModelError("a work item is not a JSON object")
         data = obj.get("data")
-        if not isinstance(data, Mapping):
+        if not isinstance(data, _OBJECT):
             raise ModelError("missing field 'data'")
         metadata = obj.get("metadata") or {}
-        if not isinstance(metadata, Mapping):
+        if not isinstance(metadata, _OBJECT):
             raise ModelError("field 'metadata' is not an object")
         secret = _str(obj, "secret", required=False)
         times = {name: _str(obj, name, required=False) for name in WORK_TIMESTAMPS}
@@ -173,7 +176,7 @@ class HeartbeatResult:
 
     @classmethod
     def from_json(cls, obj: Any) -> HeartbeatResult:
-        if not isinstance(obj, Mapping):
+        if not isinstance(obj, _OBJECT):
             raise ModelError("a heartbeat response is not a JSON object")
         extended = obj.get("lease_extended", False)
         if not isinstance(extended, bool):
@@ -200,7 +203,7 @@ class LeaseSnapshot:
 
     @classmethod
     def from_json(cls, obj: Any) -> LeaseSnapshot | None:
-        if not isinstance(obj, Mapping):
+        if not isinstance(obj, _OBJECT):
             return None
         ttl = _whole(obj.get("ttl_seconds"))
         extended = obj.get("lease_extended")
@@ -224,7 +227,7 @@ class QueueStats:
 
     @classmethod
     def from_json(cls, obj: Any) -> QueueStats:
-        if not isinstance(obj, Mapping):
+        if not isinstance(obj, _OBJECT):
             raise ModelError("queue stats are not a JSON object")
 
         def count(key: str) -> int:
@@ -254,7 +257,7 @@ class WorkPage:
 
     @classmethod
     def from_json(cls, obj: Any, pagination: Pagination = Pagination.PAGE) -> WorkPage:
-        if not isinstance(obj, Mapping) or not isinstance(obj.get("data"), list):
+        if not isinstance(obj, _OBJECT) or not isinstance(obj.get("data"), list):
             raise ModelError("a work list page has no 'data' array")
         next_page = _str(obj, "next_page", required=False)
         cursor = next_page
