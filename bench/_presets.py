@@ -35,6 +35,9 @@ class Preset:
     """… over at most this many environments of N workers each, in parallel …"""
     sdk_dispatch_workers: int = 400
     """… and at most this many SDK workers in all (fewer environments at large N)."""
+    throughput_runs: int = 1
+    """Saturation runs per side and N; the figures are the run with the median items/s (the machine's speed
+    drifts by tens of percent within minutes: one 6 s run is one draw of it)."""
     burst_n: int = 100
     """Burst: this many items queued at once to this many idle sandboxes / SDK workers."""
     seed: int = 20260701
@@ -56,6 +59,7 @@ FULL = Preset(
     hold_ttl=60,
     hold_streams=100,
     emulator_seconds=5.0,
+    throughput_runs=3,
 )
 
 QUICK = Preset(
@@ -96,6 +100,7 @@ SMOKE = Preset(
     hold_ttl=2,
     hold_streams=5,
     emulator_seconds=1.0,
+    throughput_runs=2,  # the repeat path runs in the suite too
     sdk_dispatch_gap=(0.05, 0.2),
     sdk_dispatch_items=4,
     sdk_dispatch_envs=2,

@@ -65,7 +65,7 @@ class Progress:
 def estimate_seconds(p: Preset) -> float:
     mean_gap = sum(p.dispatch_gap) / 2
     serial = p.emulator_seconds + 4 + 3
-    serial += 2 * len(p.ns) * (min(p.throughput_limit, p.throughput_items / 150) + 2)
+    serial += 2 * len(p.ns) * p.throughput_runs * (min(p.throughput_limit, p.throughput_items / 150) + 2)
     serial += 2 * len(p.ns) * (p.dispatch_items * mean_gap + 2) + 2 * 8
     holds = sum(max(s, p.long_hold) + c / 150 + 4 for c, s in zip(p.hold_counts, p.hold_seconds, strict=True))
     return serial + holds
@@ -102,7 +102,11 @@ async def run(preset: Preset, out: Path, *, progress_bar: bool = True) -> dict[s
             for side, saturate in (("sidecar", fig_lifecycle.saturate_sidecar), ("sdk", fig_lifecycle.saturate_sdk)):
                 for n in preset.ns:
                     progress.step(f"throughput {side} N={n}")
-                    run_ = await saturate(emulator, n, preset.throughput_items, preset.throughput_limit)
+                    runs = [
+                        await saturate(emulator, n, preset.throughput_items, preset.throughput_limit, attempt)
+                        for attempt in range(preset.throughput_runs)
+                    ]
+                    run_ = fig_lifecycle.median_run(runs)
                     figures["throughput"][side][str(n)] = {k: v for k, v in run_.items() if k != "requests_per_item"}
                     figures["requests_per_item"]["short"][side][str(n)] = run_["requests_per_item"]
             for n in preset.ns:
@@ -204,7 +208,13 @@ def notes(p: Preset) -> list[str]:
         f"Short items and throughput: {p.throughput_items} items queued first, then N sandboxes/workers that stop "
         f"each item at once (runs end after {p.throughput_limit:g} s at most); items/s from their start to the "
         "last stop; requests per item from the emulator's log over the same window; sidecar CPU per Work API "
-        "request = the sidecar process's CPU over the window ÷ the requests in it.",
+        "request = the sidecar process's CPU over the window ÷ the requests in it"
+        + (
+            f"; {p.throughput_runs} runs per side and N, each on a fresh environment (and sidecar), the figures "
+            "are those of the run with the median items/s (every run's in latest.json)."
+            if p.throughput_runs > 1
+            else "."
+        ),
         f"Long items: {p.long_n} sandboxes/workers each hold one item for {p.long_hold:g} s at TTL {p.long_ttl} "
         "(really held, not time-scaled), measured once at N = "
         f"{p.long_n}: the SDK's during the first lease hold, the sidecar's during the second.",

@@ -67,6 +67,8 @@ def test_smoke_run_writes_every_figure(tmp_path: Path, short_dir: str) -> None:
             assert len(steps) == 6 and all(isinstance(v, numbers.Real) for v in steps.values()), (side, steps)
         assert isinstance(figures["throughput"]["sidecar"][n]["sidecar_cpu_ms_per_request"], numbers.Real)
         assert figures["throughput"]["sdk"][n]["processes"] == min(int(n), 10)
+        for side in ("sidecar", "sdk"):  # the smoke preset repeats each saturation run
+            assert len(figures["throughput"][side][n]["runs"]) == 2, (side, n)
     for side in ("sidecar", "sdk"):
         assert figures["burst"][side]["received"] == figures["burst"][side]["items"]
     meta = results["meta"]
@@ -86,3 +88,17 @@ def test_smoke_run_writes_every_figure(tmp_path: Path, short_dir: str) -> None:
     assert (tmp_path / "leases_held.png").stat().st_size > 1000
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
     assert not leftovers, f"the harness left processes behind: {leftovers}"
+
+
+def test_the_median_run_is_chosen_by_items_per_second() -> None:
+    from bench.fig_lifecycle import median_run
+
+    runs = [
+        {"items_per_second": v, "sidecar_cpu_ms_per_request": c, "x": i}
+        for i, (v, c) in enumerate([(300.0, 0.4), (100.0, 0.9), (200.0, 0.6)])
+    ]
+    chosen = median_run(runs)
+    assert chosen["x"] == 2 and chosen["sidecar_cpu_ms_per_request"] == 0.6
+    assert [r["items_per_second"] for r in chosen["runs"]] == [300.0, 100.0, 200.0]  # in run order
+    assert median_run(runs[:2])["x"] == 1  # an even count: the lower middle, never the better one
+    assert median_run(runs[:1]) == runs[0]
