@@ -2,7 +2,9 @@
 
 A sandbox is present for a lease while its WatchWork stream is open, or while KeepAlive pinged the lease
 within `liveness_window`. Once absent, the lease waits `reattach_grace` for a KeepAlive with its token (the
-sandbox re-attaching), then it is released. While the sidecar drains there is no grace: the pod is going
+sandbox re-attaching), then it is released, unless a stop the sandbox asked for is still going on (`Stops`): a
+release would requeue work the sandbox finished, so the lease waits for the stop (checked every `STOP_RECHECK`
+seconds). While the sidecar drains there is no grace: the pod is going
 away, nothing is assigned again, and a lease nobody holds would only keep the drain (and the exit) waiting.
 The state kept per lease (last ping, absent since, one timer) is this module's own: it never writes a lease's
 fields.
@@ -19,8 +21,12 @@ from ..work.v1 import work_service_pb2 as pb
 from ._lease import Lease, Leases
 from ._leaser import Leaser
 from ._policy import LeasePolicy
+from ._stops import Stops
 
 log = logging.getLogger("sidecar.liveness")
+
+STOP_RECHECK = 1.0
+"""Seconds between looks at a gone sandbox's lease whose stop is still being asked."""
 
 
 @dataclass(slots=True)
@@ -31,10 +37,11 @@ class _Presence:
 
 
 class Liveness:
-    def __init__(self, policy: LeasePolicy, leases: Leases, leaser: Leaser) -> None:
+    def __init__(self, policy: LeasePolicy, leases: Leases, leaser: Leaser, stops: Stops) -> None:
         self._policy = policy
         self._leases = leases
         self._leaser = leaser
+        self._stops = stops
         self._presence: dict[Lease, _Presence] = {}
         self._draining = False
 
@@ -116,6 +123,9 @@ class Liveness:
         remaining = presence.absent_since + grace - now
         if remaining > 0:
             presence.timer = loop.call_later(remaining + 0.01, self.check, lease)
+            return
+        if self._stops.pending(lease):  # the stop ends the lease; until then it is renewed, not released
+            presence.timer = loop.call_later(STOP_RECHECK, self.check, lease)
             return
         self.ended(lease)
         self._leaser.spawn_release(

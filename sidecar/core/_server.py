@@ -54,6 +54,7 @@ from ._limits import add_to_server
 from ._liveness import Liveness
 from ._poller import Poller
 from ._service import WorkService
+from ._stops import Stops
 from ._supervisor import Supervisor
 from ._tokens import TokenIssuer
 
@@ -124,7 +125,8 @@ class Sidecar:
             self.leases.observe(self.journal)
         heartbeats = min(policy.heartbeat_concurrency, api.max_connections - polling.max_pollers)
         self.leaser = Leaser(client, policy, self.leases, concurrency=heartbeats, supervisor=self.supervisor)
-        self.liveness = Liveness(policy, self.leases, self.leaser)
+        self.stops = Stops(client, policy, self.leases, supervisor=self.supervisor)
+        self.liveness = Liveness(policy, self.leases, self.leaser, self.stops)
         self.leases.observe(self.liveness)
         self.handover = HandOver(
             client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor, intents=self.journal
@@ -141,6 +143,7 @@ class Sidecar:
             dispatcher=self.dispatcher,
             handover=self.handover,
             liveness=self.liveness,
+            stops=self.stops,
             policy=policy,
         )
         self.server = grpc.aio.server(interceptors=_interceptors(settings.server), options=server_options(settings))

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,13 +14,9 @@ import grpc
 from ..work.v1 import work_service_pb2 as pb
 from ..work.v1 import work_service_pb2_grpc as pb_grpc
 from ..workapi import (
-    APIStatusError,
-    NotFoundError,
-    ResponseError,
     Work,
     WorkApiClient,
     WorkApiError,
-    is_retryable,
 )
 from . import _telemetry as telemetry
 from ._convert import fill_work, queue_stats_message
@@ -39,15 +34,11 @@ from ._limits import (
 from ._liveness import Liveness
 from ._policy import LeasePolicy
 from ._status import SidecarRpcError, abort, build_status, error, from_work_api
+from ._stops import Stops
 
 log = logging.getLogger("sidecar.service")
 
 MAX_IN_FLIGHT = 10_000
-
-STOP_PERSIST = 60.0
-"""Seconds StopWork keeps asking the Work API to stop an item when the sandbox set no deadline."""
-STOP_MARGIN = 1.0
-"""Seconds of the sandbox's deadline left for the answer when StopWork gives up asking."""
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -130,6 +121,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
         dispatcher: Dispatcher,
         handover: HandOver,
         liveness: Liveness,
+        stops: Stops,
         policy: LeasePolicy,
     ) -> None:
         self._client = client
@@ -138,6 +130,7 @@ class WorkService(pb_grpc.WorkServiceServicer):
         self._dispatcher = dispatcher
         self._handover = handover
         self._liveness = liveness
+        self._stops = stops
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -318,16 +311,9 @@ class WorkService(pb_grpc.WorkServiceServicer):
         force = request.force or (confirming and self._client.provider.confirm_stop_with_force)
         # What the stop asks for: `stopped`, or for a graceful stop the sandbox starts itself, `stopping` already.
         done = ("stopped",) if force or confirming else ("stopped", "stopping")
-        try:
-            work = await self._stop(lease, force, done, context.time_remaining())
-        except NotFoundError as exc:
-            self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
-            raise
-        self._leases.update_work(lease, work)
-        if work.state == "stopped":
-            self._leases.end(lease, pb.LEASE_STATE_STOPPED)
-        elif work.state == "stopping":
-            self._leases.request_stop(lease, by_sandbox=True)  # the sandbox asked for it: no StopRequested back
+        work = await self._stops.stop(lease, force, done, context.time_remaining())
+        if lease.state == pb.LEASE_STATE_LOST:  # lost while the stop was asked
+            raise self._lost(lease)
         # A stop that ended the lease is logged once, by the lease's end ("lease ended", state stopped).
         log.log(
             logging.DEBUG if lease.ended else logging.INFO,
@@ -335,62 +321,6 @@ class WorkService(pb_grpc.WorkServiceServicer):
             extra={"work_id": lease.work_id, "force": force, "state": work.state},
         )
         return _stop_response(work)
-
-    async def _stop(self, lease: Lease, force: bool, done: tuple[str, ...], time_remaining: float | None) -> Work:
-        """Stop, asking again for either of two reasons:
-
-        - a doubtful answer, settled first by reading the item: the sidecar builds every stop itself, so a 4xx for
-          one (409 "already stopped" for an item that is not, 400, 412) may have been invented on the way, and an
-          answer that does not parse leaves the outcome unknown. Asked again (at most `confirm_refusals` more
-          times) while the item is in none of the `done` states, then as below if it may pass. 404 (the item is
-          gone) is not doubted;
-        - a failure that may pass (5xx, 429, no answer: the client's own retries ran out in a storm), while the
-          sandbox's deadline leaves room (without one: `STOP_PERSIST` seconds).
-
-        A sandbox that hears an error may give up, and the item would stay held, by nobody working on it, until
-        the sandbox left (found by `make chaos`: fuzzed-answers for the first, storm-5xx for the second)."""
-        until = time.monotonic() + (STOP_PERSIST if time_remaining is None else time_remaining - STOP_MARGIN)
-        doubts = failures = 0
-        while True:
-            try:
-                with telemetry.use(lease.span):
-                    return await self._client.stop(lease.work_id, force=force)
-            except WorkApiError as exc:
-                if isinstance(exc, APIStatusError | ResponseError) and _doubtful_stop_answer(exc):
-                    with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
-                        work = await self._client.get(lease.work_id)
-                        if work.state in done:
-                            return work
-                    doubts += 1
-                    if doubts <= self._policy.confirm_refusals:
-                        delay = self._policy.claim_backoff.delay(doubts)
-                        log.info(
-                            "stop answered but the item has not stopped; asking again",
-                            extra={
-                                "work_id": lease.work_id,
-                                "error": str(exc),
-                                "doubts": doubts,
-                                "retry_in": round(delay, 2),
-                            },
-                        )
-                        await asyncio.sleep(delay)
-                        continue
-                if lease.ended or not is_retryable(exc, "stop"):
-                    raise
-                failures += 1
-                delay = self._policy.claim_backoff.delay(failures)
-                if time.monotonic() + delay >= until:
-                    raise
-                log.warning(
-                    "stop failed after its retries; asking again within the sandbox's deadline",
-                    extra={
-                        "work_id": lease.work_id,
-                        "error": str(exc),
-                        "failures": failures,
-                        "retry_in": round(delay, 2),
-                    },
-                )
-                await asyncio.sleep(delay)
 
     @_unary
     async def GetWork(self, request: pb.GetWorkRequest, context: Context) -> pb.GetWorkResponse:
@@ -456,13 +386,6 @@ class WorkService(pb_grpc.WorkServiceServicer):
             environment_id=self._client.environment_id,
             provider=self._client.provider.name,
         )
-
-
-def _doubtful_stop_answer(exc: APIStatusError | ResponseError) -> bool:
-    """A stop answer to check by reading the item: one that does not parse, or a 4xx but 404 and 429."""
-    if isinstance(exc, ResponseError):
-        return True
-    return 400 <= exc.status_code < 500 and exc.status_code not in (404, 429)
 
 
 def _stop_response(work: Work) -> pb.StopWorkResponse:

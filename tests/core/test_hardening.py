@@ -23,6 +23,7 @@ from sidecar.workapi import RetryPolicy
 from tests.helpers import eventually
 
 from .conftest import Api, SidecarFactory
+from .test_lifecycle import error_info
 
 
 def _at(value: str) -> float:
@@ -232,11 +233,74 @@ async def test_a_stop_that_keeps_failing_ends_in_unavailable_before_the_deadline
             pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True), timeout=3
         )
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(refused.value).reason == "STOP_PENDING"
     assert time.monotonic() - started < 3
     assert len(await api.requests("stop", item.work.id)) > RetryPolicy().max_attempts
     await api.clear_faults()
+    # StopWork again joins the stop that goes on: one stop is answered 200, not two.
     assert (await running.stop(item)).work.state == pb.WORK_STATE_STOPPED
+    assert [r["status"] for r in await api.requests("stop", item.work.id)].count(200) == 1
     watch.cancel()
+
+
+async def test_a_stop_past_the_deadline_goes_on_and_its_item_is_not_requeued_when_the_sandbox_leaves(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """Guarantee (no duplicate execution): a sandbox that hears STOP_PENDING and leaves has finished its item.
+    The sidecar keeps asking for the stop and keeps the lease (renewed, never released) until the Work API stops
+    the item; releasing it would hand finished work to another sandbox. It used to be released at once."""
+    running = await start_sidecar(
+        claim_backoff=Backoff(initial=0.05, maximum=0.2), reattach_grace=0.0, liveness_window=0.0
+    )
+    watch, item = await running.take_one(api)
+    await api.fault(operation="stop", status=503, count=None, retry_after_ms="20")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.stub.StopWork(
+            pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True), timeout=2
+        )
+    assert error_info(refused.value).reason == "STOP_PENDING"
+    watch.cancel()  # the sandbox gives up and leaves (no grace)
+    asked = len(await api.requests("stop", item.work.id))
+    renewed = len(await api.requests("heartbeat", item.work.id))
+
+    async def still_asking_and_renewing() -> bool:
+        return (
+            len(await api.requests("stop", item.work.id)) >= asked + 3
+            and len(await api.requests("heartbeat", item.work.id)) >= renewed + 2
+        )
+
+    await eventually(still_asking_and_renewing, timeout=15, message="the stop and the renewals go on")
+    assert await api.state(item.work.id) == "active"
+    assert not await _requested_ttl(api, item.work.id, "1"), "the item was released while its stop was pending"
+    await api.clear_faults()
+
+    async def stopped() -> bool:
+        return await api.state(item.work.id) == "stopped" and running.sidecar.leases.get(item.work.id) is None
+
+    await eventually(stopped, timeout=10, message="the stop went through and ended the lease")
+    assert not await _requested_ttl(api, item.work.id, "1")
+
+
+async def test_a_stop_the_sandbox_cancels_still_happens(api: Api, start_sidecar: SidecarFactory) -> None:
+    """Guarantee: a StopWork cancelled by its sandbox (it died, or gave up early) while the Work API was failing
+    still stops the item: what the sandbox asked for does not depend on its staying to hear the answer."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2))
+    watch, item = await running.take_one(api)
+    await api.fault(operation="stop", status=503, count=None, retry_after_ms="20")
+    call = running.stub.StopWork(pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True))
+
+    async def asked() -> bool:
+        return len(await api.requests("stop", item.work.id)) >= 2
+
+    await eventually(asked, timeout=10, message="the stop is being asked")
+    call.cancel()
+    await api.clear_faults()
+    await eventually(lambda: _state_is(api, item.work.id, "stopped"), timeout=10, message="the item stopped")
+    watch.cancel()
+
+
+async def _state_is(api: Api, work_id: str, state: str) -> bool:
+    return await api.state(work_id) == state
 
 
 async def test_a_conflict_on_stop_that_repeats_is_aborted(api: Api, start_sidecar: SidecarFactory) -> None:

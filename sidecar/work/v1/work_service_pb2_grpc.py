@@ -115,6 +115,9 @@ class WorkServiceServicer:
         """StopWork ends an item: a graceful stop asks the platform to stop it; a
         forced stop ends it at once. The sidecar confirms a requested stop the way
         the official workers do. The lease is released once the item is stopped.
+        A stop the Work API has not confirmed within the call's deadline fails
+        with UNAVAILABLE (reason STOP_PENDING), and the sidecar keeps asking: the
+        lease ends when the stop goes through; StopWork again waits for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

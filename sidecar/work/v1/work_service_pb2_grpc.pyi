@@ -59,6 +59,9 @@ class WorkServiceStub:
     """StopWork ends an item: a graceful stop asks the platform to stop it; a
     forced stop ends it at once. The sidecar confirms a requested stop the way
     the official workers do. The lease is released once the item is stopped.
+    A stop the Work API has not confirmed within the call's deadline fails
+    with UNAVAILABLE (reason STOP_PENDING), and the sidecar keeps asking: the
+    lease ends when the stop goes through; StopWork again waits for it.
     """
     GetWork: _grpc.UnaryUnaryMultiCallable[_work_service_pb2.GetWorkRequest, _work_service_pb2.GetWorkResponse]
     """GetWork reads the current state of a leased item from the Work API."""
@@ -104,6 +107,9 @@ class WorkServiceAsyncStub(WorkServiceStub):
     """StopWork ends an item: a graceful stop asks the platform to stop it; a
     forced stop ends it at once. The sidecar confirms a requested stop the way
     the official workers do. The lease is released once the item is stopped.
+    A stop the Work API has not confirmed within the call's deadline fails
+    with UNAVAILABLE (reason STOP_PENDING), and the sidecar keeps asking: the
+    lease ends when the stop goes through; StopWork again waits for it.
     """
     GetWork: _aio.UnaryUnaryMultiCallable[_work_service_pb2.GetWorkRequest, _work_service_pb2.GetWorkResponse]  # type: ignore[assignment]
     """GetWork reads the current state of a leased item from the Work API."""
@@ -164,6 +170,9 @@ class WorkServiceServicer(metaclass=_abc_1.ABCMeta):
         """StopWork ends an item: a graceful stop asks the platform to stop it; a
         forced stop ends it at once. The sidecar confirms a requested stop the way
         the official workers do. The lease is released once the item is stopped.
+        A stop the Work API has not confirmed within the call's deadline fails
+        with UNAVAILABLE (reason STOP_PENDING), and the sidecar keeps asking: the
+        lease ends when the stop goes through; StopWork again waits for it.
         """
 
     @_abc_1.abstractmethod
