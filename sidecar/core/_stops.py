@@ -194,16 +194,8 @@ class Stops:
                     doubts += 1
                     if doubts <= self._policy.confirm_refusals:
                         delay = self._policy.claim_backoff.delay(doubts)
-                        log.info(
-                            "stop answered but the item has not stopped; asking again",
-                            extra={
-                                "work_id": lease.work_id,
-                                "error": str(exc),
-                                "doubts": doubts,
-                                "retry_in": round(delay, 2),
-                            },
-                        )
-                        await asyncio.sleep(delay)
+                        message = "stop answered but the item has not stopped; asking again"
+                        await self._again(lease, exc, logging.INFO, message, ("doubts", doubts), delay)
                         continue
                 if lease.ended or not is_retryable(exc, "stop"):
                     raise
@@ -211,17 +203,18 @@ class Stops:
                 delay = self._policy.claim_backoff.delay(failures)
                 if time.monotonic() + delay >= until:
                     raise
-                log.log(
-                    logging.INFO if until == math.inf else logging.WARNING,
-                    "stop failed after its retries; asking again",
-                    extra={
-                        "work_id": lease.work_id,
-                        "error": str(exc),
-                        "failures": failures,
-                        "retry_in": round(delay, 2),
-                    },
-                )
-                await asyncio.sleep(delay)
+                level = logging.INFO if until == math.inf else logging.WARNING
+                message = "stop failed after its retries; asking again"
+                await self._again(lease, exc, level, message, ("failures", failures), delay)
+
+    async def _again(
+        self, lease: Lease, exc: WorkApiError, level: int, message: str, counted: tuple[str, int], delay: float
+    ) -> None:
+        """Log why the stop is asked again (`counted`: the reason's name and count), then wait `delay`."""
+        name, count = counted
+        extra = {"work_id": lease.work_id, "error": str(exc), name: count, "retry_in": round(delay, 2)}
+        log.log(level, message, extra=extra)
+        await asyncio.sleep(delay)
 
 
 def _still_pending(lease: Lease, pending: _Pending) -> SidecarRpcError:
