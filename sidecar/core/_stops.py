@@ -116,7 +116,7 @@ class Stops:
         outcome.add_done_callback(_retrieved)
         pending = self._pending[lease] = _Pending(force, outcome)
         log.warning(
-            "stop not confirmed within the sandbox's deadline; the sidecar keeps asking",
+            "stop not confirmed before its StopWork ended; the sidecar keeps asking",
             extra={"work_id": lease.work_id, "force": force, "error": str(last) if last else "cancelled"},
         )
         task = self._supervisor.spawn(self._finish(lease, pending, done), name="stop")
