@@ -281,6 +281,28 @@ async def test_a_stop_past_the_deadline_goes_on_and_its_item_is_not_requeued_whe
     assert not await _requested_ttl(api, item.work.id, "1")
 
 
+async def test_a_force_stop_replaces_a_pending_graceful_one(api: Api, start_sidecar: SidecarFactory) -> None:
+    """A pending graceful stop does not hold back a force stop: StopWork(force) replaces it, and a later
+    StopWork joins the force stop (the item ends `stopped`, not `stopping`)."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2))
+    watch, item = await running.take_one(api)
+    await api.fault(operation="stop", status=503, count=None, retry_after_ms="20")
+    for force in (False, True):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.stub.StopWork(
+                pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=force), timeout=2
+            )
+        info = error_info(refused.value)
+        assert (info.reason, info.metadata["force"]) == ("STOP_PENDING", str(force).lower())
+    await api.clear_faults()
+    joined = await running.stub.StopWork(
+        pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=False), timeout=10
+    )
+    assert joined.work.state == pb.WORK_STATE_STOPPED
+    assert await api.state(item.work.id) == "stopped"
+    watch.cancel()
+
+
 async def test_a_stop_the_sandbox_cancels_still_happens(api: Api, start_sidecar: SidecarFactory) -> None:
     """Guarantee: a StopWork cancelled by its sandbox (it died, or gave up early) while the Work API was failing
     still stops the item: what the sandbox asked for does not depend on its staying to hear the answer."""
