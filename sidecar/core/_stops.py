@@ -74,7 +74,7 @@ class Stops:
     async def stop(self, lease: Lease, force: bool, done: tuple[str, ...], time_remaining: float | None) -> Work:
         """Stop the item (`done`: the states that count as stopped), apply the answer to the lease, return it.
 
-        Raises the Work API's error when it refused for good (NotFoundError: the lease is lost too), or
+        Raises the Work API's error when it refused for good (NotFoundError: `_ask` lost the lease too), or
         UNAVAILABLE (STOP_PENDING) when the sandbox's deadline ran out first: the stop then goes on. A lease that
         ended meanwhile (lost, say) stops the asking: its item as last seen is returned."""
         until = time.monotonic() + (STOP_PERSIST if time_remaining is None else time_remaining - STOP_MARGIN)
@@ -87,9 +87,6 @@ class Stops:
             work = await self._ask(lease, force, done, until)
         except _LeaseEnded:
             return lease.work
-        except NotFoundError as exc:
-            self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
-            raise
         except WorkApiError as exc:
             if lease.ended or not is_retryable(exc, "stop"):
                 raise
@@ -145,8 +142,6 @@ class Stops:
                 outcome.set_result(lease.work)
                 return
             except WorkApiError as exc:
-                if isinstance(exc, NotFoundError):
-                    self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
                 log.warning(
                     "the stop the sandbox asked for was refused", extra={"work_id": lease.work_id, "error": str(exc)}
                 )
@@ -197,6 +192,8 @@ class Stops:
                         message = "stop answered but the item has not stopped; asking again"
                         await self._again(lease, exc, logging.INFO, message, ("doubts", doubts), delay)
                         continue
+                if isinstance(exc, NotFoundError):  # the item is gone: so is the lease
+                    self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, str(exc))
                 if lease.ended or not is_retryable(exc, "stop"):
                     raise
                 failures += 1

@@ -281,6 +281,26 @@ async def test_a_stop_past_the_deadline_goes_on_and_its_item_is_not_requeued_whe
     assert not await _requested_ttl(api, item.work.id, "1")
 
 
+async def test_a_stop_answered_404_loses_the_lease(api: Api, start_sidecar: SidecarFactory) -> None:
+    """404 on a stop is not doubted: the item is gone, so the lease is lost; the sandbox hears NOT_FOUND, and a
+    later call on the item says the lease is lost (FAILED_PRECONDITION), not that a stop is pending."""
+    running = await start_sidecar()
+    watch, item = await running.take_one(api)
+    await api.fault(operation="stop", status=404, count=None)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.stop(item)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert running.sidecar.leases.get(item.work.id) is None
+    lease = running.sidecar.leases.table.authorize(item.work.id, item.lease_token)
+    assert lease is not None and lease.state == pb.LEASE_STATE_LOST
+    assert not running.sidecar.stops.pending(lease)
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await running.stop(item)
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await api.clear_faults()
+    watch.cancel()
+
+
 async def test_a_force_stop_replaces_a_pending_graceful_one(api: Api, start_sidecar: SidecarFactory) -> None:
     """A pending graceful stop does not hold back a force stop: StopWork(force) replaces it, and a later
     StopWork joins the force stop (the item ends `stopped`, not `stopping`)."""
