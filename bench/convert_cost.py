@@ -1,6 +1,6 @@
 """`python -m bench.convert_cost`: the CPU of building one WorkAssigned event, nested constructors vs in place.
 
-Why `sidecar/core/_convert.py` fills messages in place: with upb, a message handed to a constructor as a keyword is
+Why `sidecar/core/edge/_convert.py` fills messages in place: with upb, a message handed to a constructor as a keyword is
 copied, so building `WatchWorkResponse(work_assigned=WorkAssigned(work=Work(created_at=Timestamp(…))))` copies
 each level again. The sidecar builds one such event per assignment and a `Work` per stop (issue #13).
 """
@@ -11,7 +11,7 @@ import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from sidecar.core._convert import WORK_STATES, fill_timestamp, fill_work
+from sidecar.core.edge._convert import WORK_STATES, fill_timestamp, fill_work
 from sidecar.wire import WORK_TIMESTAMPS
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import Work

@@ -25,9 +25,9 @@ from typing import Any
 
 import grpc
 
-from sidecar.core._journal import Binding, Journal
-from sidecar.core._lease import Leases
-from sidecar.core._tokens import TokenIssuer
+from sidecar.core.engine._lease import Leases
+from sidecar.core.persistence._journal import Binding, Journal
+from sidecar.core.persistence._tokens import TokenIssuer
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 from sidecar.workapi import HeartbeatResult, Work, WorkData

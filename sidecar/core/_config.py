@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..workapi import HTTP_BACKENDS, PROVIDERS, get_provider
-from ._policy import LeasePolicy, PollPolicy
+from .engine._policy import LeasePolicy, PollPolicy
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,22 +41,22 @@ from ..workapi import (
     WorkApiError,
 )
 from . import _telemetry as telemetry
-from ._adoption import Adoption
-from ._auth import BearerTokenInterceptor
 from ._config import ServerSettings, SidecarSettings, parse_listen
-from ._dispatcher import Dispatcher
-from ._handover import HandOver
-from ._health import HealthReporter
-from ._journal import Binding, Journal, prepare_state_dir
-from ._lease import Leases
-from ._leaser import Leaser
-from ._limits import add_to_server
-from ._liveness import Liveness
-from ._poller import Poller
-from ._service import WorkService
-from ._stops import Stops
-from ._supervisor import Supervisor
-from ._tokens import TokenIssuer
+from .edge._auth import BearerTokenInterceptor
+from .edge._health import HealthReporter
+from .edge._limits import add_to_server
+from .edge._service import WorkService
+from .engine._dispatcher import Dispatcher
+from .engine._handover import HandOver
+from .engine._lease import Leases
+from .engine._leaser import Leaser
+from .engine._liveness import Liveness
+from .engine._poller import Poller
+from .engine._stops import Stops
+from .engine._supervisor import Supervisor
+from .persistence._adoption import Adoption
+from .persistence._journal import Binding, Journal, prepare_state_dir
+from .persistence._tokens import TokenIssuer
 
 log = logging.getLogger("sidecar")
 

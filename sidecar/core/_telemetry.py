@@ -24,7 +24,7 @@ from ..work.v1 import work_service_pb2 as pb
 from ..workapi import HeartbeatResult, Work
 
 if TYPE_CHECKING:
-    from ._lease import Lease
+    from .engine._lease import Lease
 
 log = logging.getLogger("sidecar.leases")
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from ..core._status import abort, build_status, from_work_api
+from ..core.edge._status import abort, build_status, from_work_api
 from ..keda import externalscaler_pb2 as pb
 from ..keda import externalscaler_pb2_grpc as pb_grpc
 from ..workapi import WorkApiError

@@ -1,4 +1,4 @@
-"""`core/_convert.py`: the hand-rolled Timestamp conversion agrees with protobuf's own `FromDatetime`."""
+"""`core/edge/_convert.py`: the hand-rolled Timestamp conversion agrees with protobuf's own `FromDatetime`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core._convert import fill_timestamp, fill_work
+from sidecar.core.edge._convert import fill_timestamp, fill_work
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import Work
 

@@ -1,4 +1,4 @@
-"""`core/_dispatcher.py`: the running total of free slots stays the sum over the open watchers, whatever happens.
+"""`core/engine/_dispatcher.py`: the running total of free slots stays the sum over the open watchers, whatever happens.
 
 `free_capacity()` is read once per poll, per reservation and per stats call, so the dispatcher keeps it as a
 total updated by each change instead of walking every watcher (issue #13). A wrong update would make the poller
@@ -11,7 +11,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.core._dispatcher import Dispatcher, Watcher
+from sidecar.core.engine._dispatcher import Dispatcher, Watcher
 from sidecar.work.v1 import work_service_pb2 as pb
 
 ACTIONS = st.lists(

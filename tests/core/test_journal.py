@@ -1,4 +1,4 @@
-"""The lease journal (`sidecar.core._journal`) and the token issuer on their own: what is written is what a
+"""The lease journal (`sidecar.core.persistence._journal`) and the token issuer on their own: what is written is what a
 successor reads, through compaction, damage and a foreign header; tokens a successor recomputes."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.core._journal import JOURNAL_FILE, Binding, Journal, StateDirError, decode
-from sidecar.core._lease import Leases
-from sidecar.core._tokens import KEY_FILE, TokenIssuer
+from sidecar.core.engine._lease import Leases
+from sidecar.core.persistence._journal import JOURNAL_FILE, Binding, Journal, StateDirError, decode
+from sidecar.core.persistence._tokens import KEY_FILE, TokenIssuer
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import HeartbeatResult, Work, WorkData
 

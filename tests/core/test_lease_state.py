@@ -1,4 +1,4 @@
-"""The lease state machine (`sidecar.core._lease.Leases`) on its own: transitions and their invariants.
+"""The lease state machine (`sidecar.core.engine._lease.Leases`) on its own: transitions and their invariants.
 
 Guarantees checked here: a lease is in the table exactly while it is held; an ended lease never renews, never
 changes state again and never re-enters the table; a new claim of the same item ends the stale lease and issues
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.core._lease import Lease, Leases
-from sidecar.core._policy import Backoff, LeasePolicy, PollPolicy
+from sidecar.core.engine._lease import Lease, Leases
+from sidecar.core.engine._policy import Backoff, LeasePolicy, PollPolicy
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import HeartbeatResult, Work, WorkData
 
@@ -167,7 +167,7 @@ def test_policies_declare_the_documented_rules() -> None:
 async def test_an_adopted_lease_keeps_its_token_and_a_buried_one_tells_how_it_ended() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from sidecar.core._tokens import TokenIssuer
+    from sidecar.core.persistence._tokens import TokenIssuer
 
     tokens = TokenIssuer.ephemeral()
     first = Leases(tokens=tokens)

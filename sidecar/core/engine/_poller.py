@@ -22,8 +22,8 @@ import contextlib
 import logging
 import time
 
-from ..workapi import Work, WorkApiClient, WorkApiError, is_retryable
-from . import _telemetry as telemetry
+from ...workapi import Work, WorkApiClient, WorkApiError, is_retryable
+from .. import _telemetry as telemetry
 from ._dispatcher import Dispatcher, Watcher
 from ._handover import HandOver
 from ._policy import PollPolicy

@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .._fencing import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, fence_margin
-from ..wire import MAX_BLOCK_MS, MIN_BLOCK_MS
+from ..._fencing import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, fence_margin
+from ...wire import MAX_BLOCK_MS, MIN_BLOCK_MS
 
 
 @dataclass(frozen=True, slots=True)

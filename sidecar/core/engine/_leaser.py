@@ -29,9 +29,9 @@ import logging
 import time
 from functools import partial
 
-from ..work.v1 import work_service_pb2 as pb
-from ..workapi import ConflictError, LeaseLostError, NotFoundError, WorkApiClient, WorkApiError
-from . import _telemetry as telemetry
+from ...work.v1 import work_service_pb2 as pb
+from ...workapi import ConflictError, LeaseLostError, NotFoundError, WorkApiClient, WorkApiError
+from .. import _telemetry as telemetry
 from ._lease import Lease, Leases
 from ._policy import LeasePolicy
 from ._supervisor import Supervisor

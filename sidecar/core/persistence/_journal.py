@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..work.v1 import work_service_pb2 as pb
+from ...work.v1 import work_service_pb2 as pb
 
 if TYPE_CHECKING:
-    from ..workapi import HeartbeatResult
-    from ._lease import Lease
+    from ...workapi import HeartbeatResult
+    from ..engine._lease import Lease
 
 log = logging.getLogger("sidecar.journal")
 

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ..wire import WORK_TIMESTAMPS
-from ..work.v1 import work_service_pb2 as pb
-from ..workapi import QueueStats, Work, parse_time
+from ...wire import WORK_TIMESTAMPS
+from ...work.v1 import work_service_pb2 as pb
+from ...workapi import QueueStats, Work, parse_time
 
 WORK_STATES = {
     "queued": pb.WORK_STATE_QUEUED,

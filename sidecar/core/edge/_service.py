@@ -11,18 +11,21 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ..work.v1 import work_service_pb2 as pb
-from ..work.v1 import work_service_pb2_grpc as pb_grpc
-from ..workapi import (
+from ...work.v1 import work_service_pb2 as pb
+from ...work.v1 import work_service_pb2_grpc as pb_grpc
+from ...workapi import (
     Work,
     WorkApiClient,
     WorkApiError,
 )
-from . import _telemetry as telemetry
+from .. import _telemetry as telemetry
+from ..engine._dispatcher import Dispatcher, Watcher
+from ..engine._handover import HandOver
+from ..engine._lease import Lease, Leases
+from ..engine._liveness import Liveness
+from ..engine._policy import LeasePolicy
+from ..engine._stops import Stops
 from ._convert import fill_work, queue_stats_message
-from ._dispatcher import Dispatcher, Watcher
-from ._handover import HandOver
-from ._lease import Lease, Leases
 from ._limits import (
     MAX_TOKEN,
     Malformed,
@@ -31,10 +34,7 @@ from ._limits import (
     check_sandbox_id,
     check_work_id,
 )
-from ._liveness import Liveness
-from ._policy import LeasePolicy
 from ._status import SidecarRpcError, abort, build_status, error, from_work_api
-from ._stops import Stops
 
 log = logging.getLogger("sidecar.service")
 

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
-from ..work.v1 import work_service_pb2 as pb
-from ..workapi import HeartbeatResult, Work, WorkSecret
-from ._convert import fill_timestamp
-from ._tokens import TokenIssuer
+from ...work.v1 import work_service_pb2 as pb
+from ...workapi import HeartbeatResult, Work, WorkSecret
+from ..edge._convert import fill_timestamp
+from ..persistence._tokens import TokenIssuer
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from ..work.v1 import work_service_pb2 as pb
+from ...work.v1 import work_service_pb2 as pb
 from ._status import SidecarRpcError, error
 
 WORK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")

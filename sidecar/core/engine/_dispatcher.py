@@ -17,10 +17,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..work.v1 import work_service_pb2 as pb
+from ...work.v1 import work_service_pb2 as pb
 
 if TYPE_CHECKING:
-    from ..workapi import HeartbeatResult
+    from ...workapi import HeartbeatResult
     from ._lease import Lease
 
 SILENT_REASONS = frozenset({pb.LEASE_LOST_REASON_UNSPECIFIED, pb.LEASE_LOST_REASON_SANDBOX_GONE})

@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ..work.v1 import work_service_pb2 as pb
-from ..workapi import NO_HEARTBEAT, Work, WorkApiClient, WorkApiError, WorkData
+from ...work.v1 import work_service_pb2 as pb
+from ...workapi import NO_HEARTBEAT, Work, WorkApiClient, WorkApiError, WorkData
+from ..engine._lease import Leases
+from ..engine._leaser import Leaser
+from ..engine._liveness import Liveness
+from ..engine._policy import LeasePolicy
+from ..engine._supervisor import Supervisor
 from ._journal import Journal, JournaledEnd, Recovered
-from ._lease import Leases
-from ._leaser import Leaser
-from ._liveness import Liveness
-from ._policy import LeasePolicy
-from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.adoption")
 

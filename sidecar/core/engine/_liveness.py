@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..work.v1 import work_service_pb2 as pb
+from ...work.v1 import work_service_pb2 as pb
 from ._lease import Lease, Leases
 from ._leaser import Leaser
 from ._policy import LeasePolicy

@@ -24,8 +24,8 @@ from typing import Protocol
 
 from opentelemetry.trace import Span
 
-from ..work.v1 import work_service_pb2 as pb
-from ..workapi import (
+from ...work.v1 import work_service_pb2 as pb
+from ...workapi import (
     NO_HEARTBEAT,
     ConflictError,
     HeartbeatResult,
@@ -40,8 +40,8 @@ from ..workapi import (
     is_retryable,
     parse_time,
 )
-from . import _telemetry as telemetry
-from ._convert import fill_work
+from .. import _telemetry as telemetry
+from ..edge._convert import fill_work
 from ._dispatcher import Dispatcher, Watcher
 from ._lease import Lease, Leases
 from ._leaser import Leaser

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..work.v1 import work_service_pb2 as pb
-from ..workapi import APIStatusError, NotFoundError, ResponseError, Work, WorkApiClient, WorkApiError, is_retryable
-from . import _telemetry as telemetry
+from ...work.v1 import work_service_pb2 as pb
+from ...workapi import APIStatusError, NotFoundError, ResponseError, Work, WorkApiClient, WorkApiError, is_retryable
+from .. import _telemetry as telemetry
+from ..edge._status import SidecarRpcError, error
 from ._lease import Lease, Leases
 from ._policy import LeasePolicy
-from ._status import SidecarRpcError, error
 from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.stops")

@@ -1,0 +1,1 @@
+"""The lease engine: polling, hand-over, the lease state machine, renewal, stops, liveness, their policies."""
