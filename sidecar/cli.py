@@ -15,153 +15,24 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ._address import ADDRESS_ENV, add_sidecar_argument
+from ._flags import (
+    ENV_PREFIX,
+    SERVE_FLAGS,
+    USAGE_EXIT,
+    Flag,
+    UsageError,
+    add_flags,
+    add_print_config,
+    print_config,
+    resolve,
+    values_of,
+)
 from ._logging import LOG_FORMATS
-from .wire import MAX_BLOCK_MS, MIN_BLOCK_MS, PROVIDERS
 
-ENV_PREFIX = "WORK_SIDECAR_"
-USAGE_EXIT = 2
-"""Exit status for a start that cannot work as configured (bad flags, address in use, Work API refusing)."""
-
-
-class UsageError(SystemExit):
-    """A configuration error: printed as one line `work-sidecar: …` on stderr, exit status 2."""
-
-    def __init__(self, message: str) -> None:
-        print(f"work-sidecar: {message}", file=sys.stderr)
-        super().__init__(USAGE_EXIT)
-
-
-@dataclass(frozen=True)
-class Flag:
-    """One `serve` flag and its `WORK_SIDECAR_*` variable. `setting` names the settings field it fills,
-    (class, field name): its default is read from there, so every default is declared once."""
-
-    name: str
-    help: str
-    type: Any = str
-    default: Any = None
-    repeatable: bool = False
-    choices: tuple[str, ...] | None = None
-    setting: str | None = None
-    """'Class.field' of `sidecar.core`'s settings (read only when needed: health probes never import the core)."""
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.lstrip("-").upper().replace("-", "_")
-
-    @property
-    def dest(self) -> str:
-        return self.name.lstrip("-").replace("-", "_")
-
-    @property
-    def default_value(self) -> Any:
-        if self.setting is None:
-            return self.default
-        from . import core
-
-        kind, _, name = self.setting.partition(".")
-        found = next(f for f in dataclasses.fields(getattr(core, kind)) if f.name == name)
-        value = found.default
-        if isinstance(value, tuple):
-            return list(value)
-        if name == "socket_mode":
-            return f"{value:04o}"
-        if name == "release_ttl_seconds":
-            return value or 0
-        return None if value == "" else value
-
-
-SERVE_FLAGS: tuple[Flag, ...] = (
-    Flag("--provider", "Work API flavour", choices=tuple(PROVIDERS), setting="WorkApiSettings.provider"),
-    Flag("--api-url", "Work API base URL; when absent the embedded emulator is started (demo mode)"),
-    Flag("--environment-id", "the environment to serve (default with the emulator: env_local)"),
-    Flag("--api-key", "Work API key (prefer the environment variable); generated for the emulator"),
-    Flag("--listen", "unix:///path or host:port, repeatable (env: comma-separated)", repeatable=True,
-         setting="ServerSettings.listen"),
-    Flag("--socket-mode", "permissions of Unix sockets: 0600 (this user) or 0660 (also its group)",
-         setting="ServerSettings.socket_mode"),
-    Flag("--drain-timeout", "seconds to let leases finish after SIGTERM", type=float,
-         setting="ServerSettings.drain_timeout"),
-    Flag("--ttl", "lease TTL in seconds asked for with every heartbeat", type=int, setting="LeasePolicy.ttl_seconds"),
-    Flag("--liveness-window", "a lease without a WatchWork stream needs a KeepAlive ping this often (s)",
-         type=float, setting="LeasePolicy.liveness_window"),
-    Flag("--reattach-grace", "seconds a gone sandbox has to re-attach before its leases are released (0 when draining)",
-         type=float, setting="LeasePolicy.reattach_grace"),
-    Flag("--release-ttl", "TTL asked for on release so items requeue sooner (0: off)", type=int,
-         setting="LeasePolicy.release_ttl_seconds"),
-    Flag("--confirm-refusals", "times a doubtful refusal (claim after ack, 4xx on stop) is asked again",
-         type=int, setting="LeasePolicy.confirm_refusals"),
-    Flag("--max-pollers", "parallel long polls while items keep coming", type=int, setting="PollPolicy.max_pollers"),
-    Flag("--poll-block-ms", f"long poll block_ms ({MIN_BLOCK_MS}..{MAX_BLOCK_MS})", type=int,
-         setting="PollPolicy.block_ms"),
-    Flag("--idle-poll-gap", "seconds to wait after an empty poll (0: none): fewer idle requests, slower dispatch",
-         type=float, setting="PollPolicy.idle_poll_gap"),
-    Flag("--unclaimed-wait", "seconds a polled item waits for a free sandbox slot before it is left unacked",
-         type=float, setting="PollPolicy.unclaimed_wait"),
-    Flag("--auth-token",
-         "bearer token required on every call but health and reflection (required on non-loopback TCP)"),
-    Flag("--worker-id", "worker id sent to the Work API (default: random per process)"),
-    Flag("--http-backend", "HTTP transport for Work API requests: httptools (leanest; aiohttp when a proxy applies), "
-         "aiohttp or httpx",
-         choices=("httptools", "aiohttp", "httpx"), setting="WorkApiSettings.http_backend"),
-    Flag("--unready-after", "seconds of failing polls after which readiness turns NOT_SERVING", type=float,
-         setting="ServerSettings.unready_after"),
-    Flag("--startup-check", "seconds the Work API has to answer at start (0: no check)", type=float,
-         setting="WorkApiSettings.startup_check"),
-    Flag("--keepalive-time", "seconds between HTTP/2 keepalive pings on idle connections", type=float,
-         setting="ServerSettings.keepalive_time"),
-    Flag("--log-format", "auto (text on a TTY, else JSON), json or text", default="auto",
-         choices=LOG_FORMATS),
-    Flag("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO"),
-    Flag("--emulator-port", "port of the embedded emulator (0: any free port)", type=int, default=8787),
-    Flag("--metrics-listen", "host:port for a Prometheus scrape endpoint (off by default)"),
-    Flag("--state-dir", "directory where leases survive a sidecar crash or restart (journal, token key; "
-         "'' = off)", setting="StateSettings.state_dir"),
-)  # fmt: skip
-
-
-def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
-    for flag in flags:
-        parser.add_argument(
-            flag.name,
-            dest=flag.dest,
-            type=flag.type,
-            choices=flag.choices,
-            action="append" if flag.repeatable else "store",
-            default=None,
-            help=_help(flag),
-        )
-
-
-def _resolve(ns: argparse.Namespace, flags: Sequence[Flag], environ: dict[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for flag in flags:
-        value = getattr(ns, flag.dest)
-        if value is None and flag.env in environ and environ[flag.env] != "":
-            raw = environ[flag.env]
-            if flag.repeatable:
-                value = [part.strip() for part in raw.split(",") if part.strip()]
-            else:
-                try:
-                    value = flag.type(raw)
-                except ValueError:
-                    raise UsageError(f"{flag.env}={raw!r} is not a valid {flag.type.__name__}") from None
-                if flag.choices and value not in flag.choices:
-                    raise UsageError(f"{flag.env} must be one of {', '.join(flag.choices)}")
-        values[flag.dest] = flag.default_value if value is None else value
-    return values
-
-
-def _help(flag: Flag) -> str:
-    default = flag.default_value
-    if default is None:
-        return f"{flag.help} [env {flag.env}]"
-    shown = ",".join(default) if isinstance(default, list) else str(default)
-    return f"{flag.help} [env {flag.env}] (default {shown})"
+__all__ = ["ENV_PREFIX", "SERVE_FLAGS", "USAGE_EXIT", "Flag", "UsageError", "build_parser", "main", "serve_settings"]
 
 
 def _octal(raw: str, name: str) -> int:
@@ -176,7 +47,8 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the sidecar")
     if serve_flags:  # off for `health`, so a probe does not import the core
-        _add_flags(serve, SERVE_FLAGS)
+        add_flags(serve, SERVE_FLAGS)
+        add_print_config(serve)
     sub.add_parser("emulator", help="run the local Work API emulator (work-sidecar emulator --help)", add_help=False)
     health = sub.add_parser(
         "health",
@@ -262,13 +134,18 @@ def serve_settings(values: dict[str, Any]) -> Any:
 def _serve(ns: argparse.Namespace) -> int:
     from ._logging import configure_logging
 
-    values = _resolve(ns, SERVE_FLAGS, dict(os.environ))
+    resolved = resolve(ns, SERVE_FLAGS, os.environ)
+    if ns.print_config:
+        print_config(resolved, sys.stdout)
+    values = values_of(resolved)
     if values["log_format"] not in LOG_FORMATS:
         raise UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
     try:
         settings = serve_settings(values)
     except ValueError as exc:
         raise UsageError(f"{exc}") from None
+    if ns.print_config:
+        return 0
     configure_logging(
         fmt=values["log_format"],
         level=values["log_level"],

@@ -11,12 +11,14 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..cli import SERVE_FLAGS, Flag, _add_flags, _resolve
+from .._flags import SERVE_FLAGS, Flag, UsageError, add_flags, add_print_config, print_config, resolve, values_of
 from ._config import DEFAULT_LISTEN, ScalerConfig
 
+PROG = "work-sidecar scaler"
 SHARED = (
     "--provider", "--api-url", "--environment-id", "--api-key", "--listen", "--worker-id", "--http-backend",
     "--keepalive-time", "--log-format", "--log-level",
@@ -25,7 +27,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "--api-url": {"help": "Work API base URL (required)"},
     "--environment-id": {"help": "the environment of triggers whose metadata names no environmentId"},
     "--api-key": {"help": "Work API key (prefer the environment variable)"},
-    "--listen": {"help": f"unix:///path or host:port, repeatable (env: comma-separated; default {DEFAULT_LISTEN})"},
+    "--listen": {
+        "help": "unix:///path or host:port, repeatable (env: comma-separated)",
+        "setting": None,  # not the sidecar's gRPC address: the scaler's own
+        "default": (DEFAULT_LISTEN,),
+    },
     "--worker-id": {"help": "worker id sent with stats reads (default: random per process)"},
 }
 _BY_NAME = {flag.name: flag for flag in SERVE_FLAGS}
@@ -44,8 +50,9 @@ SCALER_FLAGS: tuple[Flag, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="work-sidecar scaler", description=__doc__.splitlines()[0])
-    _add_flags(parser, SCALER_FLAGS)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_flags(parser, SCALER_FLAGS)
+    add_print_config(parser)
     return parser
 
 
@@ -74,10 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._server import Scaler
 
     ns = build_parser().parse_args(argv)
-    values = _resolve(ns, SCALER_FLAGS, dict(os.environ))
+    resolved = resolve(ns, SCALER_FLAGS, os.environ, prog=PROG)
+    if ns.print_config:
+        print_config(resolved, sys.stdout)
     try:
-        config = scaler_config(values)
+        config = scaler_config(values_of(resolved))
     except ValueError as exc:
-        raise SystemExit(f"work-sidecar scaler: {exc}") from None
+        raise UsageError(str(exc), prog=PROG) from None
+    if ns.print_config:
+        return 0
     configure_logging(fmt=config.log_format, level=config.log_level, secrets=[config.api_key])
     return asyncio.run(Scaler(config).run())
