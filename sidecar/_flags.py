@@ -225,7 +225,7 @@ def flag_help(flag: Flag) -> str:
     if flag.env_names:
         text += f" [env {' or '.join(flag.env_names)}]"
     default = flag.default_value
-    if default is None or flag.switch:
+    if default is None or default == "" or flag.switch:
         return text
     return f"{text} (default {shown(default)})"
 

@@ -45,6 +45,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ._address import ADDRESS_ALIASES, ADDRESS_ENV, CHANNEL_OPTIONS, add_sidecar_argument
 from ._fencing import fence_margin
+from ._flags import Flag, add_flags, resolve, values_of
 from ._logging import LOG_FORMATS, configure_logging
 from .client import _Reconnect, sidecar_unreachable
 from .wire import WORK_TIMESTAMPS, work_object
@@ -360,6 +361,22 @@ The environment key (WORK_SIDECAR_API_KEY) is never passed on.
 """
 
 
+EXEC_FLAGS: tuple[Flag, ...] = (
+    Flag("--max-in-flight", "children running at once", type=int, default=1, variables=(), metavar="N"),
+    Flag("--sandbox-id", "this sandbox's name in the sidecar's logs (default: exec:HOST:PID)", default="",
+         variables=(), metavar="ID"),
+    Flag("--auth-token", "bearer token, when the sidecar was started with one", secret=True, metavar="TOKEN"),
+    Flag("--kill-grace", "seconds between SIGTERM and SIGKILL when a lease is lost or the adapter is stopped",
+         type=float, default=10.0, variables=(), metavar="S"),
+    Flag("--once", "exit after one item, with the child's exit code", switch=True),
+    Flag("--reconnect-timeout", "seconds to keep reconnecting to an unreachable (restarting) sidecar; the children "
+         "keep running", type=float, default=60.0, variables=(), metavar="S"),
+    Flag("--log-format", "the adapter's own log lines: auto (text on a TTY, else JSON), json or text",
+         default="auto", choices=LOG_FORMATS, variables=()),
+)  # fmt: skip
+"""`exec`'s flags besides `--sidecar` (which `health` shares, `add_sidecar_argument`)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="work-sidecar exec",
@@ -372,43 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_sidecar_argument(parser)
-    parser.add_argument(
-        "--max-in-flight", type=int, default=1, metavar="N", help="children running at once (default 1)"
-    )
-    parser.add_argument(
-        "--sandbox-id",
-        default="",
-        metavar="ID",
-        help="this sandbox's name in the sidecar's logs (default: exec:HOST:PID)",
-    )
-    parser.add_argument(
-        "--auth-token",
-        default=os.environ.get("WORK_SIDECAR_AUTH_TOKEN"),
-        metavar="TOKEN",
-        help="bearer token, when the sidecar was started with one [env WORK_SIDECAR_AUTH_TOKEN]",
-    )
-    parser.add_argument(
-        "--kill-grace",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="seconds between SIGTERM and SIGKILL when a lease is lost or the adapter is stopped (default 10)",
-    )
-    parser.add_argument("--once", action="store_true", help="exit after one item, with the child's exit code")
-    parser.add_argument(
-        "--reconnect-timeout",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="seconds to keep reconnecting to an unreachable (restarting) sidecar; the children keep running "
-        "(default 60)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default="auto",
-        choices=LOG_FORMATS,
-        help="the adapter's own log lines: auto (text on a TTY, else JSON), json or text",
-    )
+    add_flags(parser, EXEC_FLAGS)
     return parser
 
 
@@ -421,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         own, command = argv, []
     parser = build_parser()
     args, unknown = parser.parse_known_args(own)
+    vars(args).update(values_of(resolve(args, EXEC_FLAGS, os.environ, prog="work-sidecar exec")))
     if unknown:
         hint = "" if command else f"; put the command after --: work-sidecar exec [options] -- {' '.join(unknown)}"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
