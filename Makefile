@@ -13,12 +13,13 @@ BENCH_STAMP := $(VENV)/.installed-bench
 PIP         := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: help venv proto lint typecheck buf-lint test test-fast run bench bench-quick chaos chaos-quick polyglot-deps clean
+.PHONY: help venv proto config-docs lint typecheck buf-lint test test-fast run bench bench-quick chaos chaos-quick polyglot-deps clean
 
 help:
 	@echo "make run            start the sidecar on an embedded emulator and run the example sandbox"
 	@echo "make test           ruff, mypy --strict, buf lint, the stale-code check and the whole pytest suite"
 	@echo "make proto          regenerate sidecar/work/ from proto/"
+	@echo "make config-docs    regenerate docs/configuration.md from the flag definitions"
 	@echo "make bench          benchmarks against the official SDK worker, then the fleet (writes bench/results/)"
 	@echo "make chaos          the slow attack tests, then the chaos and fuzz matrix, >= 10 min (writes chaos/results/)"
 	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint (apt-get: needs root)"
@@ -45,6 +46,10 @@ venv: $(RUN_STAMP)
 
 proto: $(TEST_STAMP)
 	$(BIN)/python tools/gen_proto.py
+
+# docs/configuration.md from the flag definitions; tests/test_config_docs.py fails when it is stale.
+config-docs: $(RUN_STAMP)
+	$(BIN)/python tools/gen_config_docs.py
 
 LINT_PATHS := $(wildcard sidecar tests tools examples bench chaos)
 
