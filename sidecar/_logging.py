@@ -23,7 +23,7 @@ _FIELDS = "_sidecar_fields"
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     """The record's `extra` fields, collected once per record (the redacting filter and the formatter both read
-    them; a line costs tens of microseconds and the sidecar writes two per item, issue #13)."""
+    them, and the sidecar writes two lines per item)."""
     attributes = record.__dict__
     fields: dict[str, Any] | None = attributes.get(_FIELDS)
     if fields is None:

@@ -22,8 +22,7 @@ from opentelemetry import metrics, trace
 
 from . import __version__
 
-# The SDK is imported only when an exporter is configured: with telemetry off the process never loads it
-# (about 7 MB of the idle RSS).
+# The SDK is imported only when an exporter is configured: with telemetry off the process never loads it.
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader

@@ -4,7 +4,7 @@ Both sides import this module: the client (`sidecar.workapi`) to speak the proto
 (`sidecar.emulator`) to check and answer it. The emulator's *behaviour* (leases, queues, which documented
 ambiguity it resolves how) stays its own; what a request and an answer look like lives here.
 
-Why a top-level module and not `sidecar/workapi/wire.py`: importing anything under `sidecar.workapi` runs that
+Why a top-level module and not one inside `sidecar.workapi`: importing anything under `sidecar.workapi` runs that
 package's `__init__` (the client, httpx, tenacity, OpenTelemetry), and the emulator must not depend on the
 client it is there to check. So this is a leaf: it imports the standard library only, and nothing in `sidecar`
 imports less. The provider profiles live here for the same reason: they are the per-provider wire facts the

@@ -125,8 +125,8 @@ def reason_name(reason: int) -> str:
 
 def _log_soon(level: int, message: str, fields: dict[str, object]) -> None:
     """Log after the current step of the event loop (with the current trace context): a transition's caller
-    finishes first, so the hand-over has queued WorkAssigned before the line is formatted and written (issue #13:
-    a log write on the way to the sandbox costs ~0.1 ms). Without a running loop (a test), at once."""
+    finishes first, so the hand-over has queued WorkAssigned before the line is formatted and written: no log
+    write is on the way from the Work API's answer to the sandbox. Without a running loop (a test), at once."""
     if not log.isEnabledFor(level):
         return
     try:

@@ -334,8 +334,8 @@ class WorkApiClient:
     ) -> Any:
         """Attempts 2..max_attempts, after a first one that failed and may be retried: tenacity's loop, with the
         wait from `retry_delay` (the server's retry-after, else full jitter) and no attempt that would start past
-        the deadline. The first attempt goes out without tenacity: its bookkeeping costs ~20 µs a call
-        (`python -m bench.retry_cost`), 4 % of the CPU budget of a whole request, and most requests succeed."""
+        the deadline. The first attempt goes out without tenacity, whose bookkeeping would run on every request
+        (`python -m bench.retry_cost` measures it), while most requests succeed at once."""
         policy, operation = op.policy, op.name
         attempts = 1
         last = first

@@ -69,8 +69,8 @@ _tracing: tuple[float, bool] = (-1.0, True)
 
 def tracing_off() -> bool:
     """No tracer provider installed (the default: nothing configured): spans would be no-ops, so none is made
-    (one per request is measurable at thousands of heartbeats per second). OpenTelemetry is asked at most once a
-    second (asking reads the environment, ~1 % of the CPU at saturation, issue #13): a provider installed while
+    (one per request would be made on every heartbeat). OpenTelemetry is asked at most once a second (asking
+    reads the environment): a provider installed while
     requests run is used within a second; once one is installed it stays (OpenTelemetry allows no other)."""
     global _tracing
     if not isinstance(_tracer, ProxyTracer):
@@ -111,7 +111,7 @@ def _traced_span(operation: str, method: str, route: str, provider: str, attempt
         kind=SpanKind.CLIENT,
         attributes=attributes,
         # Neither the exception nor its text: an error's message may quote the Work API's, which may quote
-        # the item's secret (#11). The outcome is set explicitly: "HTTP 412", "Timeout", "ResponseError".
+        # the item's secret. The outcome is set explicitly: "HTTP 412", "Timeout", "ResponseError".
         record_exception=False,
         set_status_on_exception=False,
     ) as span:

@@ -16,8 +16,9 @@ Invariants, enforced here and nowhere else:
   same item makes a new lease with a new token (and ends a stale one still held under that id);
 - only this module assigns a `Lease`'s fields (a test checks the source for it).
 
-Every transition is reported to the observers (`LeaseObserver`): one turns them into metrics, span events
-and log lines (`_observer.py`), another tells the sandbox's WatchWork stream (`_handover.WatcherNotifier`).
+Every transition is reported to the observers (`LeaseObserver`): `_telemetry.TelemetryObserver` turns them into
+metrics, span events and log lines, `_dispatcher.Dispatcher` tells the sandbox's WatchWork stream, `_liveness.Liveness`
+starts and stops the wait for a gone sandbox and, with a state dir, `_journal.Journal` writes them to disk.
 KeepAlive streams follow a lease through `subscribe`. Ended leases leave a tombstone for a while, so a
 sandbox that re-attaches late learns how its lease ended instead of getting a bare error.
 """

@@ -2,8 +2,8 @@
 
 One scheduler task and a heap of due times serve every lease (10,000 leases are 10,000 heap entries,
 not 10,000 sleeping tasks). Due leases queue for at most `concurrency` renewal workers, started as the queue
-needs them (a worker per renewal would be a task, a guard and two callbacks each time: at 10,000 leases that
-is measurable, issue #13). The rules are `LeasePolicy`'s:
+needs them (a worker per renewal would be a task, a guard and two callbacks for every heartbeat). The rules
+are `LeasePolicy`'s:
 
 - each lease is renewed every `heartbeat_interval(ttl)`, echoing the previous `last_heartbeat` exactly; a
   request (with its retries) may take at most that interval;
@@ -181,7 +181,7 @@ class Leaser:
         try:
             with telemetry.use(lease.span):
                 # `deadline` bounds the request and its retries (the exchange bounds each attempt): no
-                # second timeout around it, at 10,000 leases that is measurable (issue #13).
+                # second timeout around it, which would be one more timer per heartbeat.
                 result = await self._client.heartbeat(
                     lease.work_id,
                     expected_last_heartbeat=lease.last_heartbeat,

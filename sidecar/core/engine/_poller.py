@@ -138,7 +138,7 @@ class Poller:
         """A successor waits for its predecessor's item to be handed over; then, while items keep coming and
         capacity is free, one more poller joins."""
         if not handed.is_set():
-            # A timer that sets the event, not an asyncio.timeout: this runs once per item (issue #13).
+            # A timer that sets the event, not an asyncio.timeout: this runs once per item.
             timer = asyncio.get_running_loop().call_later(HAND_OVER_WAIT, handed.set)
             try:
                 await handed.wait()
