@@ -151,3 +151,57 @@ def test_the_checker_finds_a_cycle_through_a_function_level_import_and_skips_typ
     )
     targets = {target for node in _imports(ast.parse(source)) for target in _targets("sidecar.cli", node)}
     assert targets == {"sidecar.scaler"}
+
+
+CORE = "sidecar.core"
+LAYER_IMPORTS: dict[str, frozenset[str]] = {
+    # layer: what its modules may import from sidecar.core (a folder, or one module of another folder)
+    "engine": frozenset({"engine", "sidecar.core._telemetry", "sidecar.core.edge._convert",
+                         "sidecar.core.edge._status", "sidecar.core.persistence._tokens"}),
+    "edge": frozenset({"edge", "engine", "sidecar.core._telemetry"}),
+    "persistence": frozenset({"persistence", "engine", "sidecar.core._telemetry"}),
+    "outside": frozenset({"sidecar.core", "sidecar.core.edge._status"}),
+}  # fmt: skip
+"""The layers of sidecar/core as ARCHITECTURE.md draws them. The composition root (sidecar/core/_server.py, with
+_config.py and the package itself) may import every layer; no layer imports it back, and the rest of `sidecar`
+goes through the package `sidecar.core` (the scaler also builds its gRPC errors with the edge's `_status`)."""
+
+
+def _layer(module: str) -> str | None:
+    """'engine', 'edge', 'persistence', 'root' (sidecar/core's own modules) or 'outside' (the rest of sidecar)."""
+    if module != CORE and not module.startswith(CORE + "."):
+        return "outside"
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 else "root"
+
+
+def _allowed(source: str, target: str) -> bool:
+    if not (target == CORE or target.startswith(CORE + ".")):
+        return True
+    layer = _layer(source)
+    if layer == "root":
+        return True
+    allowed = LAYER_IMPORTS[layer or "outside"]
+    return target in allowed or _layer(target) in allowed
+
+
+def test_the_core_layers_import_only_what_architecture_md_says() -> None:
+    graph = import_graph()
+    crossing = sorted(
+        f"{source} -> {target}"
+        for source, targets in graph.items()
+        for target in targets
+        if not _allowed(source, target)
+    )
+    assert not crossing, "imports across the layers of sidecar/core (see ARCHITECTURE.md, 'Layers'):\n" + "\n".join(
+        crossing
+    )
+
+
+def test_the_layer_rule_refuses_what_it_should() -> None:
+    assert not _allowed("sidecar.core.engine._lease", "sidecar.core.edge._service")
+    assert not _allowed("sidecar.core.edge._service", "sidecar.core._server")
+    assert not _allowed("sidecar.core.persistence._journal", "sidecar.core.edge._status")
+    assert not _allowed("sidecar.cli", "sidecar.core.engine._lease")
+    assert _allowed("sidecar.core._server", "sidecar.core.persistence._journal")
+    assert _allowed("sidecar.core.edge._service", "sidecar.core.engine._lease")
