@@ -2,9 +2,11 @@
 
 Starts the emulator (its own process), the fault proxy (in this process) and, per scenario, a fresh
 `work-sidecar serve` and sandbox processes; runs every scenario (≥ 10 minutes in all by default), then the gRPC
-input fuzzing; prints and writes the table scenario → items, lost, duplicated, stranded, leaked to
-DIR/latest.md and DIR/latest.json. Exit status 0 when every number is zero, 1 otherwise. `python -m chaos proxy
---upstream URL [--port P]` runs the fault proxy alone (rules: POST /_chaos/rules).
+input fuzzing; prints and writes the table scenario → items, lost, duplicated, reworked, stranded, leaked to
+DIR/latest.md and DIR/latest.json (a full run into `chaos/results/` also rewrites the table in `docs/chaos.md`).
+Exit status 0 when every number is zero, 1 otherwise. `python -m chaos proxy --upstream URL [--port P]` runs the
+fault proxy alone (rules: POST /_chaos/rules); `python -m chaos docs` rewrites the generated parts of
+`docs/chaos.md` from `chaos/results/latest.json`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from typing import Any
 
 from bench._provenance import provenance
 
+from . import docs
+from .docs import COLUMNS
 from .harness import Emulator, Processes
 from .proxy import Proxy
 from .scenarios import SCENARIOS, run_scenario
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-COLUMNS = ("items", "completed", "lost", "duplicated", "stranded", "leaked", "errors")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -59,7 +62,8 @@ def document(meta: dict[str, Any], rows: list[dict[str, Any]], fuzz: dict[str, A
         "",
         f"{meta['minutes']:.1f} min, {meta['cpus']} CPUs, Python {meta['python']}, seed {meta['seed']}, "
         f"phase {meta['phase']} s per scenario. Columns: see `chaos/invariants.py` (lost = held past the API's "
-        "lease, duplicated = held by two sandboxes at once, stranded = not stopped after the settle phase or "
+        "lease, duplicated = held by two sandboxes at once, reworked = worked on twice one run after the other, "
+        "stranded = not stopped after the settle phase or "
         "stopped by nobody, leaked = distinct secrets in any output, errors = crashes, dead tasks, unbounded RSS).",
         "",
         table(rows),
@@ -142,6 +146,8 @@ async def run(args: argparse.Namespace) -> int:
     print()
     print(table(rows))
     print(f"written to {args.out}/latest.md and latest.json (child logs in {procs.directory})")
+    if args.out.resolve() == DEFAULT_OUT and meta["mode"] == "full" and not args.only and docs.update():
+        print(f"and the table in {docs.PAGE}")
     violated = any(row[c] for row in rows for c in COLUMNS if c not in ("items", "completed"))
     fuzz_bad = fuzz_result is not None and any(r["failures"] for r in fuzz_result["rpcs"])
     return 1 if violated or fuzz_bad else 0
@@ -156,6 +162,9 @@ async def run_proxy(upstream: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["docs"]:
+        print(f"{docs.PAGE} {'rewritten' if docs.update() else 'up to date'}")
+        return 0
     if argv[:1] == ["proxy"]:
         parser = argparse.ArgumentParser(prog="python -m chaos proxy")
         parser.add_argument("--upstream", required=True)

@@ -324,6 +324,7 @@ class SandboxProc:
         keepalive: bool = False,
         max_items: int = 0,
         reads: bool = True,
+        reattach: bool = False,
     ) -> SandboxProc:
         argv = [sys.executable, "-m", "chaos.sandbox", target, "--sandbox-id", sandbox_id, "--hold", str(hold)]
         argv += ["--max-in-flight", str(max_in_flight), "--max-items", str(max_items)]
@@ -332,6 +333,8 @@ class SandboxProc:
             argv.append("--keepalive")
         if reads:
             argv.append("--reads")
+        if reattach:
+            argv.append("--reattach")
         return cls(procs.start(f"sandbox-{sandbox_id}", argv), sandbox_id)
 
     def events(self) -> list[dict[str, Any]]:

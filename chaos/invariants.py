@@ -6,6 +6,14 @@ event lines and every process's output. Nothing here trusts the sidecar's own ac
 - **lost**: holds the Work API no longer backed: some moment while a sandbox held the item, no successful heartbeat
   (its granted TTL, from the request log) covered it, i.e. LeaseLost did not reach the sandbox before the API's
   lease expiry. After a lease theft the sandbox may hold on until the next heartbeat tells it (`theft_grace`).
+- **reworked**: items worked on twice, one run after the other: a sandbox was given the item again after an
+  earlier run of it ended, though that run ended for no reason that allows a redelivery. The reasons that do: the
+  earlier sandbox was killed before the item came back (its work died with it), the item's lease was taken by
+  someone else (lease theft), or the sidecar fenced by its clock (LeaseLost came once a whole fenced window,
+  TTL minus `sidecar._fencing.fence_margin`, had passed since the last renewal whose answer reached it intact,
+  as the fault proxy saw it). A run that finished its work (`stopping`) and is then given again counts too: its
+  stop was lost. This is what an answer lost after the Work API applied it costs when the sidecar believes the
+  next refusal: nobody holds the item at once twice, but it runs twice.
 - **stranded**: items not `stopped` after the settle phase (left `starting`, or never handed out again, or held
   forever), and items stopped though no sandbox ever held them.
 - **leaked**: distinct secrets (the API key, item secrets and their session tokens, lease tokens) found in any
@@ -14,15 +22,19 @@ event lines and every process's output. Nothing here trusts the sidecar's own ac
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar._fencing import fence_margin
+
 from .harness import epoch
 
 TOLERANCE = 0.05  # seconds: arrival-time vs processing-time jitter inside the emulator
+FENCE_SLACK = 0.3  # seconds: a renewal reaches the proxy a moment after the sidecar sent it (its clock starts then)
 
 
 @dataclass
@@ -32,6 +44,8 @@ class Hold:
     start: float
     end: float
     end_kind: str
+    killed_at: float | None = None
+    """When the holding sandbox was killed (None: it was not)."""
 
 
 @dataclass
@@ -40,6 +54,7 @@ class Verdict:
     completed: int = 0
     lost: int = 0
     duplicated: int = 0
+    reworked: int = 0
     stranded: int = 0
     leaked: int = 0
     errors: int = 0
@@ -47,7 +62,7 @@ class Verdict:
 
     @property
     def clean(self) -> bool:
-        return not (self.lost or self.duplicated or self.stranded or self.leaked or self.errors)
+        return not (self.lost or self.duplicated or self.reworked or self.stranded or self.leaked or self.errors)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +70,7 @@ class Verdict:
             "completed": self.completed,
             "lost": self.lost,
             "duplicated": self.duplicated,
+            "reworked": self.reworked,
             "stranded": self.stranded,
             "leaked": self.leaked,
             "errors": self.errors,
@@ -71,13 +87,14 @@ def holds(sandboxes: Iterable[tuple[str, list[dict[str, Any]], float | None]], n
             ev, work_id, at = event["ev"], event.get("work_id"), float(event["t"])
             if ev == "assigned" and work_id:
                 if work_id in open_:  # assigned twice to the same sandbox while held: a duplicate too
-                    out.append(Hold(work_id, sandbox, open_[work_id], at, "reassigned"))
+                    out.append(Hold(work_id, sandbox, open_[work_id], at, "reassigned", killed_at))
                 open_[work_id] = at
             elif ev in ("lost", "stopping", "stopped", "stop_error") and work_id in open_:
-                out.append(Hold(work_id, sandbox, open_.pop(work_id), at, ev))
+                out.append(Hold(work_id, sandbox, open_.pop(work_id), at, ev, killed_at))
         end = killed_at if killed_at is not None else now
         out.extend(
-            Hold(w, sandbox, start, max(start, end), "killed" if killed_at else "open") for w, start in open_.items()
+            Hold(w, sandbox, start, max(start, end), "killed" if killed_at else "open", killed_at)
+            for w, start in open_.items()
         )
     return out
 
@@ -146,6 +163,49 @@ def _count_duplicates(by_item: dict[str, list[Hold]], verdict: Verdict) -> None:
             longest = max(longest, second, key=lambda h: h.end)
 
 
+def renewal_deadline(ttl: float) -> float:
+    """The longest a renewal attempt waits for its answer (`LeasePolicy.heartbeat_interval` with the defaults)."""
+    return min(max(1.0, min(ttl / 2, 30.0)), 0.5 * (ttl - fence_margin(ttl)))
+
+
+def _excused(
+    earlier: Hold, later: Hold, stolen: dict[str, float], intact: dict[str, list[float]], ttl: float
+) -> str | None:
+    """Why `earlier`'s end allows the item to be worked on again (None: nothing does)."""
+    if earlier.killed_at is not None and earlier.killed_at <= later.start + TOLERANCE:
+        return "killed"
+    stolen_at = stolen.get(earlier.work_id)
+    if stolen_at is not None and stolen_at <= later.start:
+        return "stolen"
+    if earlier.end_kind == "lost":
+        last = max((t for t in intact.get(earlier.work_id, []) if t <= earlier.end), default=None)
+        if last is None or earlier.end >= last + ttl - fence_margin(ttl) - FENCE_SLACK:
+            return "fenced"
+    return None
+
+
+def _count_reworked(
+    by_item: dict[str, list[Hold]],
+    stolen: dict[str, float],
+    intact: dict[str, list[float]],
+    ttl: float,
+    verdict: Verdict,
+) -> None:
+    """Items given to a sandbox again after a run of theirs ended for no reason that allows it."""
+    for work_id, item_holds in by_item.items():
+        ordered = sorted(item_holds, key=lambda h: h.start)
+        for earlier, later in itertools.pairwise(ordered):
+            if later.start < earlier.end - TOLERANCE:
+                continue  # held at once: counted as duplicated
+            if _excused(earlier, later, stolen, intact, ttl) is None:
+                verdict.reworked += 1
+                verdict.notes.append(
+                    f"reworked {work_id}: {earlier.sandbox}'s run ended ({earlier.end_kind}) "
+                    f"{later.start - earlier.end:.1f}s before {later.sandbox} was given it again"
+                )
+                break
+
+
 def _count_lost(
     all_holds: list[Hold],
     segments: dict[str, list[tuple[float, float]]],
@@ -184,7 +244,11 @@ def check(
     stolen: dict[str, float] | None = None,
     theft_grace: float = 6.0,
     excluded: set[str] | None = None,
+    intact: dict[str, list[float]] | None = None,
+    ttl: float = 4.0,
 ) -> Verdict:
+    """`intact`: per item, when each claim or renewal reached the fault proxy whose answer (200) reached the sidecar
+    intact and in time (`chaos.proxy.Proxy.intact_renewals`); `ttl`: the sidecar's `--ttl`."""
     verdict = Verdict(items=len(item_ids))
     wanted = set(item_ids) - (excluded or set())
     all_holds = [h for h in holds(sandboxes, time.time()) if h.work_id in wanted]
@@ -193,6 +257,7 @@ def check(
         by_item.setdefault(hold.work_id, []).append(hold)
 
     _count_duplicates(by_item, verdict)
+    _count_reworked(by_item, stolen or {}, intact or {}, ttl, verdict)
     _count_lost(all_holds, lease_segments(log, *ttl_bounds), stolen or {}, theft_grace, verdict)
 
     held = {h.work_id for h in all_holds}

@@ -4,21 +4,29 @@ Every Work API request is classified by operation (poll, ack, heartbeat, stop, g
 heartbeat with `expected_last_heartbeat=NO_HEARTBEAT` is also a `claim`) and matched against the rules set at run
 time, first match wins; no match passes it through. A rule's action:
 
-| action    | what the sidecar sees                                                                  |
-|-----------|----------------------------------------------------------------------------------------|
-| `pass`    | the emulator's answer (after `latency` seconds, if set)                                 |
-| `status`  | `status` (5xx, 429, 401, …) with a Work API error envelope, `retry-after-ms` if set      |
-| `drop`    | the connection closes before any answer                                                 |
-| `hang`    | no answer until the sidecar gives up (or the proxy closes)                               |
-| `drip`    | the real answer (or `body`), one byte every `interval` seconds                          |
-| `body`    | `body` (raw text, `status`) instead of the answer; `{secret}` becomes the item's secret  |
-| `mutate`  | the real answer with a named mutation (`MUTATIONS`): NaN ttl, deep nesting, bad ids, …    |
-| `huge`    | 200 and a JSON body of `size` bytes, streamed in 1 MiB chunks                            |
+| action         | what the sidecar sees                                                                         |
+|----------------|-----------------------------------------------------------------------------------------------|
+| `pass`         | the emulator's answer (after `latency` seconds, if set)                                        |
+| `status`       | `status` (5xx, 429, 401, …) with a Work API error envelope, `retry-after-ms` if set             |
+| `drop`         | the connection closes before any answer                                                        |
+| `hang`         | no answer until the sidecar gives up (or the proxy closes)                                      |
+| `drip`         | the real answer (or `body`), one byte every `interval` seconds                                 |
+| `body`         | `body` (raw text, `status`) instead of the answer; `{secret}` becomes the item's secret         |
+| `mutate`       | the real answer with a named mutation (`MUTATIONS`): NaN ttl, deep nesting, bad ids, …           |
+| `huge`         | 200 and a JSON body of `size` bytes, streamed in 1 MiB chunks                                  |
+| `late`         | the real answer, `interval` seconds late (past the sidecar's deadline)                          |
+| `twice`        | the real answer, then a stray `200 body` (default `{}`) on that connection (`stray`: when) |
+| `framing`      | the real answer, framed against itself (`FRAMINGS`): Content-Length and chunked, two …          |
+| `header_block` | the real answer behind a header block of `size` bytes                                          |
+| `reset`        | a reused connection only (its second request or later): reset (RST), as a load balancer does    |
 
-Rules can be limited by `count` (matches), `duration` (seconds from being set), `probability` (seeded) and
-`work_id`. The upstream request is still sent for `drop` after it (`forward_first`), so an ack whose answer was
-lost has really happened. Every decision is logged in `Proxy.events`; every item secret seen in a poll answer is
-collected in `Proxy.secrets` (for the leak check).
+`forward_first` sends the request to the emulator before the fault, so the Work API has applied it when the
+answer is lost or spoiled: `drop` (the answer lost), `hang` (never answered), `body` (a stray answer instead of the
+real one), `status`, `reset` (reset after the request was applied). `pass`, `drip`, `mutate`, `late`, `twice`,
+`framing` and `header_block` always forward first. Rules can be limited by `count` (matches), `duration`
+(seconds from being set), `probability` (seeded) and `work_id`. Every decision is logged in `Proxy.events` (with
+the emulator's status and how long the answer took); every item secret seen in a poll answer is collected in
+`Proxy.secrets` (for the leak check).
 
 Admin API (for a proxy run as its own process, `python -m chaos proxy`): `GET/POST/DELETE /_chaos/rules`; every
 other path under `/_emulator/` is passed through.
@@ -32,7 +40,10 @@ import contextlib
 import json
 import random
 import re
+import socket
+import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,7 +54,11 @@ from aiohttp import web
 NO_HEARTBEAT = "NO_HEARTBEAT"
 OPERATIONS = ("poll", "ack", "heartbeat", "claim", "stop", "get", "update", "list", "stats")
 SELECTORS = (*OPERATIONS, "renew")  # a rule for `heartbeat` matches renewals and claims; `renew` renewals only
-ACTIONS = ("pass", "status", "drop", "hang", "drip", "body", "mutate", "huge")
+ACTIONS = (
+    "pass", "status", "drop", "hang", "drip", "body", "mutate", "huge",
+    "late", "twice", "framing", "header_block", "reset",
+)  # fmt: skip
+ALWAYS_FORWARDED = ("pass", "drip", "mutate", "late", "twice", "framing", "header_block")
 
 _WORK_PATH = re.compile(r"^/(?:v1|api/v1/cloud)/environments/(?P<env>[^/]+)/work(?P<rest>/.*)?$")
 
@@ -127,6 +142,48 @@ MUTATIONS: dict[str, Callable[[str], str]] = {
 }
 
 
+def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    reason = {200: "OK"}.get(status, "Status")
+    lines = [f"HTTP/1.1 {status} {reason}", *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _chunked(body: bytes) -> bytes:
+    return (f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n") if body else b"0\r\n\r\n"
+
+
+FRAMINGS: dict[str, Callable[[int, bytes], bytes]] = {
+    # Content-Length and Transfer-Encoding: chunked (RFC 9112 6.3: a message a client must treat as an error)
+    "cl_chunked": lambda status, body: (
+        _head(
+            status,
+            [
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                ("transfer-encoding", "chunked"),
+            ],
+        )
+        + _chunked(body)
+    ),
+    # two different Content-Lengths
+    "two_cl": lambda status, body: (
+        _head(
+            status,
+            [
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                ("content-length", str(len(body) + 7)),
+            ],
+        )
+        + body
+    ),
+    # a Content-Length shorter than the body: bytes after the answer on a kept-alive connection
+    "cl_short": lambda status, body: (
+        _head(status, [("content-type", "application/json"), ("content-length", str(max(0, len(body) - 2)))]) + body
+    ),
+}
+
+
 @dataclass
 class Rule:
     """One fault. Matching: `operation` ('*' = any Work API request) and optional `work_id`; `count`,
@@ -146,6 +203,10 @@ class Rule:
     probability: float = 1.0
     work_id: str | None = None
     forward_first: bool = False
+    framing: str | None = None
+    stray: str = "next"
+    """`twice`: when the stray second answer is sent: `now` (with the real one), `next` (as the next request on
+    that connection arrives, so the client reads it as that request's answer) or `later` (`interval` s after)."""
     id: int = 0
     created: float = field(default_factory=time.monotonic)
     matched: int = 0
@@ -157,6 +218,10 @@ class Rule:
             raise ValueError(f"unknown action {self.action!r}")
         if self.action == "mutate" and self.mutation not in MUTATIONS:
             raise ValueError(f"unknown mutation {self.mutation!r}")
+        if self.stray not in ("now", "next", "later"):
+            raise ValueError(f"unknown stray timing {self.stray!r}")
+        if self.action == "framing" and self.framing not in FRAMINGS:
+            raise ValueError(f"unknown framing {self.framing!r}")
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Rule:
@@ -176,7 +241,9 @@ class Rule:
             return True
         return self.duration is not None and now - self.created > self.duration
 
-    def matches(self, operation: str, work_id: str | None, rng: random.Random) -> bool:
+    def matches(self, operation: str, work_id: str | None, rng: random.Random, *, reused: bool = False) -> bool:
+        if self.action == "reset" and not reused:
+            return False  # a reset is for a kept-alive connection the client reuses
         if self.operation != "*" and self.operation != operation:
             # a rule for `heartbeat` covers the claim too unless it says `claim`; a rule for `claim` only claims
             renewal = self.operation == "renew" and operation == "heartbeat"
@@ -194,6 +261,12 @@ class Event:
     work_id: str | None
     action: str
     rule: int | None
+    reused: bool = False
+    """The request came on a connection that had carried an earlier one."""
+    status: int = 0
+    """The emulator's status (0: the request was not forwarded, or forwarding failed)."""
+    took: float | None = None
+    """Seconds from the request's arrival to its answer handed over intact (`pass` only; None otherwise)."""
 
 
 class Proxy:
@@ -210,6 +283,9 @@ class Proxy:
         self._ids = 0
         self._closing = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        self._strays: set[asyncio.Future[None]] = set()
+        self._pending_strays: weakref.WeakKeyDictionary[asyncio.BaseTransport, bytes] = weakref.WeakKeyDictionary()
+        self._served: weakref.WeakKeyDictionary[asyncio.BaseTransport, int] = weakref.WeakKeyDictionary()
 
     # -- rules ---------------------------------------------------------------------------------------
 
@@ -228,14 +304,24 @@ class Proxy:
         with contextlib.suppress(ValueError):
             self.rules.remove(rule)
 
-    def _match(self, operation: str, work_id: str | None) -> Rule | None:
+    def _match(self, operation: str, work_id: str | None, reused: bool = False) -> Rule | None:
         now = time.monotonic()
         self.rules = [r for r in self.rules if not r.expired(now)]
         for rule in self.rules:
-            if rule.matches(operation, work_id, self._rng):
+            if rule.matches(operation, work_id, self._rng, reused=reused):
                 rule.matched += 1
                 return rule
         return None
+
+    def intact_renewals(self, deadline: float) -> dict[str, list[float]]:
+        """Per item, the arrival times (epoch) of claims and renewals answered 200, passed on intact within
+        `deadline` seconds: the successes the sidecar heard."""
+        out: dict[str, list[float]] = {}
+        for e in self.events:
+            intact = e.action == "pass" and e.status == 200 and e.took is not None and e.took <= deadline
+            if intact and e.operation in ("claim", "heartbeat") and e.work_id:
+                out.setdefault(e.work_id, []).append(e.at)
+        return out
 
     def count(self, operation: str, action: str | None = None) -> int:
         return sum(1 for e in self.events if e.operation == operation and (action is None or e.action == action))
@@ -303,33 +389,54 @@ class Proxy:
                 if isinstance(token, str) and token:
                     self.secrets.add(token)
 
+    def _reused(self, request: web.Request) -> bool:
+        """Whether this request came on a connection that carried an earlier one (and count it)."""
+        transport = request.transport
+        if transport is None:
+            return False
+        served = self._served.get(transport, 0)
+        self._served[transport] = served + 1
+        stray = self._pending_strays.pop(transport, None)
+        if stray is not None and not transport.is_closing():
+            transport.write(stray)  # a `twice` answer's stray: read as the answer to this request
+        return served > 0
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
+        reused = self._reused(request)
         body = await request.read()
         operation, _env, work_id = classify(request.method, request.path, dict(request.query))
-        rule = self._match(operation, work_id) if operation is not None else None
+        rule = self._match(operation, work_id, reused) if operation is not None else None
         action = rule.action if rule is not None else "pass"
+        event = Event(time.time(), operation or "", work_id, action, rule.id if rule else None, reused)
         if operation is not None:
-            self.events.append(Event(time.time(), operation, work_id, action, rule.id if rule else None))
+            self.events.append(event)
         if rule is not None and rule.latency:
             await asyncio.sleep(rule.latency)
+        if rule is not None and action == "reset" and not rule.forward_first:
+            return await self._drop(request, reset=True)
         headers: dict[str, str] = {}
         status, data = 0, b""  # what the emulator answered, when the request is forwarded
-        if rule is None or action in ("pass", "drip", "mutate") or (rule.forward_first and action != "hang"):
+        if rule is None or action in ALWAYS_FORWARDED or rule.forward_first:
             try:
                 status, headers, data = await self._forward(request, body)
             except aiohttp.ClientError:
                 return await self._drop(request)
+            event.status = status
             if operation == "poll":
                 self._collect_secret(data)
         if rule is None or action == "pass":
+            event.took = time.monotonic() - arrived
             return web.Response(status=status, body=data, headers=headers)
-        return await self._answer(request, rule, work_id, status, data)
+        return await self._answer(request, rule, work_id, status, headers, data)
 
     async def _answer(
-        self, request: web.Request, rule: Rule, work_id: str | None, status: int, data: bytes
+        self, request: web.Request, rule: Rule, work_id: str | None, status: int, headers: dict[str, str], data: bytes
     ) -> web.StreamResponse:
-        """The answer a rule makes (`status`, `data`: the emulator's answer, when the request was forwarded)."""
+        """The answer a rule makes (`status`, `headers`, `data`: the emulator's answer, when it was forwarded)."""
         action = rule.action
+        if action in ("reset", "late", "twice", "framing", "header_block"):
+            return await self._spoiled(request, rule, status, headers, data)
         if action == "status":
             envelope = {"type": "error", "error": {"type": "api_error", "message": f"chaos: injected {rule.status}"}}
             extra = {"retry-after-ms": str(rule.retry_after_ms)} if rule.retry_after_ms is not None else {}
@@ -359,11 +466,75 @@ class Proxy:
             return await self._drip(request, status, data, rule.interval)
         return await self._huge(request, rule.size)
 
-    async def _drop(self, request: web.Request) -> web.StreamResponse:
+    async def _spoiled(
+        self, request: web.Request, rule: Rule, status: int, headers: dict[str, str], data: bytes
+    ) -> web.StreamResponse:
+        """The answers of the actions that spoil the emulator's answer to a request it applied."""
+        action = rule.action
+        if action == "reset":
+            return await self._drop(request, reset=True)
+        if action == "late":
+            try:
+                await asyncio.wait_for(self._closing.wait(), rule.interval)
+                return await self._drop(request)
+            except TimeoutError:
+                return web.Response(status=status, body=data, headers=headers)
+        if action == "twice":
+            return await self._twice(request, rule, status, headers, data)
+        if action == "framing":
+            assert rule.framing is not None
+            return await self._raw(request, FRAMINGS[rule.framing](status, data))
+        padding = [("x-chaos-padding", "a" * max(0, rule.size))]  # header_block
+        head = _head(status, [("content-type", "application/json"), ("content-length", str(len(data))), *padding])
+        return await self._raw(request, head + data)
+
+    async def _drop(self, request: web.Request, *, reset: bool = False) -> web.StreamResponse:
+        """Close the connection without an answer; `reset`: with a TCP RST (SO_LINGER 0), as a load balancer does."""
         transport = request.transport
         if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if reset and sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             transport.abort()
         raise asyncio.CancelledError  # aiohttp treats the handler as cancelled: nothing more is written
+
+    async def _raw(self, request: web.Request, raw: bytes) -> web.StreamResponse:
+        """Write `raw` bytes as the answer, then close the connection once they are sent."""
+        transport = request.transport
+        if transport is not None:
+            transport.write(raw)
+        raise asyncio.CancelledError  # aiohttp writes nothing more and closes the connection (after the bytes)
+
+    async def _twice(
+        self, request: web.Request, rule: Rule, status: int, headers: dict[str, str], data: bytes
+    ) -> web.StreamResponse:
+        """The real answer, complete; then a stray second answer on the same kept-alive connection."""
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = len(data)
+        await response.prepare(request)
+        await response.write(data)
+        await response.write_eof()
+        stray = (rule.body if rule.body is not None else "{}").encode("utf-8", "surrogatepass")
+        raw = _head(200, [("content-type", "application/json"), ("content-length", str(len(stray)))]) + stray
+        transport = request.transport
+        if transport is None:
+            return response
+        if rule.stray == "now":
+            transport.write(raw)  # in the same burst as the real answer's end
+        elif rule.stray == "next":
+            self._pending_strays[transport] = raw  # written as the connection's next request arrives
+        else:
+
+            async def later() -> None:
+                await asyncio.sleep(rule.interval)
+                if not transport.is_closing():
+                    transport.write(raw)
+
+            task = asyncio.ensure_future(later())
+            self._strays.add(task)
+            task.add_done_callback(self._strays.discard)
+        return response
 
     async def _drip(self, request: web.Request, status: int, data: bytes, interval: float) -> web.StreamResponse:
         response = web.StreamResponse(status=status, headers={"content-type": "application/json"})

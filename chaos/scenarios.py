@@ -22,7 +22,7 @@ from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 
 from . import invariants
 from .harness import KEY, Emulator, Processes, SandboxProc, Sidecar, wait_for
-from .proxy import MUTATIONS, Proxy, Rule
+from .proxy import MUTATIONS, Event, Proxy, Rule
 
 TTL = 4  # the sidecar's --ttl: renewals every 2 s, so faults hit many renewals in a short phase
 MIN_TTL, MAX_TTL, DEFAULT_TTL = 1, 600, 60
@@ -47,6 +47,11 @@ class Context:
     notes: list[str] = field(default_factory=list)
     extra_flags: list[str] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
+    ttl: int = TTL
+    state_dir: bool = False
+    """Every sidecar of the scenario on one `--state-dir` and one socket (a restart takes over its predecessor's)."""
+    reattach: bool = False
+    """Sandboxes outlive their sidecar (`chaos.sandbox --reattach`)."""
     _n: int = 0
 
     @property
@@ -54,12 +59,19 @@ class Context:
         return self.sidecars[-1]
 
     async def start_sidecar(self) -> Sidecar:
-        sidecar = await Sidecar.start(self.procs, self.proxy.url or "", self.env, ttl=TTL, extra=self.extra_flags)
+        extra, listen = list(self.extra_flags), None
+        if self.state_dir:
+            extra += ["--state-dir", str(self.procs.directory / f"state-{self.env}")]
+            listen = f"unix://{self.procs.directory}/{self.env}.sock"
+        sidecar = await Sidecar.start(
+            self.procs, self.proxy.url or "", self.env, ttl=self.ttl, extra=extra, listen=listen
+        )
         self.sidecars.append(sidecar)
         return sidecar
 
     def start_sandbox(self, **kwargs: Any) -> SandboxProc:
         self._n += 1
+        kwargs.setdefault("reattach", self.reattach)
         sandbox = SandboxProc.start(self.procs, self.sidecar.target, f"{self.env}-sb{self._n}", **kwargs)
         self.sandboxes.append(sandbox)
         return sandbox
@@ -85,6 +97,9 @@ class Scenario:
     full_only: bool = False
     min_phase: float = 0.0
     extra_flags: list[str] = field(default_factory=list)
+    ttl: int = TTL
+    state_dir: bool = False
+    reattach: bool = False
 
 
 async def during(ctx: Context, step: Callable[[], Awaitable[None]], every: float) -> None:
@@ -308,6 +323,67 @@ async def claim_outage(ctx: Context) -> None:
     ctx.proxy.remove(rule)
 
 
+EVERY_OPERATION = [
+    "renew", "poll", "claim", "renew", "ack", "stop", "renew", "get", "update", "renew", "list", "stats", "claim",
+]  # fmt: skip
+"""Every operation, the lease's own (renewal, claim) most often: 13, coprime with the fault lists' lengths."""
+
+LOST: list[dict[str, Any]] = [
+    {"action": "drop", "forward_first": True},  # the connection closes before the answer
+    {"action": "hang", "forward_first": True},  # no answer until the sidecar gives up
+    {"action": "late", "interval": 16.0},  # the answer after the longest attempt deadline (15 s)
+    {"action": "mutate", "mutation": "truncated"},  # the answer cut off half-way
+]
+"""An answer lost after the Work API applied its request."""
+
+STRAY: list[dict[str, Any]] = [
+    {"action": "twice"},  # the answer, then a stray `200 {}` read as the answer to the connection's next request
+    {"action": "body", "body": "{}", "status": 200, "forward_first": True},  # a stray `200 {}` instead of the answer
+    {"action": "twice", "stray": "now"},  # the answer and a stray `200 {}` in one burst
+    {"action": "framing", "framing": "cl_chunked"},
+    {"action": "mutate", "mutation": "garbage"},
+    {"action": "framing", "framing": "two_cl"},
+    {"action": "framing", "framing": "cl_short"},
+    {"action": "header_block", "size": 1 << 20},
+]
+"""An answer that does not belong to its request (or has no clear end), after the Work API applied the request."""
+
+
+def after_apply(faults: list[dict[str, Any]], operations: list[str] = EVERY_OPERATION, every: float = 0.4) -> Action:
+    """Once an item is active, every `every` seconds the next request of the next operation meets the next fault
+    (all pairs in turn: the two lists' lengths are coprime)."""
+
+    async def act(ctx: Context) -> None:
+        index = 0
+
+        async def step() -> None:
+            nonlocal index
+            operation, fault = operations[index % len(operations)], faults[index % len(faults)]
+            index += 1
+            ctx.proxy.add(operation=operation, count=1, duration=ctx.phase, **fault)
+
+        await wait_for(ctx.active_items, timeout=20, interval=0.2)  # faults on leases need leases first
+        await during(ctx, step, every)
+
+    return act
+
+
+async def crash_loop(ctx: Context) -> None:
+    """kill -9 the sidecar every few seconds; a new one starts on the same `--state-dir` and socket at once."""
+
+    async def step() -> None:
+        old = ctx.sidecar
+        old.child.kill()
+        try:
+            await ctx.start_sidecar()
+        except RuntimeError as exc:
+            ctx.errors.append(f"a restarted sidecar did not serve: {str(exc)[-300:]}")
+            raise
+
+    await asyncio.sleep(min(3.0, ctx.phase / 3))
+    await during(ctx, step, 4.0)
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("baseline", "no faults", phase_of),
     Scenario(
@@ -415,6 +491,35 @@ SCENARIOS: list[Scenario] = [
     Scenario("sigterm-mid-work", "SIGTERM the sidecar mid-work, a new one takes over", sigterm, hold=3.0),
     Scenario("sighup-mid-work", "SIGHUP the sidecar mid-work (must not kill it)", other_signal(signal.SIGHUP)),
     Scenario("claim-outage-35s", "claiming heartbeats fail for 35 s", claim_outage, full_only=True),
+    Scenario(
+        "lost-answers",
+        "every operation in turn is applied, then its answer is lost: closed, never sent, sent too late, cut off",
+        after_apply(LOST),
+    ),
+    Scenario(
+        "stray-answers",
+        "applied, then a second answer after the real one, a stray `200 {}` instead of it, garbage, "
+        "Content-Length with chunked, two Content-Lengths, bytes after the body, a 1 MiB header block",
+        after_apply(STRAY),
+    ),
+    Scenario(
+        "lb-resets",
+        "a kept-alive connection is reset as it is reused: 20 % before the request is sent on, 20 % after",
+        rules(
+            {"action": "reset", "forward_first": True, "probability": 0.2},
+            {"action": "reset", "probability": 0.25},
+        ),
+    ),
+    Scenario(
+        "sidecar-crash-loop",
+        "kill -9 the sidecar every 4 s; it restarts on the same --state-dir; sandboxes re-attach (TTL 8)",
+        crash_loop,
+        hold=6.0,
+        ttl=8,
+        state_dir=True,
+        reattach=True,
+        extra_flags=["--reattach-grace", "5"],
+    ),
 ]
 
 
@@ -437,8 +542,19 @@ async def _act(scenario: Scenario, ctx: Context) -> None:
             await feeder
 
 
+def injected(events: list[Event]) -> str | None:
+    """What the fault proxy did in a scenario, per operation and action ("renew drop 3, claim late 1")."""
+    counts: dict[tuple[str, str], int] = {}
+    for e in events:
+        if e.action != "pass":
+            counts[(e.operation, e.action)] = counts.get((e.operation, e.action), 0) + 1
+    if not counts:
+        return None
+    return "faults injected: " + ", ".join(f"{op} {action} {n}" for (op, action), n in sorted(counts.items()))
+
+
 async def _judge(
-    ctx: Context, emulator: Emulator, proxy: Proxy, procs: Processes, secrets_before: set[str]
+    ctx: Context, emulator: Emulator, proxy: Proxy, procs: Processes, secrets_before: set[str], events_from: int
 ) -> invariants.Verdict:
     """The invariants over everything the scenario left: the request log, the items, every process's output."""
     env = ctx.env
@@ -458,6 +574,8 @@ async def _judge(
         ttl_bounds=(MIN_TTL, MAX_TTL, DEFAULT_TTL),
         stolen=ctx.stolen,
         excluded=ctx.excluded,
+        intact=proxy.intact_renewals(invariants.renewal_deadline(ctx.ttl)),
+        ttl=ctx.ttl,
     )
     unknown = [
         f"{e.get('rpc', 'StopWork')} ended UNKNOWN"
@@ -475,7 +593,8 @@ async def _judge(
         verdict.notes.append(f"{tracebacks} traceback(s) in the sidecar's output")
     errors = [e for e in ctx.errors if e]
     verdict.errors = len(errors)
-    verdict.notes = errors + ctx.notes + verdict.notes
+    faults = injected(proxy.events[events_from:])
+    verdict.notes = errors + ctx.notes + verdict.notes + ([faults] if faults else [])
     return verdict
 
 
@@ -502,9 +621,13 @@ async def run_scenario(
         quick,
         extra_flags=list(scenario.extra_flags),
         rng=random.Random(seed),
+        ttl=scenario.ttl,
+        state_dir=scenario.state_dir,
+        reattach=scenario.reattach,
     )
     proxy.clear()
     secrets_before = set(proxy.secrets)
+    events_from = len(proxy.events)
     await ctx.start_sidecar()
     for index in range(scenario.sandboxes):
         ctx.start_sandbox(hold=scenario.hold, max_in_flight=2, keepalive=scenario.keepalive or index == 0)
@@ -530,4 +653,4 @@ async def run_scenario(
         if sidecar.child.alive():
             await sidecar.child.terminate(15)
 
-    return await _judge(ctx, emulator, proxy, procs, secrets_before)
+    return await _judge(ctx, emulator, proxy, procs, secrets_before, events_from)

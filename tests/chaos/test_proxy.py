@@ -90,3 +90,157 @@ async def test_admin_rules_api(proxy: Proxy) -> None:
         assert len((await http.get("/_chaos/rules")).json()["data"]) == 1
         assert (await http.delete("/_chaos/rules")).json()["data"] == []
     await asyncio.sleep(0)
+
+
+# -- faults after the Work API applied the request ----------------------------------------------------------
+
+
+class Raw:
+    """One kept-alive HTTP/1.1 connection to the proxy, bytes as sent (for answers no HTTP client would parse)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> Raw:
+        host, port = url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    def send(self, method: str, target: str) -> None:
+        lines = [f"{method} {target} HTTP/1.1", "host: chaos", "content-length: 0"]
+        lines += [f"{name}: {value}" for name, value in HEADERS.items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    async def answer(self) -> tuple[bytes, bytes]:
+        """One answer framed by its Content-Length: (head, body)."""
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+        return head, await asyncio.wait_for(self.reader.readexactly(length), 10)
+
+    async def rest(self, timeout: float = 10) -> bytes:
+        """Everything until the proxy closes the connection."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _acked(emulator: Emulator, http: httpx.AsyncClient) -> str:
+    [work_id] = await emulator.enqueue("env_p", 1)
+    assert (await http.get(f"{BASE}/poll")).json()["id"] == work_id
+    return work_id
+
+
+async def test_twice_sends_a_stray_second_answer_on_the_same_connection(emulator: Emulator, proxy: Proxy) -> None:
+    async with httpx.AsyncClient(base_url=proxy.url or "", headers=HEADERS, timeout=10) as http:
+        work_id = await _acked(emulator, http)
+    proxy.add(operation="ack", action="twice", stray="later", interval=0.2, count=1)
+    raw = await Raw.open(proxy.url or "")
+    try:
+        raw.send("POST", f"{BASE}/{work_id}/ack")
+        head, body = await raw.answer()
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["id"] == work_id
+        assert (await emulator.item("env_p", work_id))["state"] == "starting", "the ack was applied"
+        started = time.monotonic()
+        stray_head, stray_body = await raw.answer()  # nothing was asked: a stray answer on the kept-alive connection
+        assert stray_head.startswith(b"HTTP/1.1 200") and stray_body == b"{}"
+        assert time.monotonic() - started >= 0.1, "the stray came `interval` after the real answer"
+        raw.send("GET", f"{BASE}/stats")  # and the connection still serves the next request
+        head, body = await raw.answer()
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["type"] == "work_queue_stats"
+    finally:
+        raw.close()
+
+
+async def test_a_stray_answer_meets_the_next_request_on_the_connection(emulator: Emulator, proxy: Proxy) -> None:
+    """The default timing: the ack's stray second answer is what the claim sent next on that connection reads."""
+    async with httpx.AsyncClient(base_url=proxy.url or "", headers=HEADERS, timeout=10) as http:
+        work_id = await _acked(emulator, http)
+    proxy.add(operation="ack", action="twice", count=1)
+    raw = await Raw.open(proxy.url or "")
+    try:
+        raw.send("POST", f"{BASE}/{work_id}/ack")
+        _, body = await raw.answer()
+        assert json.loads(body)["id"] == work_id
+        raw.send("POST", f"{BASE}/{work_id}/heartbeat?expected_last_heartbeat=NO_HEARTBEAT")
+        _, stray = await raw.answer()
+        assert stray == b"{}", "the claim's first answer is the ack's stray"
+        _, real = await raw.answer()
+        assert json.loads(real)["state"] == "active", "the claim's real answer follows it"
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("framing", ["cl_chunked", "two_cl", "cl_short"])
+async def test_framing_contradicts_itself_after_the_request_was_applied(
+    emulator: Emulator, proxy: Proxy, framing: str
+) -> None:
+    async with httpx.AsyncClient(base_url=proxy.url or "", headers=HEADERS, timeout=10) as http:
+        work_id = await _acked(emulator, http)
+    proxy.add(operation="ack", action="framing", framing=framing, count=1)
+    raw = await Raw.open(proxy.url or "")
+    try:
+        raw.send("POST", f"{BASE}/{work_id}/ack")
+        answer = await raw.rest()
+    finally:
+        raw.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lengths = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+    assert (await emulator.item("env_p", work_id))["state"] == "starting", "the ack was applied"
+    if framing == "cl_chunked":
+        assert len(lengths) == 1 and b"transfer-encoding: chunked" in head.lower() and body.endswith(b"0\r\n\r\n")
+    elif framing == "two_cl":
+        assert len(lengths) == 2 and lengths[0] != lengths[1]
+    else:
+        assert int(lengths[0][15:]) == len(body) - 2, "two bytes after the announced body"
+
+
+async def test_header_block_is_as_large_as_asked(emulator: Emulator, proxy: Proxy) -> None:
+    proxy.add(operation="stats", action="header_block", size=300_000, count=1)
+    raw = await Raw.open(proxy.url or "")
+    try:
+        raw.send("GET", f"{BASE}/stats")
+        answer = await raw.rest()
+    finally:
+        raw.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert len(head) > 300_000 and json.loads(body)["type"] == "work_queue_stats"
+
+
+@pytest.mark.parametrize("forward_first", [False, True])
+async def test_reset_hits_a_reused_connection_only(emulator: Emulator, proxy: Proxy, forward_first: bool) -> None:
+    async with httpx.AsyncClient(base_url=proxy.url or "", headers=HEADERS, timeout=10) as http:
+        work_id = await _acked(emulator, http)
+    proxy.add(operation="*", action="reset", forward_first=forward_first, count=1)
+    raw = await Raw.open(proxy.url or "")
+    try:
+        raw.send("GET", f"{BASE}/stats")  # a new connection's first request is never reset
+        head, _ = await raw.answer()
+        assert head.startswith(b"HTTP/1.1 200")
+        raw.send("POST", f"{BASE}/{work_id}/ack")  # its second one is
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await raw.answer()
+    finally:
+        raw.close()
+    state = (await emulator.item("env_p", work_id))["state"]
+    assert state == ("starting" if forward_first else "queued"), "reset after forwarding: the ack was applied"
+    assert [e.reused for e in proxy.events] == [False, False, True] and proxy.count("ack", "reset") == 1
+
+
+async def test_hang_and_late_after_the_request_was_applied(emulator: Emulator, proxy: Proxy) -> None:
+    async with httpx.AsyncClient(base_url=proxy.url or "", headers=HEADERS, timeout=10) as http:
+        work_id = await _acked(emulator, http)
+        proxy.add(operation="ack", action="hang", forward_first=True, count=1)
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{BASE}/{work_id}/ack", timeout=1)
+        assert (await emulator.item("env_p", work_id))["state"] == "starting", "hang after forwarding: applied"
+        proxy.add(operation="claim", action="late", interval=0.6, count=1)
+        started = time.monotonic()
+        late = await http.post(f"{BASE}/{work_id}/heartbeat", params={"expected_last_heartbeat": "NO_HEARTBEAT"})
+        assert late.status_code == 200 and time.monotonic() - started >= 0.6
+        heartbeat = await http.post(
+            f"{BASE}/{work_id}/heartbeat", params={"expected_last_heartbeat": late.json()["last_heartbeat"]}
+        )
+        assert heartbeat.status_code == 200
+    intact = proxy.intact_renewals(deadline=0.5)
+    assert len(intact[work_id]) == 1, "the late claim is not a success the client heard in time; the renewal is"
