@@ -48,7 +48,7 @@ def tracing_enabled() -> bool:
     return _state["tracing"]
 
 
-class TelemetryError(Exception):
+class TelemetryError(ValueError):
     """An `OTEL_*` setting the process cannot honour, or a metrics endpoint it cannot open (one line: the fix)."""
 
 

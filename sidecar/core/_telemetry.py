@@ -62,7 +62,8 @@ lease_losses = counter(
     SCOPE,
     "work_sidecar.lease.losses",
     "{lease}",
-    "Leases lost (the item is not this sidecar's any more; its sandbox is told LeaseLost), by reason",
+    "Leases lost (the item is not this sidecar's any more; its sandbox is told LeaseLost), by reason; each "
+    "reason's series is there from the start, at 0",
     {"reason": _REASONS},
 )
 items_completed = counter(
@@ -118,6 +119,9 @@ def register_gauges(
     free_capacity: Callable[[], int],
     is_ready: Callable[[], bool],
 ) -> None:
+    for reason in REASON_NAMES.values():  # each series from zero: Prometheus' increase() misses a first sample
+        if reason != "unspecified":
+            lease_losses.add(0, {"reason": reason})
     leases_active.observe(active_leases)
     watchers.observe(open_watchers)
     capacity_free.observe(free_capacity)
