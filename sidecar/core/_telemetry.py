@@ -62,15 +62,15 @@ lease_losses = counter(
     SCOPE,
     "work_sidecar.lease.losses",
     "{lease}",
-    "Leases lost (the item is not this sidecar's any more; its sandbox is told LeaseLost), by reason; each "
-    "reason's series is there from the start, at 0",
+    "Leases lost (the item is not this sidecar's any more; its sandbox is told LeaseLost), by reason (each "
+    "reason from 0 at start)",
     {"reason": _REASONS},
 )
 items_completed = counter(
     SCOPE,
     "work_sidecar.items.completed",
     "{item}",
-    "Items whose lease ended, by final state and reason",
+    "Items whose lease ended, by final state and reason (each from 0 at start)",
     {"final_state": "stopped or lost", "reason": _REASONS + " (unspecified for a stop)"},
 )
 dispatch_latency = histogram(
@@ -119,9 +119,13 @@ def register_gauges(
     free_capacity: Callable[[], int],
     is_ready: Callable[[], bool],
 ) -> None:
-    for reason in REASON_NAMES.values():  # each series from zero: Prometheus' increase() misses a first sample
+    """The gauges' callbacks, and the lease-end counters at 0 for every final state and reason: a series that
+    appears at 1 has no increase() in Prometheus, so an alert on it would miss a pod's first loss."""
+    items_completed.add(0, {"final_state": "stopped", "reason": "unspecified"})
+    for reason in REASON_NAMES.values():
         if reason != "unspecified":
             lease_losses.add(0, {"reason": reason})
+            items_completed.add(0, {"final_state": "lost", "reason": reason})
     leases_active.observe(active_leases)
     watchers.observe(open_watchers)
     capacity_free.observe(free_capacity)

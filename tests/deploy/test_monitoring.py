@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -269,15 +270,31 @@ async def _up(stub: pb_grpc.WorkServiceAsyncStub) -> bool:
     return True
 
 
-async def _work_through(api: Api, stub: pb_grpc.WorkServiceAsyncStub, done: int) -> pb.WorkAssigned:
-    """`done` items assigned and stopped, then one more assigned and held."""
+async def _work_through(
+    api: Api, stub: pb_grpc.WorkServiceAsyncStub, prometheus: Prometheus, done: int
+) -> pb.WorkAssigned:
+    """`done` items assigned and stopped, one at a time, each once Prometheus has scraped the one before (a rate
+    needs two samples of a series: the first item creates the histogram series, the next ones move them); then
+    one more assigned and held."""
     watch = Watch(stub.WatchWork(pb.WatchWorkRequest(sandbox_id="monitored", max_in_flight=1))).start()
-    for _ in range(done):
+    for count in range(1, done + 1):
         await api.enqueue(1)
         item = await watch.assigned()
         await stub.StopWork(pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True))
+        dispatched = functools.partial(_scraped, prometheus, "sum(work_sidecar_dispatch_duration_seconds_count)", count)
+        await eventually(dispatched, timeout=30, interval=0.3, message=f"Prometheus scraped item {count}")
     await api.enqueue(1)
     return await watch.assigned()
+
+
+async def _scraped(prometheus: Prometheus, expr: str, at_least: float) -> bool:
+    found = await prometheus.query(expr)
+    return bool(found) and float(found[0]["value"][1]) >= at_least
+
+
+def _finite(result: list[dict[str, Any]]) -> bool:
+    """Some series has a number (not NaN: a quantile of no samples, a ratio of nothing)."""
+    return any(value not in ("NaN", "+Inf", "-Inf") for series in result for _, value in series["values"])
 
 
 @pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None, reason=TOOLS_MISSING)
@@ -292,14 +309,13 @@ async def test_a_live_prometheus_sees_the_dashboard_and_the_alerts(
     ):
         stub = pb_grpc.WorkServiceStub(channel)
         await eventually(lambda: _up(stub), timeout=30, message="the sidecar serves")
-        await _work_through(api, stub, done=3)
+        await _work_through(api, stub, prometheus, done=3)
 
         # Healthy: the items are in Prometheus, the rules were evaluated on them, and nothing fires.
-        async def completed() -> bool:
-            found = await prometheus.query('sum(work_sidecar_items_completed_total{final_state="stopped"})')
-            return bool(found) and float(found[0]["value"][1]) == 3
-
-        await eventually(completed, timeout=30, interval=0.5, message="Prometheus scraped the three items")
+        await eventually(
+            lambda: _scraped(prometheus, 'sum(work_sidecar_items_completed_total{final_state="stopped"})', 3),
+            timeout=30, interval=0.5, message="Prometheus scraped the three items",
+        )  # fmt: skip
         seen = time.time()
         await eventually(lambda: prometheus.evaluated_since(seen + 2), timeout=30, interval=0.5, message="rules ran")
         assert await prometheus.active() == set(), "an alert is pending or firing in a healthy run"
@@ -326,7 +342,7 @@ async def test_a_live_prometheus_sees_the_dashboard_and_the_alerts(
             if "work_sidecar_scaler_" in expr:
                 continue
             results[expr] = (title, await prometheus.query_range(_concrete(expr), started, end))
-        empty = [f"{title}: {expr}" for expr, (title, found) in results.items() if not found]
+        empty = [f"{title}: {expr}" for expr, (title, found) in results.items() if not _finite(found)]
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
         _dump(results, started, end)
 
@@ -403,5 +419,5 @@ async def test_a_live_prometheus_sees_the_scaler_panels(api: Api, scaler: tuple[
             if "work_sidecar_scaler_" in expr:
                 results[expr] = (title, await prometheus.query_range(_concrete(expr), started, end))
         assert results, "the dashboard has scaler panels"
-        empty = [f"{title}: {expr}" for expr, (title, found) in results.items() if not found]
+        empty = [f"{title}: {expr}" for expr, (title, found) in results.items() if not _finite(found)]
         assert not empty, "scaler queries without data:\n" + "\n".join(empty)
