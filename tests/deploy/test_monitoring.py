@@ -410,7 +410,10 @@ async def test_a_live_prometheus_sees_the_scaler_panels(api: Api, scaler: tuple[
         assert await prometheus.active() == set(), "an alert is pending or firing while the scaler reads"
         await api.admin.inject_fault("stats", status=503, count=None)  # its reads fail: errors, the reading ages
         await eventually(
-            lambda: read("work_sidecar_scaler_read_errors_total"), timeout=30, interval=0.5, message="read errors"
+            lambda: read("sum(rate(work_sidecar_scaler_read_errors_total[10s])) > 0"),
+            timeout=30,
+            interval=0.5,
+            message="read errors, counted across scrapes",
         )
         await api.admin.clear_faults()
         end = time.time() + 1
