@@ -49,9 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = missing_server_requirements()
         if not missing:
             raise
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         print(
-            f"work-sidecar: only the client is installed (no module {exc.name!r}; missing {', '.join(missing)}): "
-            f"for the sidecar, {INSTALL_HINT}",
+            f"work-sidecar: only the client is installed (sidecar.client); the sidecar needs {named} "
+            f"(no module {exc.name!r}): {INSTALL_HINT}",
             file=sys.stderr,
         )
         return USAGE_EXIT
