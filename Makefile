@@ -13,7 +13,8 @@ BENCH_STAMP := $(VENV)/.installed-bench
 PIP         := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: help venv proto lint typecheck buf-lint test test-fast run bench bench-quick chaos chaos-quick polyglot-deps monitoring-deps telemetry-docs clean
+.PHONY: help venv proto lint typecheck buf-lint test test-fast run bench bench-quick chaos chaos-quick polyglot-deps clean
+.PHONY: monitoring-deps telemetry-docs
 
 help:
 	@echo "make run            start the sidecar on an embedded emulator and run the example sandbox"

@@ -234,7 +234,7 @@ class Journal:
     # -- start and stop -------------------------------------------------------------------------------
 
     @property
-    def writable(self) -> bool:
+    def accepting(self) -> bool:
         """False while writing the journal fails (from the failed write to the next one that succeeds)."""
         return not self._failing
 

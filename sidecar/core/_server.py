@@ -198,7 +198,7 @@ class Sidecar:
         )
         if self.journal is not None:
             journal = self.journal
-            telemetry.register_journal(lambda: journal.writable, lambda: journal.records_written)
+            telemetry.register_journal(lambda: journal.accepting, lambda: journal.records_written)
         self.supervisor.keep(self.health_reporter.run, name="health")
         self.poller.start()
         self.state = Lifecycle.SERVING
