@@ -1,10 +1,11 @@
 """Draw deploy/monitoring/dashboard.json's panels from a live Prometheus' answers, with matplotlib.
 
-Not a Grafana screenshot: the same queries, as the live test sent them to a real Prometheus scraping a real sidecar
-(items, then a Work API outage), drawn one subplot per panel. Make the data, then the picture:
+Not a Grafana screenshot: the same queries, as the live tests sent them to a real Prometheus scraping a real sidecar
+(items, then a Work API outage) and a real KEDA scaler (readings, then failing reads), one subplot per panel, each
+on the time of the run it comes from. Make the data, then the picture:
 
-    WORK_SIDECAR_DASHBOARD_DUMP=/tmp/d.json .venv/bin/pytest tests/deploy/test_monitoring.py -k sees_the_dashboard
-    .venv/bin/python tools/render_dashboard.py /tmp/d.json docs/img/dashboard.png
+    mkdir -p /tmp/d && WORK_SIDECAR_DASHBOARD_DUMP=/tmp/d .venv/bin/pytest tests/deploy/test_monitoring.py -k live
+    .venv/bin/python tools/render_dashboard.py /tmp/d/*.json docs/img/dashboard.png
 """
 
 from __future__ import annotations
@@ -34,17 +35,18 @@ def _legend(template: str, labels: dict[str, str]) -> str:
     return " ".join(text.split()) or "value"
 
 
-def render(dump: dict[str, Any], out: Path) -> None:
+def render(dumps: list[dict[str, Any]], out: Path) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
-    answers = {query["expr"]: query["result"] for query in dump["queries"]}
+    answers = {query["expr"]: query["result"] for dump in dumps for query in dump["queries"]}
+    starts = {query["expr"]: float(dump["start"]) for dump in dumps for query in dump["queries"]}
     panels = [p for p in dashboard["panels"] if any(t["expr"] in answers for t in p["targets"])]
     columns = 2
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(13, 2.9 * rows), squeeze=False)
-    start = float(dump["start"])
     for axis, panel in zip(axes.flat, panels, strict=False):
         for target in panel["targets"]:
             for series in answers.get(target["expr"], []):
+                start = starts[target["expr"]]
                 points = [(float(t) - start, float(v)) for t, v in series["values"] if v not in ("NaN", "+Inf", "-Inf")]
                 if points:
                     xs, ys = zip(*points, strict=True)
@@ -62,8 +64,8 @@ def render(dump: dict[str, Any], out: Path) -> None:
         axis.set_xlabel("seconds into the run", fontsize=8)
     figure.suptitle(
         "work-sidecar dashboard (deploy/monitoring/dashboard.json) drawn with matplotlib from a live Prometheus' "
-        "query_range answers:\nthe test run of tests/deploy/test_monitoring.py (items, then a Work API outage "
-        "from the emulator's fault injection); not a Grafana screenshot",
+        "query_range answers in the runs of\ntests/deploy/test_monitoring.py: a sidecar (items, then a Work API "
+        "outage) and a KEDA scaler (readings, then failing reads); not a Grafana screenshot",
         fontsize=9,
     )
     figure.tight_layout(rect=(0, 0, 1, 0.96))
@@ -73,10 +75,12 @@ def render(dump: dict[str, Any], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dump", type=Path, help="what the live test wrote to WORK_SIDECAR_DASHBOARD_DUMP")
+    parser.add_argument(
+        "dumps", type=Path, nargs="+", help="the files the live tests wrote to WORK_SIDECAR_DASHBOARD_DUMP"
+    )
     parser.add_argument("out", type=Path, help="the PNG to write")
     args = parser.parse_args()
-    render(json.loads(args.dump.read_text()), args.out)
+    render([json.loads(path.read_text()) for path in args.dumps], args.out)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 TOOLS_MISSING = "prometheus/promtool are not installed: `make monitoring-deps` (apt-get install prometheus, needs root)"
 DUMP_ENV = "WORK_SIDECAR_DASHBOARD_DUMP"
-"""When set, the live test writes every dashboard query's range result there (tools/render_dashboard.py draws it)."""
+"""A directory: when set, each live test writes its dashboard queries' range results there, one JSON file per test
+(tools/render_dashboard.py draws them)."""
 
 LIVE_ALERTS = {"WorkSidecarLeasesLost", "WorkSidecarWorkApiErrors", "WorkSidecarNotReady"}
 """What a Work API outage fires live (the journal's and the scaler's alerts are fired by the promtool tests)."""
@@ -344,15 +345,15 @@ async def test_a_live_prometheus_sees_the_dashboard_and_the_alerts(
             results[expr] = (title, await prometheus.query_range(_concrete(expr), started, end))
         empty = [f"{title}: {expr}" for expr, (title, found) in results.items() if not _finite(found)]
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
-        _dump(results, started, end)
+        _dump("sidecar", results, started, end)
 
 
-def _dump(results: dict[str, tuple[str, list[dict[str, Any]]]], start: float, end: float) -> None:
-    target = os.environ.get(DUMP_ENV)
-    if not target:
+def _dump(name: str, results: dict[str, tuple[str, list[dict[str, Any]]]], start: float, end: float) -> None:
+    directory = os.environ.get(DUMP_ENV)
+    if not directory:
         return
     panels = [{"title": title, "expr": expr, "result": found} for expr, (title, found) in results.items()]
-    Path(target).write_text(json.dumps({"start": start, "end": end, "queries": panels}, indent=1))
+    Path(directory, f"{name}.json").write_text(json.dumps({"start": start, "end": end, "queries": panels}, indent=1))
 
 
 def _scaler_serves_metrics() -> bool:
@@ -424,3 +425,4 @@ async def test_a_live_prometheus_sees_the_scaler_panels(api: Api, scaler: tuple[
         assert results, "the dashboard has scaler panels"
         empty = [f"{title}: {expr}" for expr, (title, found) in results.items() if not _finite(found)]
         assert not empty, "scaler queries without data:\n" + "\n".join(empty)
+        _dump("scaler", results, started, end)
