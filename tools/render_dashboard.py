@@ -50,7 +50,8 @@ def render(dumps: list[dict[str, Any]], out: Path) -> None:
                 points = [(float(t) - start, float(v)) for t, v in series["values"] if v not in ("NaN", "+Inf", "-Inf")]
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    axis.plot(xs, ys, label=_legend(target.get("legendFormat", ""), series["metric"]), linewidth=1.4)
+                    label = _legend(target.get("legendFormat", ""), series["metric"])
+                    axis.plot(xs, ys, label=label, linewidth=1.4, marker="o" if len(points) < 4 else None)
         unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
         axis.set_title(panel["title"], fontsize=10, loc="left")
         axis.set_ylabel({"s": "seconds", "ops": "per second"}.get(unit, ""), fontsize=8)
