@@ -95,12 +95,18 @@ def exporter_names(variable: str, environ: Mapping[str, str]) -> list[str]:
 
 
 def _protocol(environ: Mapping[str, str], signal: str) -> str:
-    protocol = (
-        environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    ).strip()
+    variable = next(
+        (
+            name
+            for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+            if environ.get(name)
+        ),
+        None,
+    )
+    protocol = environ[variable].strip() if variable else "grpc"
     if protocol not in ("grpc", "http/protobuf"):
         raise TelemetryError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported (grpc or http/protobuf)"
+            f"{variable}={protocol} is not supported (grpc or http/protobuf)"
             + (": the OTLP exporters here speak protobuf, not JSON" if protocol == "http/json" else "")
         )
     return protocol

@@ -42,6 +42,7 @@ REFUSED = [
     ("OTEL_LOGS_EXPORTER", "logging"),
     ("OTEL_TRACES_EXPORTER", "carrier-pigeon"),
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
 ]
 """The specification's values not supported here (and one it does not define), each refused in one line."""
 
@@ -61,7 +62,7 @@ def _environment(extra: Mapping[str, str]) -> dict[str, str]:
 @pytest.mark.parametrize(("variable", "value"), REFUSED)
 async def test_a_value_not_supported_is_refused_in_one_line(variable: str, value: str, short_dir: str) -> None:
     env = _environment({variable: value})
-    if variable == "OTEL_EXPORTER_OTLP_PROTOCOL":
+    if variable.endswith("_PROTOCOL"):
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:4318"
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "work-sidecar"), "serve", "--api-url", "http://127.0.0.1:9", "--environment-id", ENV,
