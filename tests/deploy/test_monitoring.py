@@ -7,7 +7,9 @@ a live sidecar driven through items on the emulator, then through a Work API out
 - `promtool check rules` and `promtool test rules` pass.
 - Live: no alert fires in the healthy run; during the outage the lease, Work API and readiness alerts fire (from a
   copy of the rules with `for: 0s`: their timing is what the promtool tests check); every dashboard query returns
-  data. The scaler's panels and alert are checked when the scaler serves metrics (`--metrics-listen`).
+  numbers. A sidecar whose journal cannot grow (RLIMIT_FSIZE, as a full disk) fires the journal alert. The
+  scaler's panels are checked when the scaler serves metrics (`--metrics-listen`); its staleness alert (a reading
+  older than two minutes) only by promtool.
 
 Skipped, with the reason, where `prometheus` or `promtool` is not installed (`make monitoring-deps` installs them;
 `.ci/run` does).
@@ -20,6 +22,7 @@ import contextlib
 import functools
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -50,8 +53,11 @@ DUMP_ENV = "WORK_SIDECAR_DASHBOARD_DUMP"
 """A directory: when set, each live test writes its dashboard queries' range results there, one JSON file per test
 (tools/render_dashboard.py draws them)."""
 
+JOURNAL_BYTES = 8192
+"""The file size limit of the journal test's sidecar: its journal's header and a few lease lines fit."""
+
 LIVE_ALERTS = {"WorkSidecarLeasesLost", "WorkSidecarWorkApiErrors", "WorkSidecarNotReady"}
-"""What a Work API outage fires live (the journal's and the scaler's alerts are fired by the promtool tests)."""
+"""What a Work API outage fires live (the journal's alert fires in a test of its own)."""
 
 
 def _rule_spec() -> dict[str, Any]:
@@ -243,24 +249,36 @@ async def _prometheus(tmp_path: Path, targets: dict[str, str]) -> AsyncIterator[
         log.close()
 
 
-@pytest.fixture
-async def sidecar(api: Api, short_dir: str) -> AsyncIterator[tuple[str, str]]:
+@contextlib.asynccontextmanager
+async def _served(api: Api, short_dir: str, *, file_size_limit: int | None = None) -> AsyncIterator[tuple[str, str]]:
     """A live sidecar with --metrics-listen and --state-dir, lease TTL 2 s, unready after 1 s of failed polls:
-    (its socket, its metrics address)."""
+    (its socket, its metrics address). With `file_size_limit`, no file it writes may grow past that many bytes
+    (RLIMIT_FSIZE: a write past it fails with EFBIG, as on a full disk)."""
     metrics = f"127.0.0.1:{free_port()}"
     socket = f"unix://{short_dir}/monitored.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WORK_SIDECAR_"))}
+
+    def limit_files() -> None:
+        if file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "work-sidecar"), "serve", "--api-url", api.url, "--environment-id", ENV, "--listen", socket,
         "--metrics-listen", metrics, "--state-dir", f"{short_dir}/state", "--ttl", "2", "--unready-after", "1",
         "--drain-timeout", "5", env={**env, "WORK_SIDECAR_API_KEY": KEY},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limit_files,
     )  # fmt: skip
     try:
         yield socket, metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
+
+
+@pytest.fixture
+async def sidecar(api: Api, short_dir: str) -> AsyncIterator[tuple[str, str]]:
+    async with _served(api, short_dir) as served:
+        yield served
 
 
 async def _up(stub: pb_grpc.WorkServiceAsyncStub) -> bool:
@@ -346,6 +364,32 @@ async def test_a_live_prometheus_sees_the_dashboard_and_the_alerts(
         empty = [f"{title}: {expr}" for expr, (title, found) in results.items() if not _finite(found)]
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
         _dump("sidecar", results, started, end)
+
+
+@pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None, reason=TOOLS_MISSING)
+async def test_a_live_prometheus_fires_the_journal_alert(api: Api, short_dir: str, tmp_path: Path) -> None:
+    """A lease journal that cannot grow (its file size limited, as a full disk would) fires the journal alert."""
+    async with (
+        _served(api, short_dir, file_size_limit=JOURNAL_BYTES) as (socket, metrics),
+        _prometheus(tmp_path, {"work-sidecar": metrics}) as prometheus,
+        grpc.aio.insecure_channel(socket) as channel,
+    ):
+        stub = pb_grpc.WorkServiceStub(channel)
+        await eventually(lambda: _up(stub), timeout=30, message="the sidecar serves")
+        await eventually(
+            lambda: _scraped(prometheus, "min(work_sidecar_journal_writable)", 1),
+            timeout=30, interval=0.3, message="Prometheus sees a writable journal",
+        )  # fmt: skip
+        assert "WorkSidecarJournalNotWritable" not in await prometheus.active()
+        watch = Watch(stub.WatchWork(pb.WatchWorkRequest(sandbox_id="journaled", max_in_flight=100))).start()
+        await api.enqueue(40)  # their lease lines outgrow the limit
+
+        async def unwritable() -> bool:
+            found = await prometheus.query("min(work_sidecar_journal_writable) == 0")
+            return bool(found) and "WorkSidecarJournalNotWritable" in await prometheus.firing()
+
+        await eventually(unwritable, timeout=60, interval=0.5, message="the journal alert fires")
+        watch.cancel()
 
 
 def _dump(name: str, results: dict[str, tuple[str, list[dict[str, Any]]]], start: float, end: float) -> None:
