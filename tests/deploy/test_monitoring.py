@@ -107,6 +107,20 @@ def test_the_pod_monitor_scrapes_the_metrics_port_of_the_pods_deploy_labels() ->
     assert kustomization["configMapGenerator"][0]["files"] == ["dashboard.json"]
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (kubectl kustomize renders it)")
+def test_kustomize_renders_the_monitor_the_rules_and_the_dashboard_configmap() -> None:
+    kubectl = shutil.which("kubectl")
+    assert kubectl is not None
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(rendered) if doc}
+    assert set(documents) == {"ConfigMap", "PodMonitor", "PrometheusRule"}
+    configmap = documents["ConfigMap"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1", "Grafana's dashboard sidecar picks it up"
+    assert json.loads(configmap["data"]["dashboard.json"]) == _dashboard()
+
+
 def test_the_dashboard_covers_what_an_operator_asks() -> None:
     dashboard = _dashboard()
     assert dashboard["uid"] and dashboard["panels"]
