@@ -14,7 +14,7 @@
 # --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:… for byte-for-byte rebuilds.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# ---- builder: build the wheel and install it with its dependencies into a self-contained venv ----------
+# ---- builder: build the wheel and install it with the sidecar's dependencies (the `server` extra) into a venv ---
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -25,7 +25,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar/ sidecar/
 # Every dependency ships manylinux wheels (grpcio, uvloop, httptools, …): no compiler is needed here either.
-RUN /opt/work-sidecar/bin/pip install --no-cache-dir --no-compile /src \
+RUN /opt/work-sidecar/bin/pip install --no-cache-dir --no-compile '/src[server]' \
  && /opt/work-sidecar/bin/python -m compileall -q /opt/work-sidecar/lib \
  && /opt/work-sidecar/bin/work-sidecar serve --help > /dev/null
 

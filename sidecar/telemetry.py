@@ -1,13 +1,20 @@
 """Telemetry set-up for the process, from the standard `OTEL_*` environment variables.
 
-- Exporters: `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` = `otlp`, `console` or `none` (comma lists
-  allowed). When unset they default to `otlp` if an `OTEL_EXPORTER_OTLP_*ENDPOINT` is set, else to none.
+- Exporters (comma lists allowed), every value the OpenTelemetry specification defines either works or is
+  refused in one line (`TelemetryError`; the CLI exits 2):
+  - `OTEL_TRACES_EXPORTER`: `otlp`, `console`, `none`; `zipkin`, `jaeger` and `logging` are refused.
+  - `OTEL_METRICS_EXPORTER`: `otlp`, `prometheus` (a scrape endpoint on `OTEL_EXPORTER_PROMETHEUS_HOST`:`_PORT`,
+    default localhost:9464), `console`, `none`; `logging` is refused.
+  - `OTEL_LOGS_EXPORTER`: `console` (the log lines on stderr, which are always written) and `none`; `otlp` and
+    `logging` are refused.
+  When unset, traces and metrics default to `otlp` if an `OTEL_EXPORTER_OTLP_*ENDPOINT` is set, else to none.
   `OTEL_EXPORTER_OTLP_PROTOCOL` (or the per-signal variable) picks `grpc` (default) or `http/protobuf`;
   endpoints, headers, timeouts and intervals are read by the exporters themselves, the resource
   (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`) by the SDK.
-- `--metrics-listen host:port` adds a Prometheus scrape endpoint.
+- `--metrics-listen host:port` adds a Prometheus scrape endpoint (the same registry as `prometheus`).
 - With nothing configured the OpenTelemetry API keeps its no-op providers: telemetry off costs next to
   nothing, and no gRPC server interceptor is installed.
+- The instruments themselves are declared in `sidecar._instruments` (docs/telemetry.md is generated from them).
 """
 
 from __future__ import annotations
@@ -40,19 +47,68 @@ def tracing_enabled() -> bool:
     return _state["tracing"]
 
 
-def _names(variable: str, environ: Mapping[str, str], signal: str) -> list[str]:
+class TelemetryError(ValueError):
+    """An `OTEL_*` setting the process cannot honour, or a metrics endpoint it cannot open (one line: the fix)."""
+
+
+EXPORTERS: dict[str, tuple[str, ...]] = {
+    "OTEL_TRACES_EXPORTER": ("otlp", "console", "none"),
+    "OTEL_METRICS_EXPORTER": ("otlp", "prometheus", "console", "none"),
+    "OTEL_LOGS_EXPORTER": ("console", "none"),
+}
+"""What each variable takes here. A log line always goes to stderr (`console`); `none` is accepted for it too."""
+
+REFUSED: dict[str, str] = {
+    "zipkin": "work-sidecar ships no Zipkin exporter: set otlp and let an OpenTelemetry Collector forward to Zipkin",
+    "jaeger": "deprecated by the OpenTelemetry specification (Jaeger takes OTLP): set otlp",
+    "logging": "deprecated by the OpenTelemetry specification: set console",
+    "otlp": "work-sidecar writes its logs to stderr (--log-format json: one object a line): collect them from there, "
+    "or set console",
+    "prometheus": "Prometheus takes metrics only: set OTEL_METRICS_EXPORTER=prometheus",
+}
+"""Values the OpenTelemetry specification defines that are refused here, with the reason (logs: `otlp` too)."""
+
+PROMETHEUS_HOST = "localhost"
+PROMETHEUS_PORT = 9464
+"""The specification's defaults for OTEL_EXPORTER_PROMETHEUS_HOST and _PORT."""
+
+
+def exporter_names(variable: str, environ: Mapping[str, str]) -> list[str]:
+    """The exporters `variable` names, checked: a value not supported here raises TelemetryError."""
+    signal = variable.removeprefix("OTEL_").removesuffix("_EXPORTER")
     raw = environ.get(variable, "").strip().lower()
     if not raw:
+        if signal == "LOGS":
+            return []
         endpoint = environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         return ["otlp"] if endpoint else []
-    names = [name.strip() for name in raw.split(",") if name.strip()]
-    return [] if names == ["none"] else [n for n in names if n != "none"]
+    names = list(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
+    supported = EXPORTERS[variable]
+    for name in names:
+        if name not in supported:
+            reason = REFUSED.get(name, f"not an exporter the OpenTelemetry specification defines for {signal.lower()}")
+            raise TelemetryError(f"{variable}={name} is not supported ({', '.join(supported)}): {reason}")
+    if signal == "LOGS":
+        return []  # console: the log lines on stderr, as always
+    return [name for name in names if name != "none"]
 
 
 def _protocol(environ: Mapping[str, str], signal: str) -> str:
-    return (
-        environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    ).strip()
+    variable = next(
+        (
+            name
+            for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+            if environ.get(name)
+        ),
+        None,
+    )
+    protocol = environ[variable].strip() if variable else "grpc"
+    if protocol not in ("grpc", "http/protobuf"):
+        raise TelemetryError(
+            f"{variable}={protocol} is not supported (grpc or http/protobuf)"
+            + (": the OTLP exporters here speak protobuf, not JSON" if protocol == "http/json" else "")
+        )
+    return protocol
 
 
 def _span_exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
@@ -60,8 +116,6 @@ def _span_exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    if name != "otlp":
-        raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r} (otlp, console or none)")
     if _protocol(environ, "TRACES") == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 
@@ -76,8 +130,6 @@ def _metric_reader(name: str, environ: Mapping[str, str]) -> MetricReader:
 
     if name == "console":
         return PeriodicExportingMetricReader(ConsoleMetricExporter())
-    if name != "otlp":
-        raise ValueError(f"OTEL_METRICS_EXPORTER: unsupported exporter {name!r} (otlp, console or none)")
     if _protocol(environ, "METRICS") == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
 
@@ -87,12 +139,41 @@ def _metric_reader(name: str, environ: Mapping[str, str]) -> MetricReader:
     return PeriodicExportingMetricReader(GrpcMetricExporter())
 
 
-def _prometheus(address: str) -> MetricReader:
+def prometheus_addresses(metrics_listen: str | None, names: list[str], environ: Mapping[str, str]) -> list[str]:
+    """Where to serve /metrics: `--metrics-listen`, and OTEL_EXPORTER_PROMETHEUS_HOST:_PORT when
+    OTEL_METRICS_EXPORTER names prometheus (the same address once)."""
+    addresses = [metrics_listen] if metrics_listen else []
+    if "prometheus" in names:
+        host = environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "").strip() or PROMETHEUS_HOST
+        raw_port = environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "").strip() or str(PROMETHEUS_PORT)
+        if not raw_port.isdigit() or not 0 <= int(raw_port) <= 65535:
+            raise TelemetryError(f"OTEL_EXPORTER_PROMETHEUS_PORT={raw_port} is not a port number (0-65535)")
+        address = f"[{host}]:{raw_port}" if ":" in host else f"{host}:{raw_port}"
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise TelemetryError(f"--metrics-listen takes host:port, not {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _prometheus(addresses: list[str]) -> MetricReader:
+    """One reader (one registry), served on each address."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import start_http_server
 
-    host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host or "127.0.0.1")
+    for address in addresses:
+        host, port = _split(address)
+        try:
+            start_http_server(port, addr=host)
+        except OSError as exc:
+            raise TelemetryError(
+                f"cannot serve Prometheus metrics on {address}: {exc.strerror or exc}: choose another address"
+            ) from None
     reader: MetricReader = PrometheusMetricReader()
     return reader
 
@@ -111,7 +192,13 @@ def setup_telemetry(metrics_listen: str | None = None, environ: Mapping[str, str
     environ = os.environ if environ is None else environ
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
-    span_exporters = [_span_exporter(name, environ) for name in _names("OTEL_TRACES_EXPORTER", environ, "TRACES")]
+    exporter_names("OTEL_LOGS_EXPORTER", environ)  # checked only: log lines go to stderr
+    metric_names = exporter_names("OTEL_METRICS_EXPORTER", environ)
+    span_exporters = [_span_exporter(name, environ) for name in exporter_names("OTEL_TRACES_EXPORTER", environ)]
+    readers = [_metric_reader(name, environ) for name in metric_names if name != "prometheus"]
+    addresses = prometheus_addresses(metrics_listen, metric_names, environ)
+    if addresses:
+        readers.append(_prometheus(addresses))
     if span_exporters:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -121,9 +208,6 @@ def setup_telemetry(metrics_listen: str | None = None, environ: Mapping[str, str
             tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(tracer_provider)
         _state["tracing"] = True
-    readers = [_metric_reader(name, environ) for name in _names("OTEL_METRICS_EXPORTER", environ, "METRICS")]
-    if metrics_listen:
-        readers.append(_prometheus(metrics_listen))
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider
 
@@ -132,7 +216,7 @@ def setup_telemetry(metrics_listen: str | None = None, environ: Mapping[str, str
     if tracer_provider or meter_provider:
         log.info(
             "telemetry on",
-            extra={"traces": bool(tracer_provider), "metric_readers": len(readers), "prometheus": metrics_listen},
+            extra={"traces": bool(tracer_provider), "metric_readers": len(readers), "prometheus": addresses},
         )
     try:
         yield

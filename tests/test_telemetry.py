@@ -274,3 +274,85 @@ async def test_prometheus_scrape_endpoint(api: Api, tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_every_histogram_on_metrics_has_buckets_for_its_unit(api: Api, short_dir: str) -> None:
+    """A live sidecar's /metrics after an item: every histogram is in seconds with buckets from about a millisecond
+    up (not OpenTelemetry's default millisecond boundaries), as declared, and the item's dispatch lands in a bucket
+    below a second. Every instrument family seen is a declared one, under the name docs/telemetry.md gives."""
+    import socket as sockets
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sidecar._instruments import CATALOG
+
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    socket = f"unix://{short_dir}/h.sock"
+    env = {**os.environ, "WORK_SIDECAR_API_KEY": KEY}
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "work-sidecar"), "serve", "--api-url", api.url, "--environment-id", ENV, "--listen", socket,
+        "--metrics-listen", f"127.0.0.1:{port}", "--state-dir", f"{short_dir}/state",
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with grpc.aio.insecure_channel(socket) as channel:
+            stub = pb_grpc.WorkServiceStub(channel)
+            await eventually(lambda: _ready(stub), timeout=20, message="sidecar up")
+            watch = Watch(stub.WatchWork(pb.WatchWorkRequest(sandbox_id="sandbox-histograms"))).start()
+            await api.enqueue(1)
+            item = await watch.assigned()
+            await stub.StopWork(pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True))
+            watch.cancel()
+        async with httpx.AsyncClient() as http:
+
+            async def scraped() -> str:
+                text = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=2)).text
+                return text if "work_sidecar_item_duration_seconds_count" in text else ""
+
+            text = await eventually(scraped, timeout=20, message="the item's end is on /metrics")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+    declared = {metric.prometheus_name: metric for metric in CATALOG.values()}
+    histograms = 0
+    seen: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("work_sidecar"):
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        seen.add(name)
+        assert name in declared, f"{name} on /metrics is not a declared instrument"
+        if family.type != "histogram":
+            continue
+        histograms += 1
+        assert name.endswith("_seconds"), f"{name}: a histogram whose unit is not seconds"
+        series: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+                series.setdefault(labels, []).append((float(sample.labels["le"]), sample.value))
+        assert series, f"{name} has no buckets"
+        for buckets in series.values():
+            bounds = sorted(bound for bound, _ in buckets if bound != float("inf"))
+            assert 0.0005 <= bounds[0] <= 0.002, f"{name}: the first bucket is not about a millisecond: {bounds[:3]}"
+            assert bounds[-1] >= 3600, f"{name}: the buckets end at {bounds[-1]} s, short of a long item"
+            assert tuple(bounds) == declared[name].buckets, name
+    assert histograms == 3, f"the three duration histograms are on /metrics, not {histograms}"
+    dispatch = next(
+        f for f in text_string_to_metric_families(text) if f.name == "work_sidecar_dispatch_duration_seconds"
+    )
+    below_a_second = [s.value for s in dispatch.samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0"]
+    count = [s.value for s in dispatch.samples if s.name.endswith("_count")]
+    assert below_a_second == count == [1.0], "the item's dispatch is counted in a bucket below a second"
+    expected = {
+        "work_sidecar_polls_total", "work_sidecar_acks_total", "work_sidecar_heartbeats_total",
+        "work_sidecar_items_completed_total", "work_sidecar_dispatch_duration_seconds",
+        "work_sidecar_item_duration_seconds", "work_sidecar_api_request_duration_seconds",
+        "work_sidecar_leases_active", "work_sidecar_watchers", "work_sidecar_capacity_free", "work_sidecar_ready",
+        "work_sidecar_journal_writable", "work_sidecar_journal_records_total",
+    }  # fmt: skip
+    assert expected <= seen, f"missing from /metrics: {sorted(expected - seen)}"

@@ -191,8 +191,14 @@ class Sidecar:
             os.chmod(path, self.settings.server.socket_mode)  # ... then given --socket-mode (0600, or 0660)
         await self.health_reporter.update()
         telemetry.register_gauges(
-            lambda: len(self.leases), lambda: len(self.dispatcher.watchers), self.dispatcher.free_capacity
+            lambda: len(self.leases),
+            lambda: len(self.dispatcher.watchers),
+            self.dispatcher.free_capacity,
+            lambda: self.health_reporter.ready,
         )
+        if self.journal is not None:
+            journal = self.journal
+            telemetry.register_journal(lambda: journal.accepting, lambda: journal.records_written)
         self.supervisor.keep(self.health_reporter.run, name="health")
         self.poller.start()
         self.state = Lifecycle.SERVING

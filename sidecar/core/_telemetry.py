@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, propagate, trace
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from .._instruments import Gauge, counter, histogram
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import HeartbeatResult, Work
 
@@ -29,24 +29,83 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.leases")
 
 _tracer = trace.get_tracer("sidecar.core")
-_meter = metrics.get_meter("sidecar.core")
+SCOPE = "sidecar.core"
+_REASONS = "why the lease ended: " + ", ".join(
+    name.removeprefix("LEASE_LOST_REASON_").lower() for name, _ in pb.LeaseLostReason.items()
+)
 
-polls = _meter.create_counter("work_sidecar.polls", unit="{poll}", description="Long polls by result (empty, item)")
-acks = _meter.create_counter("work_sidecar.acks", unit="{ack}", description="Acks by result")
-heartbeats = _meter.create_counter(
-    "work_sidecar.heartbeats", unit="{heartbeat}", description="Heartbeats by result (ok, or the failure reason)"
+polls = counter(
+    SCOPE,
+    "work_sidecar.polls",
+    "{poll}",
+    "Long polls of the Work API, by result",
+    {"result": "empty (the poll timed out without an item), item, or error"},
 )
-lease_losses = _meter.create_counter("work_sidecar.lease.losses", unit="{lease}", description="Leases lost, by reason")
-items_completed = _meter.create_counter(
-    "work_sidecar.items.completed", unit="{item}", description="Items whose lease ended, by final state and reason"
+acks = counter(
+    SCOPE,
+    "work_sidecar.acks",
+    "{ack}",
+    "Acks of polled items, by result",
+    {"result": "ok, conflict, not_found, bad_response or error"},
 )
-dispatch_latency = _meter.create_histogram(
+heartbeats = counter(
+    SCOPE,
+    "work_sidecar.heartbeats",
+    "{heartbeat}",
+    "Lease heartbeats (claims and renewals), by result",
+    {
+        "result": "ok, precondition_failed, not_found, stopped, not_extended, expired, claim_failed, claim_error, "
+        "timeout, transport or http_NNN (a failure that may pass, with its HTTP status)"
+    },
+)
+lease_losses = counter(
+    SCOPE,
+    "work_sidecar.lease.losses",
+    "{lease}",
+    "Leases lost (the item is not this sidecar's any more; its sandbox is told LeaseLost), by reason (each "
+    "reason from 0 at start)",
+    {"reason": _REASONS},
+)
+items_completed = counter(
+    SCOPE,
+    "work_sidecar.items.completed",
+    "{item}",
+    "Items whose lease ended, by final state and reason (each from 0 at start)",
+    {"final_state": "stopped or lost", "reason": _REASONS + " (unspecified for a stop)"},
+)
+dispatch_latency = histogram(
+    SCOPE,
     "work_sidecar.dispatch.duration",
-    unit="s",
-    description="From the Work API returning an item to WorkAssigned being queued for the sandbox",
+    "From the Work API returning an item to its WorkAssigned being queued for the sandbox",
 )
-item_duration = _meter.create_histogram(
-    "work_sidecar.item.duration", unit="s", description="From assignment to the end of the lease"
+item_duration = histogram(
+    SCOPE,
+    "work_sidecar.item.duration",
+    "From an item's assignment to the end of its lease",
+    {"final_state": "stopped or lost"},
+)
+leases_active = Gauge(SCOPE, "work_sidecar.leases.active", "{lease}", "Leases held: the items in flight")
+watchers = Gauge(SCOPE, "work_sidecar.watchers", "{watcher}", "Open WatchWork streams")
+capacity_free = Gauge(SCOPE, "work_sidecar.capacity.free", "{slot}", "Items the watchers could take now")
+ready = Gauge(
+    SCOPE,
+    "work_sidecar.ready",
+    "1",
+    "Readiness: 1 while the sidecar serves and the Work API answers, 0 while it drains or every poll has failed "
+    "for --unready-after seconds",
+)
+journal_writable = Gauge(
+    SCOPE,
+    "work_sidecar.journal.writable",
+    "1",
+    "With --state-dir: 1 while the lease journal takes writes, 0 while writing it fails (leases are not durable)",
+)
+journal_records = Gauge(
+    SCOPE,
+    "work_sidecar.journal.records",
+    "{record}",
+    "With --state-dir: records appended to the lease journal",
+    kind="observable counter",
 )
 
 REASON_NAMES: dict[int, str] = {
@@ -55,26 +114,27 @@ REASON_NAMES: dict[int, str] = {
 
 
 def register_gauges(
-    active_leases: Callable[[], int], watchers: Callable[[], int], free_capacity: Callable[[], int]
+    active_leases: Callable[[], int],
+    open_watchers: Callable[[], int],
+    free_capacity: Callable[[], int],
+    is_ready: Callable[[], bool],
 ) -> None:
-    def gauge(read: Callable[[], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(_: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(read())
+    """The gauges' callbacks, and the lease-end counters at 0 for every final state and reason: a series that
+    appears at 1 has no increase() in Prometheus, so an alert on it would miss a pod's first loss."""
+    items_completed.add(0, {"final_state": "stopped", "reason": "unspecified"})
+    for reason in REASON_NAMES.values():
+        if reason != "unspecified":
+            lease_losses.add(0, {"reason": reason})
+            items_completed.add(0, {"final_state": "lost", "reason": reason})
+    leases_active.observe(active_leases)
+    watchers.observe(open_watchers)
+    capacity_free.observe(free_capacity)
+    ready.observe(lambda: int(is_ready()))
 
-        return callback
 
-    _meter.create_observable_gauge(
-        "work_sidecar.leases.active", [gauge(active_leases)], unit="{lease}", description="Leases held"
-    )
-    _meter.create_observable_gauge(
-        "work_sidecar.watchers", [gauge(watchers)], unit="{watcher}", description="Open WatchWork streams"
-    )
-    _meter.create_observable_gauge(
-        "work_sidecar.capacity.free",
-        [gauge(free_capacity)],
-        unit="{slot}",
-        description="Items the watchers could take now",
-    )
+def register_journal(is_writable: Callable[[], bool], records: Callable[[], int]) -> None:
+    journal_writable.observe(lambda: int(is_writable()))
+    journal_records.observe(records)
 
 
 def start_work_span(work: Work, provider: str) -> Span:

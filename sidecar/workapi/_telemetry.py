@@ -11,21 +11,37 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, ProxyTracer, ProxyTracerProvider, SpanKind, Status, StatusCode
 
+from .._instruments import counter, histogram
+from ..wire import OPERATIONS
+
 _tracer = trace.get_tracer("sidecar.workapi")
-_meter = metrics.get_meter("sidecar.workapi")
-_latency = _meter.create_histogram(
+SCOPE = "sidecar.workapi"
+_OPERATIONS = "the Work API operation: " + ", ".join(OPERATIONS)
+_latency = histogram(
+    SCOPE,
     "work_sidecar.api.request.duration",
-    unit="s",
-    description="Work API request latency per operation (one sample per attempt)",
+    "Work API request latency per attempt (a long poll's includes the time it waited for an item)",
+    {"operation": _OPERATIONS},
 )
-_errors = _meter.create_counter(
-    "work_sidecar.api.errors", unit="{error}", description="Work API errors by operation and HTTP status"
+_errors = counter(
+    SCOPE,
+    "work_sidecar.api.errors",
+    "{error}",
+    "Work API attempts that failed, by operation and HTTP status",
+    {
+        "operation": _OPERATIONS,
+        "status": "the HTTP status (4xx, 5xx), or transport (no answer: refused, reset, timed out, unparseable)",
+    },
 )
-_retries = _meter.create_counter(
-    "work_sidecar.api.retries", unit="{retry}", description="Work API request attempts after the first"
+_retries = counter(
+    SCOPE,
+    "work_sidecar.api.retries",
+    "{retry}",
+    "Work API request attempts after the first, by operation",
+    {"operation": _OPERATIONS},
 )
 
 

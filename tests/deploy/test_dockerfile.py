@@ -220,7 +220,7 @@ def test_build_context_builds_the_wheel(dockerfile: Dockerfile, tmp_path: Path) 
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "sidecar/work/v1/work_service_pb2.py" in names and "sidecar/cli.py" in names
-    assert "work-sidecar = sidecar.cli:main" in entry_points
+    assert "work-sidecar = sidecar._entry:main" in entry_points
 
 
 # -- the image's command, run as the image would run it -------------------------------------------------------

@@ -47,6 +47,11 @@ class HealthReporter:
         self._live: bool | None = None
         self.draining = False
 
+    @property
+    def ready(self) -> bool:
+        """What readiness said last (False before the first update)."""
+        return bool(self._ready)
+
     async def update(self) -> None:
         since = self._failing_since()
         api_down = since is not None and time.monotonic() - since >= self._unready_after

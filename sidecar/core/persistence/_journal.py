@@ -233,6 +233,11 @@ class Journal:
 
     # -- start and stop -------------------------------------------------------------------------------
 
+    @property
+    def accepting(self) -> bool:
+        """False while writing the journal fails (from the failed write to the next one that succeeds)."""
+        return not self._failing
+
     def open(self) -> Recovered:
         """Lock the state dir, read the predecessor's journal, and start a fresh (compacted) one from it."""
         prepare_state_dir(self.dir)
