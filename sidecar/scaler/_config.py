@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 
-from ..core import parse_listen
+from ..core import check_exposure, parse_listen
 from ..workapi import HTTP_BACKENDS, PROVIDERS
+from ._metadata import check_activation, check_target
 
 DEFAULT_LISTEN = "127.0.0.1:6000"
 
@@ -21,6 +23,13 @@ class ScalerConfig:
     """The environment of triggers that do not name one in `environmentId` (None: every trigger must)."""
     provider: str = "anthropic"
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token every ExternalScaler call must carry (health and reflection stay open)."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) served on every TCP address; with `tls_key`."""
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    """PEM CA bundle: when set, every TCP client must present a certificate it signed (mutual TLS)."""
     stats_interval: float = 5.0
     """Seconds between two stats reads of one environment (while KEDA asks about it)."""
     max_backoff: float = 60.0
@@ -30,7 +39,9 @@ class ScalerConfig:
     target_items: float = 1.0
     """Default `targetItemsPerReplica`."""
     activation_threshold: float = 0.0
-    """Default `activationThreshold`: active when items needing a replica exceed it."""
+    """Default `activationThreshold`: active when the metric exceeds it."""
+    max_list_pages: int = 20
+    """Pages of the Work API's list one count of items in progress may read (`includeInProgress`)."""
     linger: float = 120.0
     """An environment nobody asked about (no call, no open stream) for this long stops being read."""
     first_reading_timeout: float = 10.0
@@ -44,9 +55,14 @@ class ScalerConfig:
 
     def __post_init__(self) -> None:
         self._check_work_api_and_listen()
+        self._check_tls()
         self._check_readings()
         if self.http_backend not in HTTP_BACKENDS:
             raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def _check_work_api_and_listen(self) -> None:
         if self.provider not in PROVIDERS:
@@ -59,6 +75,40 @@ class ScalerConfig:
             raise ValueError("at least one --listen address is required")
         for address in self.listen:
             parse_listen(address)
+        check_exposure(
+            self.listen,
+            auth_token=self.auth_token,
+            tls=self.tls,
+            remedy="TLS (--tls-cert and --tls-key) or --auth-token",
+            risk="read every environment's queue through this scaler",
+        )
+
+    def _check_tls(self) -> None:
+        """Load the certificate, key and client CA once, so a bad file is one clear line at start-up."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        if self.tls_cert is None or self.tls_key is None:
+            return
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except FileNotFoundError as exc:
+            raise ValueError(f"--tls-cert/--tls-key: {exc.filename}: no such file") from None
+        except PermissionError as exc:
+            raise ValueError(f"--tls-cert/--tls-key: {exc.filename}: permission denied") from None
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+            raise ValueError(f"--tls-cert/--tls-key: not a PEM certificate and its private key ({reason})") from None
+        if self.tls_client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=self.tls_client_ca)
+            except FileNotFoundError:
+                raise ValueError(f"--tls-client-ca: {self.tls_client_ca}: no such file") from None
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "reason", None) or type(exc).__name__
+                raise ValueError(f"--tls-client-ca: not a PEM CA certificate bundle ({reason})") from None
 
     def _check_readings(self) -> None:
         if self.stats_interval <= 0:
@@ -67,9 +117,27 @@ class ScalerConfig:
             raise ValueError("--max-backoff must be at least --stats-interval")
         if self.max_age < self.stats_interval:
             raise ValueError("--max-age must be at least --stats-interval")
-        if not self.target_items > 0:
-            raise ValueError("--target-items must be positive")
-        if not self.activation_threshold >= 0:
-            raise ValueError("--activation-threshold must not be negative")
+        try:
+            check_target(self.target_items)
+        except ValueError as exc:
+            raise ValueError(f"--target-items {exc}") from None
+        try:
+            check_activation(self.activation_threshold)
+        except ValueError as exc:
+            raise ValueError(f"--activation-threshold {exc}") from None
+        if self.max_list_pages < 1:
+            raise ValueError("--max-list-pages must be at least 1")
         if self.linger <= 0 or self.first_reading_timeout <= 0 or self.max_environments < 1:
             raise ValueError("linger, first reading timeout and max environments must be positive")
+
+    def read_tls(self) -> tuple[bytes, bytes, bytes | None]:
+        """(certificate chain, private key, client CA or None), as PEM bytes."""
+        assert self.tls_cert is not None
+        assert self.tls_key is not None
+        with open(self.tls_cert, "rb") as cert, open(self.tls_key, "rb") as key:
+            chain, private = cert.read(), key.read()
+        client_ca = None
+        if self.tls_client_ca is not None:
+            with open(self.tls_client_ca, "rb") as ca:
+                client_ca = ca.read()
+        return chain, private, client_ca

@@ -103,15 +103,3 @@ async def test_scaler_process_answers_keda_over_reflection(api: Api) -> None:
         served.process.terminate()
         assert await asyncio.wait_for(served.process.wait(), 10) == 0
         assert KEY not in "\n".join(served.stderr_lines)
-
-
-def test_every_scaler_flag_is_documented() -> None:
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "deploy" / "keda" / "README.md").read_text()
-    serve = {flag.name for flag in SERVE_FLAGS}
-    for flag in SCALER_FLAGS:
-        if flag.name not in serve:
-            assert f"| `{flag.name}` | `{flag.env}` |" in readme, flag.name
-    for key in ("environmentId", "targetItemsPerReplica", "activationThreshold"):
-        assert f"| `{key}` |" in readme, key
