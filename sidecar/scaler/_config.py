@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass, field
 
 from ..core import check_exposure, parse_listen
 from ..workapi import HTTP_BACKENDS, PROVIDERS
 from ._metadata import check_activation, check_target
+from ._tls import check as check_tls
 
 DEFAULT_LISTEN = "127.0.0.1:6000"
 
@@ -89,26 +89,8 @@ class ScalerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
-        if self.tls_cert is None or self.tls_key is None:
-            return
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
-        except FileNotFoundError as exc:
-            raise ValueError(f"--tls-cert/--tls-key: {exc.filename}: no such file") from None
-        except PermissionError as exc:
-            raise ValueError(f"--tls-cert/--tls-key: {exc.filename}: permission denied") from None
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
-            raise ValueError(f"--tls-cert/--tls-key: not a PEM certificate and its private key ({reason})") from None
-        if self.tls_client_ca is not None:
-            try:
-                context.load_verify_locations(cafile=self.tls_client_ca)
-            except FileNotFoundError:
-                raise ValueError(f"--tls-client-ca: {self.tls_client_ca}: no such file") from None
-            except (ssl.SSLError, OSError) as exc:
-                reason = getattr(exc, "reason", None) or type(exc).__name__
-                raise ValueError(f"--tls-client-ca: not a PEM CA certificate bundle ({reason})") from None
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     def _check_readings(self) -> None:
         if self.stats_interval <= 0:
@@ -129,15 +111,3 @@ class ScalerConfig:
             raise ValueError("--max-list-pages must be at least 1")
         if self.linger <= 0 or self.first_reading_timeout <= 0 or self.max_environments < 1:
             raise ValueError("linger, first reading timeout and max environments must be positive")
-
-    def read_tls(self) -> tuple[bytes, bytes, bytes | None]:
-        """(certificate chain, private key, client CA or None), as PEM bytes."""
-        assert self.tls_cert is not None
-        assert self.tls_key is not None
-        with open(self.tls_cert, "rb") as cert, open(self.tls_key, "rb") as key:
-            chain, private = cert.read(), key.read()
-        client_ca = None
-        if self.tls_client_ca is not None:
-            with open(self.tls_client_ca, "rb") as ca:
-                client_ca = ca.read()
-        return chain, private, client_ca

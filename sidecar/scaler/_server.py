@@ -23,6 +23,7 @@ from ._config import ScalerConfig
 from ._readings import Readings
 from ._service import ExternalScalerService
 from ._telemetry import watch
+from ._tls import ReloadingCredentials
 
 log = logging.getLogger("sidecar.scaler")
 
@@ -134,13 +135,16 @@ class Scaler:
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         """TLS for every TCP address when a certificate is configured (Unix sockets stay plaintext: their file
-        permissions guard them); a client CA makes it mutual TLS."""
+        permissions guard them); a client CA makes it mutual TLS. New files are served without a restart."""
         if not self.config.tls:
             return None
-        chain, key, client_ca = self.config.read_tls()
-        return grpc.ssl_server_credentials(
-            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
-        )
+        assert self.config.tls_cert is not None
+        assert self.config.tls_key is not None
+        try:
+            self.tls = ReloadingCredentials(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+        except (OSError, ValueError) as exc:
+            raise ScalerStartError(str(exc)) from None
+        return self.tls.credentials()
 
     async def close(self) -> None:
         if hasattr(self, "health"):

@@ -15,7 +15,7 @@ from sidecar.keda import externalscaler_pb2 as pb
 from sidecar.keda import externalscaler_pb2_grpc as pb_grpc
 from tests.core.conftest import ENV, KEY, Api
 from tests.deploy._harness import BIN, base_environment, serve_process, until_command_succeeds
-from tests.helpers import free_port
+from tests.helpers import eventually, free_port
 
 from .conftest import ScalerFactory
 
@@ -32,6 +32,8 @@ class Pki:
     other_ca: Path
     other_cert: Path
     other_key: Path
+    renewed_cert: Path
+    renewed_key: Path
 
 
 def _openssl(*args: str) -> None:
@@ -63,12 +65,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     client = _issue(directory, "keda", ca, "extendedKeyUsage=clientAuth")
     other_ca = _authority(directory, "other-ca")
     other = _issue(directory, "intruder", other_ca, "extendedKeyUsage=clientAuth")
-    return Pki(ca[0], *server, *client, other_ca[0], *other)
+    renewed = _issue(directory, "renewed", other_ca, "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth")
+    return Pki(ca[0], *server, *client, other_ca[0], *other, *renewed)
 
 
-def _channel(address: str, pki: Pki, *, client: tuple[Path, Path] | None = None) -> grpc.aio.Channel:
+def _channel(
+    address: str, pki: Pki, *, client: tuple[Path, Path] | None = None, ca: Path | None = None
+) -> grpc.aio.Channel:
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=pki.ca.read_bytes(),
+        root_certificates=(ca or pki.ca).read_bytes(),
         private_key=client[1].read_bytes() if client else None,
         certificate_chain=client[0].read_bytes() if client else None,
     )
@@ -98,6 +103,31 @@ async def test_mutual_tls_admits_only_clients_the_ca_signed(start_scaler: Scaler
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await _spec(stranger)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _answers(address: str, pki: Pki, ca: Path) -> bool:
+    async with _channel(address, pki, ca=ca) as channel:
+        try:
+            await _spec(channel)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(
+    start_scaler: ScalerFactory, pki: Pki, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    scaler = await start_scaler(tls_cert=str(cert), tls_key=str(key))
+    assert await _answers(scaler.address, pki, pki.ca)
+    shutil.copy(pki.renewed_cert, cert)  # as cert-manager renews a mounted Secret
+    shutil.copy(pki.renewed_key, key)
+    assert await eventually(lambda: _answers(scaler.address, pki, pki.other_ca), message="the renewed one served")
+    assert not await _answers(scaler.address, pki, pki.ca), "the old certificate is gone"
+    cert.write_text("half written\n")
+    assert await _answers(scaler.address, pki, pki.other_ca), "files that do not load leave the last good ones"
 
 
 async def test_auth_token_guards_every_keda_call(start_scaler: ScalerFactory) -> None:
