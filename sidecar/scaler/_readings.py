@@ -8,8 +8,9 @@ the first one. A reading older than `max_age` (reads keep failing) is not served
 last Work API error instead, so KEDA's `fallback` can take over.
 
 Items in progress (acknowledged or leased) are not in the stats: while a trigger of the environment asks
-for them (`includeInProgress`), each read also lists the environment's items and counts those in progress;
-a list that fails fails the read.
+for them (`includeInProgress`), each read also lists the environment's items and counts those in progress.
+A count that fails (or needs more than `max_list_pages` pages) fails only the calls that need it, like a
+failed read: they get the last count while it is younger than `max_age`, then the error.
 
 An environment whose first read fails (unknown, forbidden, or the API down) keeps no reader: its error is
 remembered for one `stats_interval` (so repeated calls cost no further request) and its slot is free at once.
@@ -107,7 +108,13 @@ class EnvironmentReader:
         self.max_list_pages = max_list_pages
         self.page_size = page_size
         self.reading: Reading | None = None
+        """The latest successful read."""
+        self.counted: Reading | None = None
+        """The latest successful read that counted the items in progress."""
         self.error: WorkApiError | None = None
+        """The error of the latest read when its stats failed."""
+        self.count_error: WorkApiError | None = None
+        """The error of the latest count of items in progress when only that failed."""
         self.reads = 0
         self.last_demand = time.monotonic()
         self._generation = 0
@@ -128,7 +135,8 @@ class EnvironmentReader:
         if in_progress:
             self._in_progress_demand = now
             latest = self.reading
-            if self.error is None and latest is not None and latest.in_progress is None:
+            failing = self.error is not None or self.count_error is not None  # then the backoff decides
+            if not failing and latest is not None and latest.in_progress is None:
                 self._wake.set()  # the count is wanted now: read at once rather than after the interval
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._loop())
@@ -139,14 +147,22 @@ class EnvironmentReader:
     def _wants_in_progress(self) -> bool:
         return self._in_progress_streams > 0 or time.monotonic() - self._in_progress_demand <= self.linger
 
-    async def _read(self) -> Reading:
+    async def _read(self) -> tuple[Reading, WorkApiError | None]:
+        """The stats (raises when they fail) and, when wanted, the count of items in progress (its error is
+        returned: a failed count leaves the stats reading to the calls that do not need the count)."""
         with _telemetry.read_span(self.environment_id) as span:
             stats = await self.client.stats()
-            in_progress = await self._count_in_progress() if self._wants_in_progress() else None
             span.set_attribute("work.queue.waiting", stats.depth + stats.pending)
-            if in_progress is not None:
-                span.set_attribute("work.queue.in_progress", in_progress)
-            return Reading(stats, time.monotonic(), in_progress)
+            in_progress: int | None = None
+            count_error: WorkApiError | None = None
+            if self._wants_in_progress():
+                try:
+                    in_progress = await self._count_in_progress()
+                except WorkApiError as exc:
+                    count_error = exc
+                else:
+                    span.set_attribute("work.queue.in_progress", in_progress)
+            return Reading(stats, time.monotonic(), in_progress), count_error
 
     async def _count_in_progress(self) -> int:
         count = pages = 0
@@ -166,23 +182,29 @@ class EnvironmentReader:
         while True:
             delay = self.interval
             self._wake.clear()
+            failed: WorkApiError | None
             try:
-                reading = await self._read()
+                reading, failed = await self._read()
             except WorkApiError as exc:
-                failures += 1
-                self.error = exc
-                _telemetry.read_failed(exc)
-                delay = min(self.interval * 2**failures, self.max_backoff) * random.uniform(0.8, 1.0)
-                if isinstance(exc, RateLimitError) and exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, self.max_backoff))
-                log.warning(
-                    "stats read failed",
-                    extra={"environment_id": self.environment_id, "error": str(exc), "retry_in": round(delay, 2)},
-                )
+                failed = self.error = exc
             else:
-                failures = 0
                 self.error = None
                 self.reading = reading
+                self.count_error = failed
+                if reading.in_progress is not None:
+                    self.counted = reading
+            if failed is None:
+                failures = 0
+            else:
+                failures += 1
+                _telemetry.read_failed(failed)
+                delay = min(self.interval * 2**failures, self.max_backoff) * random.uniform(0.8, 1.0)
+                if isinstance(failed, RateLimitError) and failed.retry_after is not None:
+                    delay = max(delay, min(failed.retry_after, self.max_backoff))
+                log.warning(
+                    "stats read failed" if self.error is not None else "count of items in progress failed",
+                    extra={"environment_id": self.environment_id, "error": str(failed), "retry_in": round(delay, 2)},
+                )
             self.reads += 1
             async with self._changed:
                 self._generation += 1
@@ -202,12 +224,14 @@ class EnvironmentReader:
     # -- what callers see --------------------------------------------------------------------------
 
     def _fresh(self, in_progress: bool) -> Reading | None:
-        reading = self.reading
+        reading = self.counted if in_progress else self.reading
         if reading is None or time.monotonic() - reading.at > self.max_age:
             return None
-        if in_progress and reading.in_progress is None:
-            return None
         return reading
+
+    def _failure(self, in_progress: bool) -> WorkApiError | None:
+        """What the latest read reports to a caller that has no fresh reading."""
+        return self.error or (self.count_error if in_progress else None)
 
     async def current(self, wait: float, *, in_progress: bool = False) -> Reading:
         """The latest reading young enough to serve (with the in-progress count when asked); waits (up to
@@ -218,8 +242,9 @@ class EnvironmentReader:
             fresh = self._fresh(in_progress)
             if fresh is not None:
                 return fresh
-            if self.error is not None:  # the latest read failed and there is no reading young enough
-                raise self.error.with_traceback(None)  # raised again and again: no growing traceback
+            failure = self._failure(in_progress)
+            if failure is not None:  # the latest read failed and there is no reading young enough
+                raise failure.with_traceback(None)  # raised again and again: no growing traceback
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StaleReading(self.environment_id)
@@ -244,10 +269,11 @@ class EnvironmentReader:
                     await self._changed.wait_for(lambda: self._generation != seen)  # noqa: B023 (used at once)
                     seen = self._generation
                 fresh = self._fresh(in_progress)
+                failure = self._failure(in_progress)
                 if fresh is not None:
                     yield fresh
-                elif self.error is not None:
-                    yield self.error
+                elif failure is not None:
+                    yield failure
         finally:
             self._streams -= 1
             self._in_progress_streams -= in_progress

@@ -18,7 +18,7 @@ from ..core import parse_listen
 from ..core._auth import BearerTokenInterceptor
 from ..keda import externalscaler_pb2 as pb
 from ..keda import externalscaler_pb2_grpc as pb_grpc
-from ..workapi import RetryPolicies, RetryPolicy, WorkApiClient
+from ..workapi import RetryPolicies, RetryPolicy, WorkApiClient, get_provider
 from ._config import ScalerConfig
 from ._readings import Readings
 from ._service import ExternalScalerService
@@ -65,6 +65,7 @@ class Scaler:
             max_age=config.max_age,
             linger=config.linger,
             max_list_pages=config.max_list_pages,
+            page_size=get_provider(config.provider).list_max_limit,  # the fewest requests per count
         )
         watch(self.readings)
         self.addresses: list[str] = []

@@ -25,7 +25,7 @@ from ..keda import externalscaler_pb2_grpc as pb_grpc
 from ..workapi import NotFoundError, WorkApiError
 from . import _metadata, _telemetry
 from ._config import ScalerConfig
-from ._readings import Reading, Readings, StaleReading
+from ._readings import ReaderEvicted, Reading, Readings, StaleReading, TooManyItems
 
 METRIC_NAME = "work-items"
 
@@ -61,6 +61,12 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
             await abort(context, build_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "TOO_MANY_ENVIRONMENTS"))
         except NotFoundError as exc:
             await abort(context, _not_found(exc, query.environment_id))
+        except TooManyItems as exc:
+            metadata = {"environment_id": query.environment_id, "flag": "--max-list-pages"}
+            status = build_status(grpc.StatusCode.FAILED_PRECONDITION, str(exc), "TOO_MANY_ITEMS", metadata)
+            await abort(context, status)
+        except ReaderEvicted as exc:
+            await abort(context, build_status(grpc.StatusCode.UNAVAILABLE, str(exc), "TOO_MANY_NEW_ENVIRONMENTS"))
         except WorkApiError as exc:
             await abort(context, from_work_api(exc))
         except StaleReading:

@@ -197,3 +197,30 @@ def test_help_shows_one_default_per_flag() -> None:
         assert len(re.findall(r"\(default", block)) <= 1, block
     [listen] = [b for b in blocks if b.startswith("--listen ")]
     assert "(default 127.0.0.1:6000)" in listen and "50051" not in listen
+
+
+async def test_items_in_progress_are_counted_across_pages_up_to_max_list_pages(api: Api) -> None:
+    """The count pages through the list; a list longer than max_list_pages fails the read, saying what to raise."""
+    from sidecar.scaler._readings import EnvironmentReader, TooManyItems
+
+    await api.enqueue(5)
+    await _take(api, 3)
+    client = WorkApiClient(provider="anthropic", api_key=KEY, environment_id=ENV, base_url=api.url)
+    options = {"interval": 0.2, "max_backoff": 1.0, "max_age": 5.0, "linger": 5.0, "page_size": 2}
+    reader = EnvironmentReader(client, max_list_pages=3, **options)  # type: ignore[arg-type]
+    try:
+        reading = await reader.current(5, in_progress=True)
+        assert (reading.waiting, reading.in_progress) == (2, 3), "5 items listed over 3 pages of 2"
+    finally:
+        await reader.close()
+    short = EnvironmentReader(
+        WorkApiClient(provider="anthropic", api_key=KEY, environment_id=ENV, base_url=api.url),
+        max_list_pages=2,
+        **options,  # type: ignore[arg-type]
+    )
+    try:
+        with pytest.raises(TooManyItems, match="raise --max-list-pages"):
+            await short.current(5, in_progress=True)
+        assert (await short.current(5)).waiting == 2, "calls that do not count items in progress keep their reading"
+    finally:
+        await short.close()

@@ -105,3 +105,9 @@ async def test_scaler_metrics_and_traces(api: Api, receiver: tuple[Receiver, int
         assert any(s.parent_span_id in read_ids for s in collector.spans()), "Work API spans are children of a read"
         assert not any(s.name.endswith("/Check") for s in collector.spans()), "health checks make no spans"
         assert KEY.encode() not in collector.raw()
+        services = {
+            attrs(resource_spans.resource).get("service.name")
+            for request in collector.traces
+            for resource_spans in request.resource_spans
+        }
+        assert services == {"work-sidecar-scaler"}, "the scaler's own service name unless OTEL_SERVICE_NAME says"
