@@ -224,3 +224,25 @@ async def test_items_in_progress_are_counted_across_pages_up_to_max_list_pages(a
         assert (await short.current(5)).waiting == 2, "calls that do not count items in progress keep their reading"
     finally:
         await short.close()
+
+
+async def test_first_reads_in_flight_give_way_to_a_new_environment(api: Api, start_scaler: ScalerFactory) -> None:
+    """Every slot taken by first reads still in flight: a new environment takes the slot of the least recently
+    asked-for one, whose caller hears UNAVAILABLE at once (not after its first-reading timeout)."""
+    scaler = await start_scaler(max_environments=2, first_reading_timeout=10.0)
+    for slow in ("env_slow_a", "env_slow_b"):
+        await api.fault(operation="stats", environment_id=slow, latency_ms=5000, count=None)
+    slow_a = asyncio.ensure_future(scaler.stub.IsActive(scaler.ref(environmentId="env_slow_a"), timeout=20))
+    await eventually(lambda: len(scaler.scaler.readings) == 1)
+    slow_b = asyncio.ensure_future(scaler.stub.IsActive(scaler.ref(environmentId="env_slow_b"), timeout=20))
+    await eventually(lambda: len(scaler.scaler.readings) == 2)
+    started = time.monotonic()
+    await api.enqueue(1)
+    assert await scaler.items() == 1, "the new environment got a slot"
+    with pytest.raises(grpc.aio.AioRpcError) as evicted:
+        await slow_a
+    assert time.monotonic() - started < 4.0, "told at once, not after the slow read or the timeout"
+    assert evicted.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "TOO_MANY_NEW_ENVIRONMENTS" in _everything_in(evicted.value)
+    assert "set aside" in (evicted.value.details() or "")
+    assert not (await slow_b).result, "the other slow one still gets its reading"
