@@ -2,7 +2,7 @@
 installs an SDK: the same `OTEL_*` settings and `--metrics-listen` as `serve`).
 
 `INSTRUMENTS` declares every instrument (docs/scaler.md's metrics table is generated from it). Environment ids
-label only the readings of environments that have been read (at most `--max-environments` of them, see
+label only the readings of environments that have been read (at most `ScalerConfig.max_environments` of them, see
 `_readings.py`); errors and latencies carry bounded labels only (the RPC, a gRPC code, an error class).
 """
 
