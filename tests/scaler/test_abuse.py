@@ -117,6 +117,17 @@ async def test_targets_are_plain_decimal_numbers_above_zero(start_scaler: Scaler
     assert "targetItemsPerReplica must be a plain decimal" in (error.value.details() or "")
 
 
+@pytest.mark.parametrize("raw", ["1_000", "\uff11", "1e-300", "inf", "nan", "-1", "+0", "0x0"])
+async def test_activation_thresholds_are_plain_decimal_numbers(start_scaler: ScalerFactory, raw: str) -> None:
+    """Finding (the same numbers as an activationThreshold, which may be 0)."""
+    scaler = await start_scaler()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await scaler.stub.IsActive(scaler.ref(activationThreshold=raw))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "activationThreshold must be a plain decimal" in (error.value.details() or "")
+    assert not await scaler.active(activationThreshold="0"), "0 is a threshold"
+
+
 @pytest.mark.parametrize("raw", ["1_000", "\uff11", "1e-300", "inf", "nan", "0", "-1"])
 def test_target_flag_and_variable_take_plain_decimals_only(raw: str) -> None:
     """Finding (the same numbers through --target-items and WORK_SIDECAR_TARGET_ITEMS)."""
