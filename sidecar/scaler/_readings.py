@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from ..workapi import QueueStats, RateLimitError, WorkApiClient, WorkApiError
+from ..workapi import NotFoundError, QueueStats, RateLimitError, WorkApiClient, WorkApiError
 from . import _telemetry
 
 log = logging.getLogger("sidecar.scaler")
@@ -201,7 +201,11 @@ class EnvironmentReader:
                 delay = min(self.interval * 2**failures, self.max_backoff) * random.uniform(0.8, 1.0)
                 if isinstance(failed, RateLimitError) and failed.retry_after is not None:
                     delay = max(delay, min(failed.retry_after, self.max_backoff))
-                log.warning(
+                # An environment the API does not know, never read: the caller hears NOT_FOUND; any client may
+                # name such environments by the thousand, so it is not a warning for the operator.
+                unknown = self.reading is None and isinstance(failed, NotFoundError)
+                log.log(
+                    logging.INFO if unknown else logging.WARNING,
                     "stats read failed" if self.error is not None else "count of items in progress failed",
                     extra={"environment_id": self.environment_id, "error": str(failed), "retry_in": round(delay, 2)},
                 )

@@ -5,6 +5,7 @@ with nothing waiting, environments it cannot read, numbers that are not plain de
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import subprocess
 import time
@@ -73,7 +74,7 @@ async def _is(value: Awaitable[float], expected: float) -> bool:
 
 
 async def test_environments_it_cannot_read_never_starve_one_it_can(
-    strict_api: Api, start_scaler: ScalerFactory
+    strict_api: Api, start_scaler: ScalerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Finding: 150 calls naming made-up environments filled the scaler's reader slots, and a new environment
     then got RESOURCE_EXHAUSTED for 120 s. After 1,000 such calls a real environment answers within 2 s."""
@@ -100,6 +101,8 @@ async def test_environments_it_cannot_read_never_starve_one_it_can(
     assert again.value.code() == grpc.StatusCode.NOT_FOUND
     paths = [r["path"] for r in await strict_api.requests("stats")]
     assert sum("env_madeup0999" in path for path in paths) == 1
+    warnings = [r for r in caplog.records if r.name == "sidecar.scaler" and r.levelno >= logging.WARNING]
+    assert not warnings, "unknown environments named by a client are not the operator's warnings"
 
 
 @pytest.mark.parametrize(
