@@ -3,7 +3,15 @@
 See ARCHITECTURE.md at the top of the repository for the modules and who owns which state.
 """
 
-from ._config import ServerSettings, SidecarSettings, StateSettings, WorkApiSettings, is_loopback, parse_listen
+from ._config import (
+    ServerSettings,
+    SidecarSettings,
+    StateSettings,
+    WorkApiSettings,
+    check_exposure,
+    is_loopback,
+    parse_listen,
+)
 from ._server import SERVICE_NAME, Lifecycle, Sidecar, StartupError
 from .edge._status import DOMAIN as ERROR_DOMAIN
 from .engine._policy import Backoff, LeasePolicy, PollPolicy
@@ -23,6 +31,7 @@ __all__ = [
     "StateDirError",
     "StateSettings",
     "WorkApiSettings",
+    "check_exposure",
     "is_loopback",
     "parse_listen",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -86,15 +87,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.listen:
             raise ValueError("at least one --listen address is required")
-        for address in self.listen:
-            parse_listen(address)
-            if not address.startswith("unix:") and not is_loopback(address) and not self.auth_token:
-                raise ValueError(
-                    f"listening on {address} (not loopback) needs --auth-token: "
-                    "any process that reaches that port could otherwise take work"
-                )
-        if self.auth_token is not None and len(self.auth_token) < MIN_AUTH_TOKEN:
-            raise ValueError(f"--auth-token must be at least {MIN_AUTH_TOKEN} characters (e.g. `openssl rand -hex 32`)")
+        check_exposure(self.listen, auth_token=self.auth_token)
         if self.socket_mode not in (0o600, 0o660):
             raise ValueError(
                 f"socket mode {self.socket_mode:#o}: use 0600 or 0660 (any local user who can open the socket "
@@ -167,6 +160,27 @@ def parse_listen(address: str) -> tuple[str, str]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{address}: expected unix:///path or host:port")
     return "tcp", address
+
+
+def check_exposure(
+    listen: Sequence[str],
+    *,
+    auth_token: str | None,
+    tls: bool = False,
+    remedy: str = "--auth-token",
+    risk: str = "take work",
+) -> None:
+    """Refuse a TCP address other than loopback whose calls nothing protects (no bearer token, no TLS), and a
+    token too short to resist guessing. Unix sockets are protected by their file permissions."""
+    for address in listen:
+        parse_listen(address)
+        if not (auth_token or tls) and not address.startswith("unix:") and not is_loopback(address):
+            raise ValueError(
+                f"listening on {address} (not loopback) needs {remedy}: "
+                f"any process that reaches that port could otherwise {risk}"
+            )
+    if auth_token is not None and len(auth_token) < MIN_AUTH_TOKEN:
+        raise ValueError(f"--auth-token must be at least {MIN_AUTH_TOKEN} characters (e.g. `openssl rand -hex 32`)")
 
 
 def is_loopback(address: str) -> bool:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..core import parse_listen
+from ..core import check_exposure, parse_listen
 from ..workapi import HTTP_BACKENDS, PROVIDERS
+from ._metadata import check_activation, check_target
+from ._tls import check as check_tls
 
 DEFAULT_LISTEN = "127.0.0.1:6000"
 
@@ -21,6 +23,13 @@ class ScalerConfig:
     """The environment of triggers that do not name one in `environmentId` (None: every trigger must)."""
     provider: str = "anthropic"
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token every ExternalScaler call must carry (health and reflection stay open)."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) served on every TCP address; with `tls_key`."""
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    """PEM CA bundle: when set, every TCP client must present a certificate it signed (mutual TLS)."""
     stats_interval: float = 5.0
     """Seconds between two stats reads of one environment (while KEDA asks about it)."""
     max_backoff: float = 60.0
@@ -30,7 +39,9 @@ class ScalerConfig:
     target_items: float = 1.0
     """Default `targetItemsPerReplica`."""
     activation_threshold: float = 0.0
-    """Default `activationThreshold`: active when items needing a replica exceed it."""
+    """Default `activationThreshold`: active when the metric exceeds it."""
+    max_list_pages: int = 20
+    """Pages of the Work API's list one count of items in progress may read (`includeInProgress`)."""
     linger: float = 120.0
     """An environment nobody asked about (no call, no open stream) for this long stops being read."""
     first_reading_timeout: float = 10.0
@@ -44,9 +55,14 @@ class ScalerConfig:
 
     def __post_init__(self) -> None:
         self._check_work_api_and_listen()
+        self._check_tls()
         self._check_readings()
         if self.http_backend not in HTTP_BACKENDS:
             raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def _check_work_api_and_listen(self) -> None:
         if self.provider not in PROVIDERS:
@@ -59,6 +75,22 @@ class ScalerConfig:
             raise ValueError("at least one --listen address is required")
         for address in self.listen:
             parse_listen(address)
+        check_exposure(
+            self.listen,
+            auth_token=self.auth_token,
+            tls=self.tls,
+            remedy="TLS (--tls-cert and --tls-key) or --auth-token",
+            risk="read every environment's queue through this scaler",
+        )
+
+    def _check_tls(self) -> None:
+        """Load the certificate, key and client CA once, so a bad file is one clear line at start-up."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     def _check_readings(self) -> None:
         if self.stats_interval <= 0:
@@ -67,9 +99,15 @@ class ScalerConfig:
             raise ValueError("--max-backoff must be at least --stats-interval")
         if self.max_age < self.stats_interval:
             raise ValueError("--max-age must be at least --stats-interval")
-        if not self.target_items > 0:
-            raise ValueError("--target-items must be positive")
-        if not self.activation_threshold >= 0:
-            raise ValueError("--activation-threshold must not be negative")
+        try:
+            check_target(self.target_items)
+        except ValueError as exc:
+            raise ValueError(f"--target-items {exc}") from None
+        try:
+            check_activation(self.activation_threshold)
+        except ValueError as exc:
+            raise ValueError(f"--activation-threshold {exc}") from None
+        if self.max_list_pages < 1:
+            raise ValueError("--max-list-pages must be at least 1")
         if self.linger <= 0 or self.first_reading_timeout <= 0 or self.max_environments < 1:
             raise ValueError("linger, first reading timeout and max environments must be positive")

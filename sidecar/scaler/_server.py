@@ -14,19 +14,42 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ..core import parse_listen
+from ..core import StartupError, parse_listen
+from ..core.edge._auth import BearerTokenInterceptor
+from ..core._server import _check_tcp_free
 from ..keda import externalscaler_pb2 as pb
 from ..keda import externalscaler_pb2_grpc as pb_grpc
-from ..workapi import RetryPolicies, RetryPolicy, WorkApiClient
+from ..workapi import RetryPolicies, RetryPolicy, WorkApiClient, get_provider
 from ._config import ScalerConfig
 from ._readings import Readings
 from ._service import ExternalScalerService
+from ._telemetry import watch
+from ._tls import ReloadingCredentials
 
 log = logging.getLogger("sidecar.scaler")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalScaler"].full_name
 NO_RETRY = RetryPolicies(default=RetryPolicy(max_attempts=1), per_operation={})
 """The reader's own loop is the retry (with backoff): a stats call is one attempt."""
+
+
+class ScalerStartError(Exception):
+    """The scaler cannot start as configured; the message is one line naming the cause."""
+
+
+def _interceptors(config: ScalerConfig) -> list[grpc.aio.ServerInterceptor]:
+    """A server span per call when tracing is on (health excluded), then the bearer token check."""
+    from ..telemetry import tracing_enabled
+
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if tracing_enabled():
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        interceptors.append(aio_server_interceptor(filter_=filters.negate(filters.service_name(health))))  # type: ignore[no-untyped-call]
+    if config.auth_token:
+        interceptors.append(BearerTokenInterceptor(config.auth_token))
+    return interceptors
 
 
 class Scaler:
@@ -42,7 +65,10 @@ class Scaler:
             max_backoff=config.max_backoff,
             max_age=config.max_age,
             linger=config.linger,
+            max_list_pages=config.max_list_pages,
+            page_size=get_provider(config.provider).list_max_limit,  # the fewest requests per count
         )
+        watch(self.readings)
         self.addresses: list[str] = []
 
     def _client(self, environment_id: str) -> WorkApiClient:
@@ -60,12 +86,13 @@ class Scaler:
     async def start(self) -> None:
         keepalive_ms = int(self.config.keepalive_time * 1000)
         self.server = grpc.aio.server(
+            interceptors=_interceptors(self.config),
             options=[
                 ("grpc.keepalive_time_ms", keepalive_ms),  # StreamIsActive streams stay open for hours
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
                 ("grpc.http2.max_ping_strikes", 0),
-            ]
+            ],
         )
         self.service = ExternalScalerService(self.config, self.readings)
         pb_grpc.add_ExternalScalerServicer_to_server(self.service, self.server)
@@ -73,6 +100,7 @@ class Scaler:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], self.server)
+        credentials = self._credentials()
         for address in self.config.listen:
             kind, target = parse_listen(address)
             if kind == "unix":
@@ -81,11 +109,21 @@ class Scaler:
                     os.unlink(target)
                 self.server.add_insecure_port(address)
                 self.addresses.append(address)
-            else:
-                port = self.server.add_insecure_port(target)
-                if port == 0:
-                    raise OSError(f"cannot listen on {address}")
-                self.addresses.append(f"{target.rpartition(':')[0]}:{port}")
+                continue
+            try:
+                _check_tcp_free(target, address)  # a clear line before gRPC would log its own
+            except StartupError as exc:
+                raise ScalerStartError(str(exc)) from None
+            try:
+                if credentials is None:
+                    port = self.server.add_insecure_port(target)
+                else:
+                    port = self.server.add_secure_port(target, credentials)
+            except RuntimeError:
+                port = 0
+            if port == 0:
+                raise ScalerStartError(f"cannot listen on {address} (in use, or not an address of this host)")
+            self.addresses.append(f"{target.rpartition(':')[0]}:{port}")
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -97,8 +135,22 @@ class Scaler:
                 "environment_id": self.config.environment_id,
                 "api_url": self.config.api_url,
                 "stats_interval": self.config.stats_interval,
+                "tls": "mutual" if self.config.tls_client_ca else self.config.tls,
             },
         )
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        """TLS for every TCP address when a certificate is configured (Unix sockets stay plaintext: their file
+        permissions guard them); a client CA makes it mutual TLS. New files are served without a restart."""
+        if not self.config.tls:
+            return None
+        assert self.config.tls_cert is not None
+        assert self.config.tls_key is not None
+        try:
+            self.tls = ReloadingCredentials(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+        except (OSError, ValueError) as exc:
+            raise ScalerStartError(str(exc)) from None
+        return self.tls.credentials()
 
     async def close(self) -> None:
         if hasattr(self, "health"):

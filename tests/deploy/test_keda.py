@@ -189,19 +189,22 @@ def test_triggers_reach_the_scaler_and_pass_its_metadata_check() -> None:
     scaler = _documents(KEDA / "scaler" / "deployment.yaml")[0]
     service = _documents(KEDA / "scaler" / "service.yaml")[0]
     container = _container(_pod_of(scaler), "scaler")
-    listen_port = int(_env(container)["WORK_SIDECAR_LISTEN"].rpartition(":")[2])
-    assert [p["containerPort"] for p in container["ports"]] == [listen_port]
+    [tcp] = [a for a in _env(container)["WORK_SIDECAR_LISTEN"].split(",") if not a.startswith("unix:")]
+    listen_port = int(tcp.rpartition(":")[2])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == listen_port
     [port] = service["spec"]["ports"]
     assert service["spec"]["selector"].items() <= scaler["spec"]["template"]["metadata"]["labels"].items()
     for variant in ("scaledjob", "scaledobject"):
         namespace = yaml.safe_load((KEDA / variant / "kustomization.yaml").read_text())["namespace"]
         for _, document in _all_documents():
-            if document["apiVersion"] != "keda.sh/v1alpha1":
+            if document["kind"] not in ("ScaledJob", "ScaledObject"):
                 continue
             for trigger in document["spec"]["triggers"]:
                 assert trigger["metadata"]["scalerAddress"] == f"{service['metadata']['name']}.{namespace}.svc:6000"
+                assert trigger["authenticationRef"]["name"] == "work-sidecar-scaler-tls", "mutual TLS to the scaler"
                 assert port["port"] == 6000
-                parse_metadata(trigger["metadata"], environment_id="env_x", target=1.0, activation=0.0)
+                query = parse_metadata(trigger["metadata"], environment_id="env_x", target=1.0, activation=0.0)
+                assert query.include_in_progress == (document["kind"] == "ScaledObject"), "the load; Jobs: backlog"
     assert _env(container)["WORK_SIDECAR_ENVIRONMENT_ID"]
 
 
@@ -371,24 +374,71 @@ async def _connects(path: str, *, uid: int, gid: int) -> bool:
     return await asyncio.wait_for(process.wait(), 30) == 0
 
 
-async def test_scaler_container_serves_keda(api: Api, short_dir: str) -> None:
+async def test_scaler_container_serves_keda(api: Api, short_dir: str, tmp_path: Path) -> None:
+    """The scaler's container as deployed: mutual TLS on its TCP port with the Secret's files (made here with
+    openssl), probes on its Unix socket, and a KEDA client presenting the TriggerAuthentication's certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
     [deployment] = _documents(KEDA / "scaler" / "deployment.yaml")
+    [auth] = _documents(KEDA / "scaler" / "triggerauthentication.yaml")
+    assert {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]} == {"caCert", "tlsClientCert", "tlsClientKey"}
     container = _container(_pod_of(deployment), "scaler")
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    tls = _scaler_tls(tmp_path)
     addresses = AddressMap(short_dir)
     env = base_environment() | _env(container) | {"PATH": f"{BIN}:{os.environ['PATH']}"}
     env |= {"WORK_SIDECAR_API_URL": api.url, "WORK_SIDECAR_ENVIRONMENT_ID": ENV}
-    env["WORK_SIDECAR_LISTEN"] = addresses.listen(env["WORK_SIDECAR_LISTEN"]).replace("0.0.0.0", "127.0.0.1")
+    for name in ("WORK_SIDECAR_TLS_CERT", "WORK_SIDECAR_TLS_KEY", "WORK_SIDECAR_TLS_CLIENT_CA"):
+        assert env[name].startswith(mount["mountPath"] + "/")
+        env[name] = str(tls / Path(env[name]).name)
+    env["WORK_SIDECAR_LISTEN"] = addresses.listen(env["WORK_SIDECAR_LISTEN"])
+    env["WORK_SIDECAR_METRICS_LISTEN"] = addresses.listen(env["WORK_SIDECAR_METRICS_LISTEN"])
+    [tcp] = [a for a in env["WORK_SIDECAR_LISTEN"].split(",") if not a.startswith("unix:")]
     async with serve_process(["work-sidecar", *container["args"]], env) as served:
-        health = ["work-sidecar", "health", "--sidecar", env["WORK_SIDECAR_LISTEN"]]
-        assert await until_command_succeeds(health, env, command_timeout=5, deadline=30, interval=0.2, served=served)
+        probe = addresses.argv(container["readinessProbe"]["exec"]["command"])
+        assert await until_command_succeeds(probe, env, command_timeout=5, deadline=30, interval=0.2, served=served)
         from sidecar.keda import externalscaler_pb2 as pb
         from sidecar.keda import externalscaler_pb2_grpc as pb_grpc
 
         [job] = _documents(KEDA / "scaledjob" / "scaledjob.yaml")
         metadata = job["spec"]["triggers"][0]["metadata"]
-        async with grpc.aio.insecure_channel(env["WORK_SIDECAR_LISTEN"]) as channel:
+        keda = grpc.ssl_channel_credentials(
+            root_certificates=(tls / "client-ca.crt").read_bytes(),
+            private_key=(tls / "keda.key").read_bytes(),
+            certificate_chain=(tls / "keda.crt").read_bytes(),
+        )
+        target = tcp.replace("0.0.0.0", "127.0.0.1")
+        options = (("grpc.ssl_target_name_override", "work-sidecar-scaler.work-sidecar.svc"),)
+        async with grpc.aio.secure_channel(target, keda, options=options) as channel:
             ref = pb.ScaledObjectRef(name="sandbox-job", namespace="work-sidecar", scalerMetadata=metadata)
             answer = await pb_grpc.ExternalScalerStub(channel).IsActive(ref, timeout=10)
             assert answer.result is False
         served.process.terminate()
         assert await asyncio.wait_for(served.process.wait(), 10) == 0
+
+
+def _scaler_tls(directory: Path) -> Path:
+    """The two Secrets' files: the scaler's tls.crt/tls.key (for its Service name) and ca.crt (the CA of KEDA's
+    client certificate); KEDA's keda.crt/keda.key and client-ca.crt (the CA of the scaler's certificate)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    def authority(name: str) -> None:
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+                "-keyout", str(directory / f"{name}.key"), "-out", str(directory / f"{name}.crt"),
+                "-subj", f"/CN={name}")  # fmt: skip
+
+    def issue(name: str, ca: str, extension: str) -> None:
+        (directory / f"{name}.ext").write_text(extension + "\n")
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", str(directory / f"{name}.key"), "-out", str(directory / f"{name}.csr"))  # fmt: skip
+        openssl("x509", "-req", "-in", str(directory / f"{name}.csr"), "-CA", str(directory / f"{ca}.crt"),
+                "-CAkey", str(directory / f"{ca}.key"), "-CAcreateserial", "-days", "1",
+                "-out", str(directory / f"{name}.crt"), "-extfile", str(directory / f"{name}.ext"))  # fmt: skip
+
+    authority("client-ca")  # signs the scaler's certificate: KEDA's caCert
+    authority("ca")  # signs KEDA's client certificate: the scaler's --tls-client-ca (ca.crt)
+    issue("tls", "client-ca", "subjectAltName=DNS:work-sidecar-scaler.work-sidecar.svc\nextendedKeyUsage=serverAuth")
+    issue("keda", "ca", "extendedKeyUsage=clientAuth")
+    return directory

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
+from sidecar.emulator import Emulator, EmulatorSettings
 from sidecar.keda import externalscaler_pb2 as pb
 from sidecar.keda import externalscaler_pb2_grpc as pb_grpc
 from sidecar.scaler import Scaler, ScalerConfig
@@ -28,6 +30,9 @@ class RunningScaler:
     def ref(name: str = "workers", namespace: str = "default", **metadata: str) -> pb.ScaledObjectRef:
         return pb.ScaledObjectRef(name=name, namespace=namespace, scalerMetadata=metadata)
 
+    async def active(self, **metadata: str) -> bool:
+        return bool((await self.stub.IsActive(self.ref(**metadata), timeout=5)).result)
+
     async def items(self, **metadata: str) -> float:
         answer = await self.stub.GetMetrics(
             pb.GetMetricsRequest(scaledObjectRef=self.ref(**metadata), metricName="work-items"), timeout=5
@@ -38,6 +43,16 @@ class RunningScaler:
 
 
 ScalerFactory = Callable[..., Awaitable[RunningScaler]]
+
+
+@pytest.fixture
+async def strict_api() -> AsyncIterator[Api]:
+    """The emulator as the real Work API behaves: an environment nobody created is 404 (here only ENV exists)."""
+    emulator = Emulator(EmulatorSettings(key=KEY, min_ttl_seconds=1, auto_create_environments=False))
+    async with emulator.serve() as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        api = Api(emulator=emulator, url=url, http=http)
+        (await http.put(f"/_emulator/environments/{ENV}", json={})).raise_for_status()
+        yield api
 
 
 @pytest.fixture

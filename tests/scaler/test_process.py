@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 
 from sidecar.cli import SERVE_FLAGS
@@ -105,13 +106,23 @@ async def test_scaler_process_answers_keda_over_reflection(api: Api) -> None:
         assert KEY not in "\n".join(served.stderr_lines)
 
 
-def test_every_scaler_flag_is_documented() -> None:
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "deploy" / "keda" / "README.md").read_text()
-    serve = {flag.name for flag in SERVE_FLAGS}
-    for flag in SCALER_FLAGS:
-        if flag.name not in serve:
-            assert f"| `{flag.name}` | `{flag.env}` |" in readme, flag.name
-    for key in ("environmentId", "targetItemsPerReplica", "activationThreshold"):
-        assert f"| `{key}` |" in readme, key
+def test_start_up_failures_are_one_line_and_exit_2() -> None:
+    """A taken port, a taken metrics port, an exporter nobody knows: one line on stderr, exit 2, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = base_environment() | {"WORK_SIDECAR_API_KEY": KEY, "WORK_SIDECAR_API_URL": "http://127.0.0.1:9"}
+        cases = [
+            (["--listen", f"127.0.0.1:{port}"], {}, f"cannot listen on 127.0.0.1:{port}"),
+            (["--listen", "127.0.0.1:0", "--metrics-listen", f"127.0.0.1:{port}"], {}, "--metrics-listen"),
+            (["--listen", "127.0.0.1:0"], {"OTEL_TRACES_EXPORTER": "no-such-exporter"}, "OTEL_TRACES_EXPORTER"),
+        ]
+        for args, extra, expected in cases:
+            done = subprocess.run(
+                [str(BIN / "work-sidecar"), "scaler", *args], capture_output=True, text=True, timeout=30,
+                env=env | extra,
+            )  # fmt: skip
+            assert done.returncode == 2, (args, done.stderr)
+            [line] = done.stderr.strip().splitlines()
+            assert expected in line, (args, line)
