@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import __version__
 from ._address import ADDRESS_ENV, add_sidecar_argument
 from ._logging import LOG_FORMATS
 from .wire import MAX_BLOCK_MS, MIN_BLOCK_MS, PROVIDERS
@@ -119,6 +120,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO"),
     Flag("--emulator-port", "port of the embedded emulator (0: any free port)", type=int, default=8787),
     Flag("--metrics-listen", "host:port for a Prometheus scrape endpoint (off by default)"),
+    Flag("--health-listen", "host:port serving gRPC health only, without a token (kubelet grpc probes; off by "
+         "default)", setting="ServerSettings.health_listen"),
     Flag("--state-dir", "directory where leases survive a sidecar crash or restart (journal, token key; "
          "'' = off)", setting="StateSettings.state_dir"),
 )  # fmt: skip
@@ -173,6 +176,7 @@ def _octal(raw: str, name: str) -> int:
 
 def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="work-sidecar", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"work-sidecar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the sidecar")
     if serve_flags:  # off for `health`, so a probe does not import the core
@@ -238,6 +242,7 @@ def serve_settings(values: dict[str, Any]) -> Any:
             listen=tuple(values["listen"]),
             socket_mode=_octal(values["socket_mode"], "--socket-mode"),
             auth_token=values["auth_token"] or None,
+            health_listen=values["health_listen"] or "",
             keepalive_time=values["keepalive_time"],
             drain_timeout=values["drain_timeout"],
             unready_after=values["unready_after"],
