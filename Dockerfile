@@ -25,8 +25,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar/ sidecar/
 # Every dependency ships manylinux wheels (grpcio, uvloop, httptools, …): no compiler is needed here either.
+# Then the installers leave the venv: the runtime needs neither pip nor setuptools, nor grpcio-tools (protoc, for
+# regenerating code that is committed already).
 RUN /opt/work-sidecar/bin/pip install --no-cache-dir --no-compile /src \
+ && /opt/work-sidecar/bin/pip uninstall --yes grpcio-tools setuptools pip \
  && /opt/work-sidecar/bin/python -m compileall -q /opt/work-sidecar/lib \
+ && /opt/work-sidecar/bin/work-sidecar --version \
  && /opt/work-sidecar/bin/work-sidecar serve --help > /dev/null
 
 # ---- final: the slim runtime, the venv and nothing else -------------------------------------------------
@@ -39,9 +43,18 @@ LABEL org.opencontainers.image.title="work-sidecar" \
 
 # A fixed numeric UID/GID so Kubernetes can verify runAsNonRoot, and so a sandbox container can run as the
 # same user: the Unix socket is created 0600 (only its owner may connect).
+# The base's own installers go too (its pip, setuptools and wheel, and ensurepip's bundled copies): the image runs
+# the sidecar, it installs nothing.
 RUN groupadd --system --gid 10001 work-sidecar \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin work-sidecar \
+ && rm -rf /usr/local/bin/pip /usr/local/bin/pip3 /usr/local/bin/pip3.* /usr/local/bin/wheel \
+      /usr/local/lib/python3*/site-packages/pip /usr/local/lib/python3*/site-packages/pip-* \
+      /usr/local/lib/python3*/site-packages/setuptools /usr/local/lib/python3*/site-packages/setuptools-* \
+      /usr/local/lib/python3*/site-packages/_distutils_hack /usr/local/lib/python3*/site-packages/distutils-precedence.pth \
+      /usr/local/lib/python3*/site-packages/wheel /usr/local/lib/python3*/site-packages/wheel-* \
+      /usr/local/lib/python3*/site-packages/pkg_resources \
+      /usr/local/lib/python3*/ensurepip/_bundled /usr/lib/python3*/ensurepip/_bundled /usr/share/python-wheels \
  && mkdir -p /var/run/work-sidecar /var/lib/work-sidecar \
  && chown 10001:10001 /var/run/work-sidecar /var/lib/work-sidecar \
  && chmod 0700 /var/run/work-sidecar /var/lib/work-sidecar
