@@ -8,7 +8,8 @@
 #
 # Configured by environment only: every `work-sidecar serve` flag has a WORK_SIDECAR_* variable
 # (`docker run --rm work-sidecar:0.1.0 serve --help` lists them). tests/deploy/ lints this file, checks its
-# structure and runs its ENTRYPOINT/CMD with its ENV through a drain, exactly as a container would.
+# structure and runs its ENTRYPOINT/CMD with its ENV through a drain; `make image-test` builds it unchanged and runs
+# the image as `docker run` does and as every manifest in deploy/ does (docs/deployment.md).
 
 # One base for both stages, pinned by tag (Python minor + Debian release); pin a digest with
 # --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:… for byte-for-byte rebuilds.
