@@ -111,8 +111,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          choices=("httptools", "aiohttp", "httpx"), setting="WorkApiSettings.http_backend"),
     Flag("--unready-after", "seconds of failing polls after which readiness turns NOT_SERVING", type=float,
          setting="ServerSettings.unready_after"),
-    Flag("--startup-check", "seconds the Work API has to answer at start (0: no check)", type=float,
-         setting="WorkApiSettings.startup_check"),
+    Flag("--startup-check", "seconds the Work API has to answer at start; a refusal exits 2, no answer serves "
+         "unready and asks again with backoff (0: no check)", type=float, setting="WorkApiSettings.startup_check"),
     Flag("--keepalive-time", "seconds between HTTP/2 keepalive pings on idle connections", type=float,
          setting="ServerSettings.keepalive_time"),
     Flag("--log-format", "auto (text on a TTY, else JSON), json or text", default="auto",
