@@ -8,7 +8,8 @@
 #
 # Configured by environment only: every `work-sidecar serve` flag has a WORK_SIDECAR_* variable
 # (`docker run --rm work-sidecar:0.1.0 serve --help` lists them). tests/deploy/ lints this file, checks its
-# structure and runs its ENTRYPOINT/CMD with its ENV through a drain, exactly as a container would.
+# structure and runs its ENTRYPOINT/CMD with its ENV through a drain; `make image-test` builds it unchanged and runs
+# the image as `docker run` does and as every manifest in deploy/ does (docs/deployment.md).
 
 # One base for both stages, pinned by tag (Python minor + Debian release); pin a digest with
 # --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:… for byte-for-byte rebuilds.
@@ -25,8 +26,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar/ sidecar/
 # Every dependency ships manylinux wheels (grpcio, uvloop, httptools, …): no compiler is needed here either.
+# Then the installers leave the venv: the runtime needs neither pip nor setuptools, nor grpcio-tools (protoc, for
+# regenerating code that is committed already).
 RUN /opt/work-sidecar/bin/pip install --no-cache-dir --no-compile '/src[server]' \
+ && /opt/work-sidecar/bin/pip uninstall --yes grpcio-tools setuptools pip \
  && /opt/work-sidecar/bin/python -m compileall -q /opt/work-sidecar/lib \
+ && /opt/work-sidecar/bin/work-sidecar --version \
  && /opt/work-sidecar/bin/work-sidecar serve --help > /dev/null
 
 # ---- final: the slim runtime, the venv and nothing else -------------------------------------------------
@@ -39,9 +44,18 @@ LABEL org.opencontainers.image.title="work-sidecar" \
 
 # A fixed numeric UID/GID so Kubernetes can verify runAsNonRoot, and so a sandbox container can run as the
 # same user: the Unix socket is created 0600 (only its owner may connect).
+# The base's own installers go too (its pip, setuptools and wheel, and ensurepip's bundled copies): the image runs
+# the sidecar, it installs nothing.
 RUN groupadd --system --gid 10001 work-sidecar \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin work-sidecar \
+ && rm -rf /usr/local/bin/pip /usr/local/bin/pip3 /usr/local/bin/pip3.* /usr/local/bin/wheel \
+      /usr/local/lib/python3*/site-packages/pip /usr/local/lib/python3*/site-packages/pip-* \
+      /usr/local/lib/python3*/site-packages/setuptools /usr/local/lib/python3*/site-packages/setuptools-* \
+      /usr/local/lib/python3*/site-packages/_distutils_hack /usr/local/lib/python3*/site-packages/distutils-precedence.pth \
+      /usr/local/lib/python3*/site-packages/wheel /usr/local/lib/python3*/site-packages/wheel-* \
+      /usr/local/lib/python3*/site-packages/pkg_resources \
+      /usr/local/lib/python3*/ensurepip/_bundled /usr/lib/python3*/ensurepip/_bundled /usr/share/python-wheels \
  && mkdir -p /var/run/work-sidecar /var/lib/work-sidecar \
  && chown 10001:10001 /var/run/work-sidecar /var/lib/work-sidecar \
  && chmod 0700 /var/run/work-sidecar /var/lib/work-sidecar

@@ -14,7 +14,7 @@ PIP         := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
 .PHONY: help venv proto config-docs lint typecheck buf-lint test test-fast run bench bench-quick chaos chaos-quick polyglot-deps clean
-.PHONY: monitoring-deps telemetry-docs
+.PHONY: monitoring-deps telemetry-docs image image-test
 
 help:
 	@echo "make run            start the sidecar on an embedded emulator and run the example sandbox"
@@ -26,6 +26,8 @@ help:
 	@echo "make polyglot-deps  install Node, Go and buf for the polyglot examples and buf lint (apt-get: needs root)"
 	@echo "make monitoring-deps install Prometheus and promtool for the deploy/monitoring test (apt-get: needs root)"
 	@echo "make telemetry-docs regenerate docs/telemetry.md from the instrument declarations"
+	@echo "make image          build the Dockerfile (podman, or docker) as \$$(IMAGE) ($(IMAGE))"
+	@echo "make image-test     build it, then run it as docker run does and as every shipped manifest does"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -114,6 +116,16 @@ monitoring-deps:
 
 telemetry-docs: $(TEST_STAMP)
 	$(BIN)/python tools/gen_telemetry_docs.py
+# The image, built from the Dockerfile unchanged (deploy/image/build.sh: podman with runc, or docker; a stand-in
+# for the base image from this machine's Debian sources when no registry answers), then run by tests/deploy/test_image.py
+# as `docker run` runs it and as each shipped manifest runs its sidecar container. Not part of `make test`.
+IMAGE ?= work-sidecar:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+image:
+	bash deploy/image/build.sh $(IMAGE)
+
+image-test: image $(TEST_STAMP)
+	. deploy/image/container-tool.sh && WORK_SIDECAR_IMAGE=$(IMAGE) $(BIN)/pytest -p no:randomly -n 0 -v tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache node_modules examples/node/node_modules

@@ -10,6 +10,12 @@ Then, for one-sandbox pods (issue #13, "idle cost"), K sidecars (with `--idle-po
 official SDK workers: the fleet's idle Work API requests per minute, and dispatch p50/p99 of `phase_items` items
 enqueued one at a time at seeded-random gaps (so each lands at a random phase of every poll/sleep cycle).
 
+And a ScaledJob after a burst: 2K items at once; every `job_polling` seconds a controller does what KEDA's
+`accurate` strategy does with the scaler's metric (new Jobs = items needing a replica - pending Jobs, capped by
+`maxReplicaCount` - running Jobs), and each Job is a real pod's worth of processes: `work-sidecar serve`, then
+`work-sidecar exec --once --idle-exit S` (as deploy/keda/scaledjob runs it). Reported: the Jobs created, those that
+found no item (sat idle), and how long they sat idle before `--idle-exit` ended them.
+
 Meanwhile a sampler asks the scaler's GetMetrics every `sample_every` seconds, as KEDA would, and turns the
 metric into the replicas a ScaledObject with targetItemsPerReplica=1 would ask for (ceil(items / 1)).
 Checked on every run: no item is ever held by two sandboxes at once. Writes DIR/fleet.{json,md} and
@@ -61,12 +67,20 @@ class FleetPreset:
     phase_items: int = 20
     phase_gap: tuple[float, float] = (0.3, 2.5)
     seed: int = 20261202
+    job_polling: float = 5.0
+    """Seconds between the ScaledJob controller's checks (KEDA's pollingInterval in deploy/keda/scaledjob)."""
+    job_idle_exit: float = 30.0
+    """`exec --idle-exit` of the simulated Jobs (as in deploy/keda/scaledjob)."""
+    job_max: int = 50
+    """maxReplicaCount of the ScaledJob."""
+    job_ks: tuple[int, ...] = (1, 5)
+    """Burst sizes (2K items) of the ScaledJob runs: each Job starts two interpreters, so fewer than `ks`."""
 
 
 FLEET_FULL = FleetPreset("full", (1, 10, 50), 20.0, 2.0, 20, 0.5, 1.0, 0.25, 4.0)
 FLEET_SMOKE = FleetPreset(
     "smoke", (1, 2), 1.5, 0.6, 3, 0.2, 0.2, 0.1, 1.0, pod_gap=0.5, pod_idle_seconds=1.0, phase_items=3,
-    phase_gap=(0.05, 0.3),
+    phase_gap=(0.05, 0.3), job_polling=0.5, job_idle_exit=1.0, job_max=6, job_ks=(1,),
 )  # fmt: skip
 
 
@@ -296,6 +310,92 @@ async def run_k(emulator: EmulatorProcess, k: int, preset: FleetPreset) -> dict[
             await asyncio.gather(*(f.close() for f in fleets), return_exceptions=True)
 
 
+# -- a ScaledJob after a burst: Jobs that found no item -------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One simulated Job: its pod's sidecar and sandbox (`exec --once --idle-exit`), and when things happened."""
+
+    index: int
+    created: float
+    ready: float | None = None
+    ended: float | None = None
+    took_item: bool = False
+    exit_code: int | None = None
+
+
+async def _run_job(job: Job, emulator: EmulatorProcess, environment_id: str, preset: FleetPreset) -> None:
+    target = f"unix://{CHILDREN.log_dir}/job-{environment_id}-{job.index}.sock"
+    argv = [str(BIN / "work-sidecar"), "serve", "--api-url", emulator.url, "--api-key", KEY]
+    argv += ["--environment-id", environment_id, "--listen", target, "--log-format", "json", "--log-level", "WARNING"]
+    sidecar = CHILDREN.start(f"job-sidecar-{environment_id}-{job.index}", argv)
+    marker = CHILDREN.log_dir / f"job-{environment_id}-{job.index}.took"
+    try:
+        await _wait_health(target, sidecar, sidecar.name)
+        job.ready = time.monotonic()  # the pod is Running: KEDA no longer counts the Job as pending
+        argv = [str(BIN / "work-sidecar"), "exec", "--sidecar", target, "--once"]
+        argv += ["--idle-exit", str(preset.job_idle_exit), "--log-format", "json", "--"]
+        argv += ["/bin/sh", "-c", f': > "{marker}"; sleep {preset.hold}']
+        sandbox = CHILDREN.start(f"job-exec-{environment_id}-{job.index}", argv)
+        job.exit_code = await asyncio.to_thread(sandbox.popen.wait)
+        job.took_item = marker.exists()
+        CHILDREN.discard(sandbox)
+    finally:
+        job.ended = time.monotonic()
+        sidecar.stop()  # the kubelet's SIGTERM once the sandbox has exited: the sidecar drains, the Job completes
+        CHILDREN.discard(sidecar)
+
+
+async def jobs_k(emulator: EmulatorProcess, k: int, preset: FleetPreset) -> dict[str, Any]:
+    """2K items at once, served by Jobs that a controller creates as KEDA's ScaledJob (`accurate`) would."""
+    environment_id = f"env_jobs_{k}"
+    async with _scaler(emulator, environment_id, preset.stats_interval) as scaler:
+        jobs: list[Job] = []
+        tasks: list[asyncio.Task[None]] = []
+        checks = 0
+        async with grpc.aio.insecure_channel(scaler) as channel:
+            stub = kpb_grpc.ExternalScalerStub(channel)
+            ref = kpb.ScaledObjectRef(name="jobs", namespace="bench", scalerMetadata=METADATA)
+            request = kpb.GetMetricsRequest(scaledObjectRef=ref, metricName="work-items")
+            t0 = time.monotonic()
+            ids = await emulator.enqueue(environment_id, 2 * k)
+            deadline = t0 + 120 + 4 * preset.hold
+            while time.monotonic() < deadline:
+                answer = await stub.GetMetrics(request, timeout=5)
+                checks += 1
+                wanted = math.ceil(answer.metricValues[0].metricValueFloat / 1)
+                pending = sum(1 for j in jobs if j.ready is None and j.ended is None)
+                running = sum(1 for j in jobs if j.ready is not None and j.ended is None)
+                capped = wanted + running > preset.job_max
+                new = preset.job_max - running if capped else wanted - pending  # KEDA's `accurate` strategy
+                for _ in range(max(new, 0)):
+                    job = Job(len(jobs), created=time.monotonic())
+                    jobs.append(job)
+                    tasks.append(asyncio.ensure_future(_run_job(job, emulator, environment_id, preset)))
+                items = await emulator.items(environment_id)
+                done = {i["id"] for i in items if i["state"] == "stopped"} >= set(ids)
+                if done and all(j.ended is not None for j in jobs):
+                    break
+                await asyncio.sleep(preset.job_polling)  # the controller's polling interval itself
+        await asyncio.gather(*tasks, return_exceptions=True)
+    idle = [j for j in jobs if not j.took_item]
+    idle_seconds = [round((j.ended or 0.0) - (j.ready or j.created), 3) for j in idle]
+    return {
+        "k": k,
+        "items": len(ids),
+        "controller_checks": checks,
+        "jobs_created": len(jobs),
+        "jobs_with_an_item": len(jobs) - len(idle),
+        "idle_jobs": len(idle),
+        "idle_seconds": idle_seconds,
+        "idle_seconds_max": max(idle_seconds, default=0.0),
+        "idle_job_exit_codes": sorted({j.exit_code for j in idle if j.exit_code is not None}),
+        "items_stopped": done,
+        "seconds": round(time.monotonic() - t0, 2),
+    }
+
+
 # -- one-sandbox pods: idle cost and dispatch, sidecars vs SDK workers -----------------------------------------
 
 
@@ -410,6 +510,28 @@ def markdown(results: dict[str, Any]) -> str:
             f"{meta['phase_gap'][0]:g}-{meta['phase_gap'][1]:g} s (seed {meta['seed']}+K), each stopped at once: "
             "enqueue → WorkAssigned (sidecar) or the handler called (SDK), at random phase of their poll cycles.",
         ]
+    jobs = results.get("jobs") or []
+    if jobs:
+        lines += [
+            "",
+            f"ScaledJob after a burst of 2K items: a controller as KEDA's `accurate` strategy every "
+            f"{meta['job_polling']:g} s (maxReplicaCount {meta['job_max']}); each Job `work-sidecar serve` + "
+            f"`exec --once --idle-exit {meta['job_idle_exit']:g}`, items held {meta['hold']:g} s.",
+            "",
+            "| K | items | Jobs created | Jobs with an item | idle Jobs (no item) | idle seconds each (max) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for run in jobs:
+            each = ", ".join(f"{v:.1f}" for v in run["idle_seconds"]) or "-"
+            lines.append(
+                f"| {run['k']} | {run['items']} | {run['jobs_created']} | {run['jobs_with_an_item']} "
+                f"| {run['idle_jobs']} | {each} ({run['idle_seconds_max']:.1f}) |"
+            )
+        lines += [
+            "",
+            "- Idle seconds: from the Job's pod serving to its exit; `--idle-exit` ends a Job that found no item "
+            "(exit 0, the Job completes). Without it such a Job waits for an item for as long as it exists.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -453,6 +575,7 @@ async def run(preset: FleetPreset, out: Path) -> dict[str, Any]:
     try:
         runs = [await run_k(emulator, k, preset) for k in preset.ks]
         pods = [await pods_k(emulator, k, preset) for k in preset.ks]
+        jobs = [await jobs_k(emulator, k, preset) for k in preset.job_ks]
     finally:
         await emulator.close()
     results = {
@@ -467,6 +590,7 @@ async def run(preset: FleetPreset, out: Path) -> dict[str, Any]:
         },
         "runs": runs,
         "pods": pods,
+        "jobs": jobs,
     }
     write(results, out)
     return results

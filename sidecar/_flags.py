@@ -139,8 +139,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          choices=("httptools", "aiohttp", "httpx"), setting="WorkApiSettings.http_backend"),
     Flag("--unready-after", "seconds of failing polls after which readiness turns NOT_SERVING", type=float,
          setting="ServerSettings.unready_after"),
-    Flag("--startup-check", "seconds the Work API has to answer at start (0: no check)", type=float,
-         setting="WorkApiSettings.startup_check"),
+    Flag("--startup-check", "seconds the Work API has to answer at start; a refusal exits 2, no answer serves "
+         "unready and asks again with backoff (0: no check)", type=float, setting="WorkApiSettings.startup_check"),
     Flag("--keepalive-time", "seconds between HTTP/2 keepalive pings on idle connections", type=float,
          setting="ServerSettings.keepalive_time"),
     Flag("--log-format", "auto (text on a TTY, else JSON), json or text", default="auto",
@@ -148,6 +148,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO"),
     Flag("--emulator-port", "port of the embedded emulator (0: any free port)", type=int, default=8787),
     Flag("--metrics-listen", "host:port for a Prometheus scrape endpoint (off by default)"),
+    Flag("--health-listen", "host:port serving gRPC health only, without a token (kubelet grpc probes; off by "
+         "default)", setting="ServerSettings.health_listen"),
     Flag("--state-dir", "directory where leases survive a sidecar crash or restart (journal, token key; "
          "'' = off)", setting="StateSettings.state_dir"),
 )  # fmt: skip

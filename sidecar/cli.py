@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
 from ._address import ADDRESS_ENV, add_sidecar_argument
 from ._flags import (
     ENV_PREFIX,
@@ -44,6 +45,7 @@ def _octal(raw: str, name: str) -> int:
 
 def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="work-sidecar", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"work-sidecar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the sidecar")
     if serve_flags:  # off for `health`, so a probe does not import the core
@@ -110,6 +112,7 @@ def serve_settings(values: dict[str, Any]) -> Any:
             listen=tuple(values["listen"]),
             socket_mode=_octal(values["socket_mode"], "--socket-mode"),
             auth_token=values["auth_token"] or None,
+            health_listen=values["health_listen"] or "",
             keepalive_time=values["keepalive_time"],
             drain_timeout=values["drain_timeout"],
             unready_after=values["unready_after"],

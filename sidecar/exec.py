@@ -18,7 +18,11 @@ the foreground and the lease alive while it runs:
   adapter disconnects and the sidecar releases them to the queue, so no work is lost. Exit 143 / 130.
 - the sidecar restarts (crash, container update) → the children keep running; the adapter reconnects with
   backoff (for up to `--reconnect-timeout`) and resumes their leases on a new watch (`resume`): a sidecar
-  restarted with its `--state-dir` carries on with them, one without reports them lost (→ SIGTERM).
+  restarted with its `--state-dir` carries on with them, one without reports them lost (→ SIGTERM);
+- the sidecar cannot be reached for `--reconnect-timeout` (never, or no longer) → the adapter exits 1, naming
+  the address: work it did not do is never reported as success;
+- `--idle-exit S`: no item within S seconds while no child runs (the sidecar reached) → exit 0. With `--once`,
+  a Job whose item went to another Job ends instead of waiting.
 
 The child runs in its own process group; signals go to the whole group.
 """
@@ -53,6 +57,9 @@ from .work.v1 import work_service_pb2 as pb
 from .work.v1 import work_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sidecar.exec")
+
+IDLE_CHECK = 0.5
+"""Seconds between two looks at whether --idle-exit has come."""
 
 WORK_STATE_NAMES = {v: k.removeprefix("WORK_STATE_").lower() for k, v in pb.WorkState.items()}
 
@@ -139,6 +146,11 @@ class ExecAdapter:
         self.completed = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._disconnected_since: float | None = None
+        self.failed = False
+        """The adapter could not go on (the sidecar unreachable, the watch refused): exit 1, whatever ran."""
+        self.reached = False
+        """A WatchWork stream stayed up at least once: the sidecar was reached."""
+        self._idle_since = time.monotonic()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -149,7 +161,10 @@ class ExecAdapter:
             self.stub = pb_grpc.WorkServiceStub(channel)
             self.sandbox_id = self.args.sandbox_id or f"exec:{socket.gethostname()}:{os.getpid()}"
             watcher = asyncio.ensure_future(self._reconnecting_watch(stop_watching))
+            idle = asyncio.ensure_future(self._idle_exit(stop_watching)) if self.args.idle_exit is not None else None
             await stop_watching.wait()
+            if idle is not None:
+                idle.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             watcher.cancel()
@@ -159,7 +174,20 @@ class ExecAdapter:
             return 128 + self.signalled
         if self.args.once and self.exit_codes:
             return self.exit_codes[-1]
-        return 0
+        return 1 if self.failed else 0
+
+    async def _idle_exit(self, stop_watching: asyncio.Event) -> None:
+        """--idle-exit: stop watching once no item has come for that long while no child ran and the sidecar was
+        reached (an unreachable sidecar is the reconnect timeout's business, and exits 1)."""
+        limit = float(self.args.idle_exit)
+        while True:
+            if self.children or self._tasks or not self.reached or self._disconnected_since is not None:
+                self._idle_since = time.monotonic()
+            elif time.monotonic() - self._idle_since >= limit:
+                log.info("no item came: exiting (--idle-exit)", extra={"idle_exit": limit})
+                stop_watching.set()
+                return
+            await asyncio.sleep(min(IDLE_CHECK, limit))
 
     def _on_signal(self, signum: int, stop_watching: asyncio.Event) -> None:
         log.info("signal received: forwarding to children", extra={"signal": signal.Signals(signum).name})
@@ -201,12 +229,18 @@ class ExecAdapter:
                 self._disconnected_since = time.monotonic()
                 for child in self.children.values():
                     self._spawn(self._fence(child, self._disconnected_since))
-            log.warning("the sidecar cannot be reached: reconnecting", extra={"children": len(self.children)})
+                log.warning(
+                    "the sidecar at %s cannot be reached: reconnecting for up to %g s",
+                    self.args.sidecar,
+                    self.args.reconnect_timeout,
+                    extra={"sidecar": self.args.sidecar, "error": error.details(), "children": len(self.children)},
+                )
             try:
                 await reconnect.wait(error)
             except grpc.aio.AioRpcError as exc:
                 print(f"work-sidecar exec: {watch_failure(exc, self.args.sidecar)}", file=sys.stderr, flush=True)
                 self.exit_codes.append(1)
+                self.failed = True
                 stop_watching.set()
                 return
 
@@ -223,12 +257,14 @@ class ExecAdapter:
                 # the adapter cannot go on: one plain line for the person at the terminal, naming the fix
                 print(f"work-sidecar exec: {watch_failure(exc, self.args.sidecar)}", file=sys.stderr, flush=True)
                 self.exit_codes.append(1)
+                self.failed = True
         if not self._tasks:
             stop_watching.set()
         return None
 
     def _attached(self) -> None:
         self._disconnected_since = None
+        self.reached = True
 
     async def _fence(self, child: Child, since: float) -> None:
         """While the sidecar cannot be reached nobody may renew the child's lease. It was renewed at most half a
@@ -369,6 +405,8 @@ EXEC_FLAGS: tuple[Flag, ...] = (
     Flag("--kill-grace", "seconds between SIGTERM and SIGKILL when a lease is lost or the adapter is stopped",
          type=float, default=10.0, variables=(), metavar="S"),
     Flag("--once", "exit after one item, with the child's exit code", switch=True),
+    Flag("--idle-exit", "exit 0 when no item came within S seconds while no child ran (with --once: a Job that "
+         "found no item ends; default: wait for ever)", type=float, variables=(), metavar="S"),
     Flag("--reconnect-timeout", "seconds to keep reconnecting to an unreachable (restarting) sidecar; the children "
          "keep running", type=float, default=60.0, variables=(), metavar="S"),
     Flag("--log-format", "the adapter's own log lines: auto (text on a TTY, else JSON), json or text",
@@ -417,5 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-in-flight must be at least 1 (the children that may run at once)")
     if args.kill_grace < 0:
         parser.error("--kill-grace must be 0 or more seconds")
+    if args.idle_exit is not None and args.idle_exit <= 0:
+        parser.error("--idle-exit must be more than 0 seconds")
     configure_logging(fmt=args.log_format, secrets=[args.auth_token])
     return asyncio.run(ExecAdapter(args, command).run())

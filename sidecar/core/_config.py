@@ -83,10 +83,19 @@ class ServerSettings:
     """After SIGTERM, how long leases may run on before the rest are released (s)."""
     unready_after: float = 30.0
     """Readiness turns NOT_SERVING once every poll has failed for this long (s); see `_health.py`."""
+    health_listen: str = ""
+    """host:port of a listener that serves `grpc.health.v1` only, without a token, on any interface ('' = none):
+    what kubelet's native grpc probes connect to. It reveals nothing but the serving status."""
 
     def __post_init__(self) -> None:
         if not self.listen:
             raise ValueError("at least one --listen address is required")
+        if self.health_listen:
+            kind, _ = parse_listen(self.health_listen)
+            if kind != "tcp":
+                raise ValueError(f"--health-listen {self.health_listen!r}: give host:port (kubelet probes use TCP)")
+            if self.health_listen in self.listen:
+                raise ValueError(f"--health-listen {self.health_listen!r} is a --listen address too: use another port")
         check_exposure(self.listen, auth_token=self.auth_token)
         if self.socket_mode not in (0o600, 0o660):
             raise ValueError(

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from .. import __version__
 from ..telemetry import tracing_enabled
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import (
@@ -151,6 +152,12 @@ class Sidecar:
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
+        # --health-listen: the same health answers on a port of their own, with no other service and no token,
+        # so that kubelet's grpc probes reach them on the pod IP while the sandboxes' listeners stay private.
+        self.health_server: grpc.aio.Server | None = None
+        if settings.server.health_listen:
+            self.health_server = grpc.aio.server(options=server_options(settings))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_reporter = HealthReporter(
             self.health,
             ("", SERVICE_NAME),
@@ -159,8 +166,12 @@ class Sidecar:
             unready_after=settings.server.unready_after,
         )
         self._drained = asyncio.Event()
+        self._stop = asyncio.Event()
         self._bound_paths: list[str] = []
         self.addresses: list[str] = []
+        self.fatal: StartupError | None = None
+        """Set when the Work API, unreachable at start, answers later by refusing the key or the environment."""
+        self._api_wait: asyncio.Task[None] | None = None
 
     @property
     def api_url(self) -> str:
@@ -169,10 +180,23 @@ class Sidecar:
     # -- start -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Check the Work API, bind, serve. Raises StartupError (one line that names the fix) when it cannot."""
+        """Check the Work API, bind, serve. Raises StartupError (one line that names the fix) when it cannot.
+
+        A Work API that cannot be reached yet (a mesh proxy not up, DNS not ready) does not stop the start: the
+        sidecar serves with readiness NOT_SERVING and asks again with backoff; polling starts once it answers.
+        One that answers by refusing the key or the environment fails the start, whenever it answers."""
         if self.state is not Lifecycle.NEW:
             raise RuntimeError(f"start() on a sidecar that is {self.state.value}")
-        await self._check_work_api()
+        try:
+            await self._check_work_api()
+            reached = True
+        except WorkApiUnreachable as exc:
+            reached = False
+            log.warning(
+                "the Work API cannot be reached: serving with readiness NOT_SERVING, asking again with backoff",
+                extra={"api_url": self.api_url, "error": str(exc)},
+            )
+            self.health_reporter.work_api_unreached = True
         self.supervisor.keep(self.leaser.run, name="renewal scheduler")
         if self.journal is not None and self.adoption is not None:
             # Before binding and polling: sandboxes re-attach to adopted leases (until then they get UNAVAILABLE
@@ -181,6 +205,7 @@ class Sidecar:
             self.supervisor.keep(self.journal.run, name="journal")
             await self.adoption.adopt(recovered)
         unix_paths = self._bind()
+        health_address = self._bind_health()
         old_umask = os.umask(0o177)  # sockets are created 0600 (never, even briefly, open to others) ...
         try:
             await self.server.start()
@@ -190,6 +215,8 @@ class Sidecar:
         for path in unix_paths:
             os.chmod(path, self.settings.server.socket_mode)  # ... then given --socket-mode (0600, or 0660)
         await self.health_reporter.update()
+        if self.health_server is not None:
+            await self.health_server.start()
         telemetry.register_gauges(
             lambda: len(self.leases),
             lambda: len(self.dispatcher.watchers),
@@ -200,13 +227,19 @@ class Sidecar:
             journal = self.journal
             telemetry.register_journal(lambda: journal.accepting, lambda: journal.records_written)
         self.supervisor.keep(self.health_reporter.run, name="health")
-        self.poller.start()
+        if reached:
+            self.poller.start()
+        else:
+            self._api_wait = asyncio.create_task(self._wait_for_work_api(), name="work api at start")
         self.state = Lifecycle.SERVING
         api = self.settings.work_api
         log.info(
             "work-sidecar serving",
             extra={
+                "version": __version__,
                 "listen": self.addresses,
+                "health_listen": health_address,
+                "work_api_reached": reached,
                 "provider": api.provider,
                 "environment_id": api.environment_id,
                 "api_url": self.api_url,
@@ -215,7 +248,8 @@ class Sidecar:
         )
 
     async def _check_work_api(self) -> None:
-        """One stats read before serving: a wrong URL, key or environment is reported at once, in one line."""
+        """One stats read before serving: a wrong key or environment is reported at once, in one line. Raises
+        WorkApiUnreachable when no answer came (no connection, or none within the start-up check's timeout)."""
         timeout = self.settings.work_api.startup_check
         if not timeout:
             return
@@ -224,7 +258,7 @@ class Sidecar:
             async with asyncio.timeout(timeout):
                 await self.client.stats()
         except TimeoutError:
-            raise StartupError(f"the Work API at {url} did not answer within {timeout:g} s: check --api-url") from None
+            raise WorkApiUnreachable(f"no answer from {url} within {timeout:g} s") from None
         except AuthenticationError as exc:
             raise StartupError(
                 f"the Work API at {url} refused the API key ({exc.status_code}): check --api-key"
@@ -235,9 +269,47 @@ class Sidecar:
                 f"({exc.status_code} {exc.error_type}): check --environment-id and the key's permissions"
             ) from None
         except TransportError as exc:
-            raise StartupError(f"cannot reach the Work API at {url} ({exc}): check --api-url") from None
+            raise WorkApiUnreachable(f"cannot connect to {url}: {exc}") from None
         except WorkApiError as exc:
             log.warning("the Work API's first answer was an error; serving anyway", extra={"error": str(exc)})
+
+    async def _wait_for_work_api(self) -> None:
+        """The start-up check again, with backoff, until the Work API answers; then polling starts. A refusal ends
+        the sidecar as it would have at start (`fatal`, exit 2)."""
+        delay = START_RETRY_FIRST
+        attempt = 1
+        while True:
+            log.warning(
+                "the Work API is still unreachable: readiness NOT_SERVING; asking again",
+                extra={"api_url": self.api_url, "attempt": attempt, "retry_in": delay},
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
+            delay = min(delay * 2, START_RETRY_MAX)
+            try:
+                await self._check_work_api()
+            except WorkApiUnreachable as exc:
+                log.debug("the Work API is unreachable", extra={"error": str(exc)})
+                continue
+            except StartupError as exc:
+                log.error("the Work API refused the sidecar: stopping", extra={"error": str(exc)})
+                self.fatal = exc
+                self._stop.set()
+                return
+            break
+        if self.state is not Lifecycle.SERVING:  # draining or closed meanwhile: take no work
+            return
+        log.info("the Work API answered: polling starts", extra={"api_url": self.api_url, "attempts": attempt})
+        self.health_reporter.work_api_unreached = False
+        self.poller.start()
+        await self.health_reporter.update()
+
+    def _bind_health(self) -> str | None:
+        if self.health_server is None:
+            return None
+        address = self.settings.server.health_listen
+        port = self._add_port(address, address, self.health_server)
+        return f"{address.rpartition(':')[0]}:{port}"
 
     def _bind(self) -> list[str]:
         unix_paths = []
@@ -255,11 +327,11 @@ class Sidecar:
                 self.addresses.append(f"{host}:{port}")
         return unix_paths
 
-    def _add_port(self, target: str, address: str) -> int:
+    def _add_port(self, target: str, address: str, server: grpc.aio.Server | None = None) -> int:
         if not target.startswith("unix:"):
             _check_tcp_free(target, address)  # before gRPC tries, so that its own error lines stay out of stderr
         try:
-            port = self.server.add_insecure_port(target)
+            port = (server or self.server).add_insecure_port(target)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -314,7 +386,13 @@ class Sidecar:
             return
         drained = self.state is Lifecycle.DRAINED
         self.state = Lifecycle.CLOSED
+        if self._api_wait is not None:
+            self._api_wait.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._api_wait
         await self.server.stop(grace=1.0)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
         await self.poller.stop()
         self.liveness.close()
         await self.supervisor.close()  # the adoption's release heartbeats too
@@ -330,7 +408,7 @@ class Sidecar:
         SIGHUP is logged and ignored (logs go to stdout/stderr: nothing to reopen); SIGUSR1 logs a summary of
         the state (leases, watchers, pollers; no secrets)."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop
         signals = 0
 
         def on_stop_signal(signum: int) -> None:
@@ -353,6 +431,8 @@ class Sidecar:
             await self.drain()
         finally:
             await self.close()
+        if self.fatal is not None:
+            raise self.fatal
         return 0
 
     def summary(self) -> dict[str, object]:
@@ -373,6 +453,15 @@ class Sidecar:
 
 class StartupError(Exception):
     """The sidecar cannot start; the message is one line that names the cause and the fix."""
+
+
+class WorkApiUnreachable(Exception):
+    """The Work API gave no answer at start (no connection, or none in time): the sidecar serves and asks again."""
+
+
+START_RETRY_FIRST = 1.0
+START_RETRY_MAX = 30.0
+"""Seconds between the start-up checks of an unreachable Work API: doubling from the first to the most."""
 
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)

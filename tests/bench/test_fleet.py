@@ -54,5 +54,12 @@ def test_fleet_smoke_run(tmp_path: Path) -> None:
             assert isinstance(run[side]["p50_ms"], numbers.Real) and isinstance(run[side]["p99_ms"], numbers.Real)
     assert "One-sandbox pods" in (tmp_path / "fleet.md").read_text()
     assert (tmp_path / "fleet_replicas.png").stat().st_size > 1000
+    # The ScaledJob after a burst: every item done by some Job; Jobs that found none ended (exit 0) on --idle-exit.
+    for run in results["jobs"]:
+        assert run["items_stopped"] and run["jobs_with_an_item"] == run["items"], run
+        assert run["jobs_created"] == run["jobs_with_an_item"] + run["idle_jobs"]
+        assert len(run["idle_seconds"]) == run["idle_jobs"] and set(run["idle_job_exit_codes"]) <= {0}, run
+        assert all(seconds >= results["meta"]["job_idle_exit"] for seconds in run["idle_seconds"]), run
+    assert "ScaledJob after a burst" in (tmp_path / "fleet.md").read_text()
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
     assert not leftovers, f"the fleet left processes behind: {leftovers}"

@@ -92,8 +92,7 @@ async def test_bad_flags_and_a_refusing_api_fail_in_one_line(api: Api, short_dir
     sock = f"unix://{short_dir}/x.sock"
     _one_line_exit_2(_run("--api-url", api.url, "--environment-id", "bad id!", "--listen", sock), "--environment-id")
     _one_line_exit_2(_run("--api-url", "ftp://example", "--environment-id", ENV, "--listen", sock), "--api-url")
-    closed = f"http://127.0.0.1:{free_port()}"
-    _one_line_exit_2(_run("--api-url", closed, "--environment-id", ENV, "--listen", sock), "reach", "--api-url")
+    # an unreachable Work API does not stop the start: tests/deploy/test_start_under_a_mesh.py
     await api.fault(operation="stats", status=401, count=1)
     refused = await asyncio.to_thread(_run, "--api-url", api.url, "--environment-id", ENV, "--listen", sock)
     _one_line_exit_2(refused, "--api-key")  # (in a thread: the emulator answers on this test's event loop)

@@ -285,3 +285,21 @@ async def test_entrypoint_serves_passes_healthcheck_and_drains_on_stopsignal(
         assert took < drain_timeout
         assert await api.state(item.work.id) == "stopped"
         assert (Path(env["WORK_SIDECAR_STATE_DIR"]) / "leases.journal").exists(), "the lease journal was kept"
+
+
+def test_the_image_labels_carry_the_package_version(dockerfile: Dockerfile) -> None:
+    """`work-sidecar --version`, the start-up log line and the image's label name the same version."""
+    from sidecar import __version__
+
+    labels = " ".join(label.value for label in dockerfile.final.all("LABEL"))
+    assert f'org.opencontainers.image.version="{__version__}"' in labels
+    version = subprocess.run([str(BIN / "work-sidecar"), "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"work-sidecar {__version__}"
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == __version__
+
+
+def test_the_builder_leaves_no_installer_in_the_venv(dockerfile: Dockerfile) -> None:
+    """pip, setuptools and grpcio-tools are not in what the final stage copies (make image-test checks the image)."""
+    builder, _ = _venv(dockerfile)
+    uninstall = [run.value for run in builder.all("RUN") if "uninstall" in run.value]
+    assert uninstall and all(name in uninstall[-1] for name in ("pip", "setuptools", "grpcio-tools"))

@@ -208,13 +208,14 @@ def test_triggers_reach_the_scaler_and_pass_its_metadata_check() -> None:
     assert _env(container)["WORK_SIDECAR_ENVIRONMENT_ID"]
 
 
-def test_env_names_are_real_flags() -> None:
-    for _, document in _all_documents():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_env_names_are_real_flags(variant: str) -> None:
+    for document in _render(variant):
         for container in _containers(document):
             names = {e["name"] for e in container.get("env", []) if e["name"].startswith("WORK_SIDECAR_")}
             if container.get("args") == ["scaler"]:
                 assert names <= _help_env_names("scaler"), names - _help_env_names("scaler")
-            elif container["image"].startswith("work-sidecar") and not container.get("command"):
+            elif container["image"].startswith("work-sidecar") and not container.get("command"):  # serve
                 assert names <= _help_env_names("serve"), names - _help_env_names("serve")
             else:  # a sandbox: only what `work-sidecar exec` reads
                 assert names <= {"WORK_SIDECAR_ADDR", "WORK_SIDECAR_AUTH_TOKEN"}, names
@@ -222,13 +223,14 @@ def test_env_names_are_real_flags() -> None:
 
 
 def test_scaledjob_pod_takes_exactly_one_item_and_lets_the_job_complete() -> None:
-    [job] = _documents(KEDA / "scaledjob" / "scaledjob.yaml")
+    job = _of_kind(_render("scaledjob"), "ScaledJob")
     pod = _pod_of(job)
     assert pod["restartPolicy"] == "Never" and job["spec"]["jobTargetRef"]["backoffLimit"] == 0
     [sidecar] = pod["initContainers"]
     assert sidecar["restartPolicy"] == "Always", "a native sidecar does not keep the Job's pod running"
     [sandbox] = pod["containers"]
     assert sandbox["command"][:3] == ["work-sidecar", "exec", "--once"], "one item (max_items=1), then exit"
+    assert "--idle-exit" in sandbox["command"][: sandbox["command"].index("--")], "no item: the Job ends"
     assert job["spec"]["scalingStrategy"]["strategy"] == "accurate", "running Jobs are not in the metric"
 
 
@@ -255,12 +257,17 @@ async def _start_sidecar(container: dict[str, Any], api: Api, short_dir: str) ->
     env = base_environment() | _env(container)
     env |= {"WORK_SIDECAR_API_URL": api.url, "WORK_SIDECAR_ENVIRONMENT_ID": ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env["WORK_SIDECAR_LISTEN"] = addresses.listen(env["WORK_SIDECAR_LISTEN"])
+    for name in ("WORK_SIDECAR_HEALTH_LISTEN", "WORK_SIDECAR_METRICS_LISTEN"):
+        if name in env:
+            env[name] = addresses.address(env[name])
+    if "WORK_SIDECAR_STATE_DIR" in env:  # the state volume, in a place a test may write
+        env["WORK_SIDECAR_STATE_DIR"] = f"{short_dir}/state"
     socket = env["WORK_SIDECAR_LISTEN"].split(",")[0]
     return addresses, env, socket
 
 
 async def test_scaledjob_pod_runs_one_item_then_both_containers_exit(api: Api, short_dir: str) -> None:
-    [job] = _documents(KEDA / "scaledjob" / "scaledjob.yaml")
+    job = _of_kind(_render("scaledjob"), "ScaledJob")
     pod = _pod_of(job)
     _, env, socket = await _start_sidecar(pod["initContainers"][0], api, short_dir)
     async with serve_process(["work-sidecar", "serve"], env) as served:
@@ -340,7 +347,7 @@ async def test_per_node_socket_admits_the_sandbox_group_only(api: Api, short_dir
     pod = _pod_of(daemonset)
     sidecar = _container(pod, "work-sidecar")
     sandboxes = _pod_of(_of_kind(documents, "Deployment", "sandbox-node-worker"))
-    [volume] = [v for v in pod["volumes"] if "hostPath" in v]
+    [volume] = [v for v in pod["volumes"] if v["name"] == _mount(sidecar, "/var/run/work-sidecar")]
     [theirs] = [v for v in sandboxes["volumes"] if "hostPath" in v]
     assert volume["hostPath"]["path"] == theirs["hostPath"]["path"]
     group = sidecar["securityContext"]["runAsGroup"]
@@ -363,6 +370,12 @@ async def test_per_node_socket_admits_the_sandbox_group_only(api: Api, short_dir
 
 
 SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _mount(container: dict[str, Any], path: str) -> str:
+    """The name of the volume `container` mounts at `path`."""
+    [name] = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == path]
+    return str(name)
 
 
 async def _connects(path: str, *, uid: int, gid: int) -> bool:
@@ -400,7 +413,7 @@ async def test_scaler_container_serves_keda(api: Api, short_dir: str, tmp_path: 
         from sidecar.keda import externalscaler_pb2 as pb
         from sidecar.keda import externalscaler_pb2_grpc as pb_grpc
 
-        [job] = _documents(KEDA / "scaledjob" / "scaledjob.yaml")
+        job = _of_kind(_render("scaledjob"), "ScaledJob")
         metadata = job["spec"]["triggers"][0]["metadata"]
         keda = grpc.ssl_channel_credentials(
             root_certificates=(tls / "client-ca.crt").read_bytes(),

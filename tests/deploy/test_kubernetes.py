@@ -1,6 +1,7 @@
 """deploy/kubernetes: schema-valid offline (kubernetes-validate's bundled JSON schemas, strict), the
-native-sidecar pattern and its rules hold, every variable is a real `work-sidecar serve` flag, and the
-sidecar container's env + probe commands really serve, pass and drain as real processes."""
+native-sidecar pattern and its rules hold on the rendered Deployment (`kubectl kustomize`: the sidecar container
+comes from deploy/components/sidecar), every variable is a real `work-sidecar serve` flag, and the sidecar
+container's env really serves, answers its grpc probes and drains as a real process."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes_validate import utils as kv
 
 from sidecar.work.v1 import work_service_pb2 as pb
@@ -39,16 +41,26 @@ from ._harness import (
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 OLDEST_NATIVE_SIDECARS = "1.29.0"  # SidecarContainers on by default (beta) since 1.29, GA in 1.33
 SIDECAR_IMAGE = "work-sidecar"
-HEALTH_GRPC_TIMEOUT = 3.0  # `work-sidecar health --timeout` default
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+def render(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize DIRECTORY` (client only, no cluster): what `kubectl apply -k` would apply."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
 @pytest.fixture(scope="module")
 def deployment() -> dict[str, Any]:
-    [doc] = _documents(MANIFESTS / "deployment.yaml")
+    [doc] = render(MANIFESTS)
     assert doc["kind"] == "Deployment"
     return doc
 
@@ -118,18 +130,13 @@ def test_the_schema_check_can_fail(deployment: dict[str, Any]) -> None:
         kv.validate(broken, kv.latest_version(), strict=True)
 
 
-def test_kustomization_builds_offline() -> None:
-    """`kubectl kustomize` (client only, no cluster) renders the same, schema-valid Deployment."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
-    documents = [doc for doc in yaml.safe_load_all(rendered) if doc]
+@pytest.mark.parametrize("version", [OLDEST_NATIVE_SIDECARS, kv.latest_version()])
+def test_kustomization_builds_offline(version: str) -> None:
+    """`kubectl kustomize` (client only, no cluster) renders one schema-valid Deployment."""
+    documents = render(MANIFESTS)
     assert [doc["kind"] for doc in documents] == ["Deployment"], "the Secret is created out of band, not applied"
     for document in documents:
-        kv.validate(document, kv.latest_version(), strict=True)
+        kv.validate(document, version, strict=True)
 
 
 # -- the native sidecar pattern ------------------------------------------------------------------------------
@@ -182,19 +189,23 @@ def test_sandbox_containers_run_as_the_socket_owner(pod: dict[str, Any]) -> None
         assert str(context.get("runAsGroup")) == (gid or uid), container["name"]
 
 
-def test_probes_check_grpc_health(sidecar: dict[str, Any]) -> None:
-    listen = _listen(sidecar)
+def test_probes_are_native_grpc_probes_on_the_health_listener(sidecar: dict[str, Any]) -> None:
+    """kubelet's own grpc probes (no process started per probe) on the health-only listener, which listens on
+    every interface (the kubelet connects to the pod IP) and is a named container port."""
+    health = _literal_env(sidecar)["WORK_SIDECAR_HEALTH_LISTEN"]
+    host, _, port = health.rpartition(":")
+    assert host in ("0.0.0.0", "[::]"), "the kubelet probes the pod IP"
+    assert {"name": "health", "containerPort": int(port)} in sidecar["ports"]
+    services = {}
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = sidecar.get(kind)
         assert probe, f"{kind} is set"
-        if "grpc" in probe:  # a kubelet gRPC probe connects to the pod IP: a non-loopback TCP listener
-            ports = [int(a.rpartition(":")[2]) for a in listen if a.split(":")[0] in ("0.0.0.0", "[::]")]
-            assert probe["grpc"]["port"] in ports, f"{kind}: the sidecar listens on that port on all interfaces"
-        else:
-            command = probe["exec"]["command"]
-            assert command[:2] == ["work-sidecar", "health"], f"{kind}: gRPC health through the CLI"
-            assert command[command.index("--sidecar") + 1] in listen, f"{kind}: an address the sidecar listens on"
-            assert probe.get("timeoutSeconds", 1) > HEALTH_GRPC_TIMEOUT, f"{kind}: outlasts the gRPC deadline"
+        assert set(probe) & {"exec", "httpGet", "tcpSocket"} == set(), f"{kind}: no process per probe"
+        assert probe["grpc"]["port"] == int(port), f"{kind}: the health listener"
+        services[kind] = probe["grpc"].get("service", "")
+    assert services == {"startupProbe": "liveness", "readinessProbe": "", "livenessProbe": "liveness"}, (
+        "start-up and liveness pass while the Work API is unreachable (a mesh proxy not up yet); readiness does not"
+    )
     liveness = sidecar["livenessProbe"]
     assert liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3) > _drain_timeout(sidecar), (
         "NOT_SERVING during a whole drain must not get the sidecar killed (a second SIGTERM exits at once)"
@@ -276,19 +287,17 @@ async def test_sidecar_container_serves_passes_probes_and_drains(
     context = {**pod.get("securityContext", {}), **sidecar.get("securityContext", {})}
     run_as = run_as_kwargs(f"{context['runAsUser']}:{context['runAsGroup']}", short_dir)
     argv = [*(sidecar.get("command") or ["work-sidecar"]), *(sidecar.get("args") or ["serve"])]  # image defaults
+    env["WORK_SIDECAR_HEALTH_LISTEN"] = addresses.address(env["WORK_SIDECAR_HEALTH_LISTEN"])
+    env["WORK_SIDECAR_METRICS_LISTEN"] = addresses.address(env["WORK_SIDECAR_METRICS_LISTEN"])
+    probed = "127.0.0.1:" + env["WORK_SIDECAR_HEALTH_LISTEN"].rpartition(":")[2]  # the kubelet's view: the pod IP
     startup = sidecar["startupProbe"]
     async with serve_process(argv, env, run_as) as served:
-        await until_command_succeeds(
-            addresses.argv(startup["exec"]["command"]), env, command_timeout=startup["timeoutSeconds"],
-            deadline=startup["periodSeconds"] * startup["failureThreshold"], interval=0.2, served=served,
-            run_as=run_as,
+        await eventually(
+            lambda: grpc_probe(probed, startup), timeout=startup["periodSeconds"] * startup["failureThreshold"],
+            interval=0.2, message=f"the startup probe never passed: {served.stderr_lines[-5:]}",
         )  # fmt: skip
         for kind in ("readinessProbe", "livenessProbe"):
-            probe = sidecar[kind]
-            code, output = await run_command(
-                addresses.argv(probe["exec"]["command"]), env, probe["timeoutSeconds"], run_as
-            )
-            assert (code, output) == (0, "SERVING"), kind
+            assert await grpc_probe(probed, sidecar[kind]), kind
 
         socket = next(a for a in env["WORK_SIDECAR_LISTEN"].split(",") if a.startswith("unix://"))
         async with grpc.aio.insecure_channel(socket) as channel:  # a sandbox with a free slot: polling starts
@@ -307,6 +316,19 @@ async def test_sidecar_container_serves_passes_probes_and_drains(
         code = await asyncio.wait_for(served.process.wait(), _drain_timeout(sidecar))
         assert code == 0, served.stderr_lines[-10:]
         assert time.monotonic() - sent < pod["terminationGracePeriodSeconds"]
+
+
+async def grpc_probe(address: str, probe: dict[str, Any]) -> bool:
+    """A kubelet grpc probe: grpc.health.v1 Check of `probe.grpc.service` within `timeoutSeconds`, SERVING or not."""
+    request = health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", ""))
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                request, timeout=float(probe.get("timeoutSeconds", 1))
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 async def test_health_stays_open_behind_an_auth_token(api: Api) -> None:

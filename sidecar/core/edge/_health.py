@@ -1,9 +1,10 @@
 """What gRPC health (grpc.health.v1) says, and why.
 
 - **Readiness**: service `""` and `sidecar.work.v1.WorkService`. SERVING while the sidecar serves and the Work
-  API answers; NOT_SERVING while draining, and while every poll has failed for `unready_after` seconds (the API
-  unreachable, the key revoked, the environment gone): a sandbox routed elsewhere would fare better. It turns
-  SERVING again with the first poll that succeeds.
+  API answers; NOT_SERVING while draining, while the Work API has not answered yet since the start
+  (`work_api_unreached`), and while every poll has failed for `unready_after` seconds (the API unreachable, the
+  key revoked, the environment gone): a sandbox routed elsewhere would fare better. It turns SERVING again with
+  the first poll that succeeds.
 - **Liveness**: service `liveness`. NOT_SERVING only when the sidecar's own loops are dead (a supervised loop
   crashed again and again, see `_supervisor.py`). A Work API outage never fails liveness: a restart would
   cost every lease the sidecar holds.
@@ -46,6 +47,7 @@ class HealthReporter:
         self._ready: bool | None = None
         self._live: bool | None = None
         self.draining = False
+        self.work_api_unreached = False
 
     @property
     def ready(self) -> bool:
@@ -54,7 +56,7 @@ class HealthReporter:
 
     async def update(self) -> None:
         since = self._failing_since()
-        api_down = since is not None and time.monotonic() - since >= self._unready_after
+        api_down = self.work_api_unreached or (since is not None and time.monotonic() - since >= self._unready_after)
         ready = not self.draining and not api_down
         if ready != self._ready:
             if self._ready is not None or not ready:
