@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import zlib
 from collections import OrderedDict
@@ -59,6 +60,8 @@ MAX_TOMBSTONES = 10_000
 TOMBSTONE_MAX_AGE = 3600.0
 """Ended leases are remembered across restarts for this long (s), at most MAX_TOMBSTONES of them."""
 MIN_COMPACT_BYTES = 1 << 20
+RETRY_INTERVAL = 1.0
+"""Seconds between attempts to write the journal afresh while it cannot be written."""
 COMPACT_FACTOR = 4
 
 
@@ -143,6 +146,8 @@ class Recovered:
     """Items acked (or about to be) whose claim never settled."""
     torn: int = 0
     corrupt: int = 0
+    invalid: int = 0
+    """Records that check out but hold impossible values (a non-finite expiry, a negative TTL, a bad id): skipped."""
     refused: str | None = None
     """Why the journal was not adopted at all (it was moved aside), or None."""
     clean: bool = False
@@ -227,6 +232,8 @@ class Journal:
         self._dirty = False
         self._written = asyncio.Event()
         self._failing = False
+        self._writable = asyncio.Event()
+        self._writable.set()
         self.records_written = 0
         self.writes = 0
         self.compactions = 0
@@ -234,14 +241,18 @@ class Journal:
     # -- start and stop -------------------------------------------------------------------------------
 
     def open(self) -> Recovered:
-        """Lock the state dir, read the predecessor's journal, and start a fresh (compacted) one from it."""
-        prepare_state_dir(self.dir)
-        self._lock()
+        """Lock the state dir (unless `lock` did), read the predecessor's journal, and start a fresh (compacted)
+        one from it."""
+        if self._lock_fd is None:
+            self.lock()
         recovered = self._read()
         try:
             self._rewrite()
         except OSError as exc:
-            raise StateDirError(f"cannot write the lease journal in {self.dir}: {exc}") from exc
+            raise StateDirError(
+                f"cannot write the lease journal in {self.dir} ({exc.strerror}): free space in the state dir or fix "
+                "its permissions"
+            ) from None
         return recovered
 
     def close(self, *, clean: bool = False) -> None:
@@ -259,8 +270,14 @@ class Journal:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def _lock(self) -> None:
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    def lock(self) -> None:
+        """Create the state dir if needed and take its lock (`flock`, released by `close` or the process's end).
+        Raises StateDirError when another process holds it or the dir is unusable."""
+        prepare_state_dir(self.dir)
+        try:
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateDirError(f"cannot lock the state dir {self.dir} ({exc.strerror}): check --state-dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -273,8 +290,10 @@ class Journal:
     def _read(self) -> Recovered:
         recovered = Recovered()
         lines = self._lines(recovered)
-        if not lines:
+        if lines is None:
             return recovered
+        if not lines:  # not even a header: written by no sidecar (a file is always replaced whole with its header)
+            return self._move_aside(recovered, "corrupt", "it has no complete line, so it cannot be attributed")
         header = decode(lines[0])
         if header is None or header.get("op") != "H":
             return self._move_aside(recovered, "corrupt", "its header is unreadable, so it cannot be attributed")
@@ -286,23 +305,26 @@ class Journal:
         self._adopt_ended(ended, recovered)
         recovered.acked = list(acked)
         self._acked = acked
-        if recovered.torn or recovered.corrupt:
+        if recovered.torn or recovered.corrupt or recovered.invalid:
             log.warning(
                 "the lease journal was damaged: adopting what could be read; the rest is left to the Work API's TTL",
-                extra={"path": str(self.path), "torn": recovered.torn, "corrupt": recovered.corrupt},
+                extra={
+                    "path": str(self.path),
+                    "torn": recovered.torn,
+                    "corrupt": recovered.corrupt,
+                    "invalid": recovered.invalid,
+                },
             )
         return recovered
 
-    def _lines(self, recovered: Recovered) -> list[bytes]:
-        """The journal's complete lines (a torn last one is counted and dropped)."""
+    def _lines(self, recovered: Recovered) -> list[bytes] | None:
+        """The journal's complete lines (a torn last one is counted and dropped); None when there is no journal."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return []
+            return None
         except OSError as exc:
-            raise StateDirError(f"cannot read the lease journal {self.path}: {exc}") from exc
-        if not data:
-            return []
+            raise StateDirError(f"cannot read the lease journal {self.path} ({exc.strerror}): move it away") from None
         lines = data.split(b"\n")
         if lines[-1]:
             recovered.torn = 1  # the last record was being written when the process died
@@ -313,7 +335,7 @@ class Journal:
         for work_id, (raw, record) in live.items():
             lease = _journaled_lease(record)
             if lease is None:
-                recovered.corrupt += 1
+                recovered.invalid += 1
                 continue
             recovered.leases.append(lease)
             self._live[work_id] = raw
@@ -323,7 +345,7 @@ class Journal:
         for work_id, (raw, record) in list(ended.items())[-MAX_TOMBSTONES:]:
             end = _journaled_end(record)
             if end is None:
-                recovered.corrupt += 1
+                recovered.invalid += 1
                 continue
             if now - end.ended_at > TOMBSTONE_MAX_AGE:
                 continue
@@ -363,28 +385,44 @@ class Journal:
     # -- the background task: fsync, compaction ----------------------------------------------------------
 
     async def run(self) -> None:
-        """fsync what was written, at most every `fsync_interval`; an idle journal never wakes up."""
+        """fsync what was written, at most every `fsync_interval`; an idle journal never wakes up. While the
+        journal cannot be written, try every `RETRY_INTERVAL` to write it afresh from the state in memory."""
         while True:
-            await self._written.wait()
-            await asyncio.sleep(self._fsync_interval)
-            self._written.clear()
-            await self.sync()
+            if not self._failing:
+                await self._written.wait()
+                await asyncio.sleep(self._fsync_interval)
+                self._written.clear()
+                await self.sync()
+            if self._failing:
+                await asyncio.sleep(RETRY_INTERVAL)
+                await self.compact()
+                continue
             state = len(self._header) + sum(map(len, self._live.values())) + sum(map(len, self._ended.values()))
             if self._size > max(MIN_COMPACT_BYTES, COMPACT_FACTOR * state):
                 await self.compact()
 
+    @property
+    def accepting(self) -> bool:
+        """Whether the journal can be written: while it cannot, the sidecar takes no new work."""
+        return not self._failing
+
+    async def wait_accepting(self) -> None:
+        await self._writable.wait()
+
     async def sync(self) -> None:
         fd = self._fd
-        if fd is None or not self._dirty:
+        if fd is None or not self._dirty or self._failing:
             return
         self._dirty = False
         try:
             await asyncio.to_thread(os.fsync, fd)
         except OSError as exc:
-            log.warning("fsync of the lease journal failed", extra={"error": str(exc)})
+            self._fail(exc)
 
     async def compact(self) -> None:
-        """Replace the log by the current state; records written meanwhile go to both files."""
+        """Replace the log by the current state; records written meanwhile go to both files. It is also how a
+        journal that could not be written recovers: a file written afresh holds everything, however the failed
+        writes left the old one."""
         if self._fd is None:
             return
         self._flush()
@@ -395,7 +433,8 @@ class Journal:
             fd = await asyncio.to_thread(_write_file, tmp, snapshot)
         except OSError as exc:
             self._carry = None
-            log.warning("compacting the lease journal failed; appending on", extra={"error": str(exc)})
+            if not self._failing:
+                log.warning("compacting the lease journal failed; appending on", extra={"error": str(exc)})
             return
         # From here to the swap nothing awaits: no record can slip between the two files.
         self._flush()
@@ -406,7 +445,10 @@ class Journal:
             os.replace(tmp, self.path)
         except OSError as exc:
             os.close(fd)
-            log.warning("compacting the lease journal failed; appending on", extra={"error": str(exc)})
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not self._failing:
+                log.warning("compacting the lease journal failed; appending on", extra={"error": str(exc)})
             return
         old, self._fd = self._fd, fd
         if old is not None:
@@ -414,8 +456,24 @@ class Journal:
         self._size = len(snapshot) + sum(map(len, carry))
         self._dirty = True
         self.compactions += 1
+        if self._failing:
+            self._failing = False
+            self._writable.set()
+            log.warning("the lease journal can be written again: taking new work", extra={"path": str(self.path)})
         with contextlib.suppress(OSError):
             await asyncio.to_thread(_fsync_dir, self.dir)
+
+    def _fail(self, exc: OSError) -> None:
+        """A write or fsync failed: take no new work until the journal is written afresh (`run` retries)."""
+        if self._failing:
+            return
+        self._failing = True
+        self._writable.clear()
+        self._written.set()  # wakes `run`, which retries
+        log.error(
+            "the lease journal cannot be written: taking no new work until it can; the leases held are renewed",
+            extra={"path": str(self.path), "error": exc.strerror or str(exc)},
+        )
 
     # -- writing ----------------------------------------------------------------------------------------
 
@@ -471,19 +529,13 @@ class Journal:
         chunk = b"".join(lines)
         if self._carry is not None:
             self._carry.append(chunk)
+        if self._failing:
+            return  # the state in memory has it: `compact` writes it all afresh once it can
         try:
             _write_all(self._fd, chunk)
         except OSError as exc:
-            if not self._failing:
-                log.error(
-                    "writing the lease journal failed: leases are not durable until it succeeds again",
-                    extra={"path": str(self.path), "error": str(exc)},
-                )
-            self._failing = True
+            self._fail(exc)  # a part of the chunk may be in the file: nothing more is appended to it
             return
-        if self._failing:
-            log.warning("writing the lease journal works again", extra={"path": str(self.path)})
-            self._failing = False
         self._size += len(chunk)
         self._dirty = True
         self._written.set()
@@ -545,8 +597,8 @@ def _replay(
         recovered.clean = False
         raw = line + b"\n"
         op = record["op"]
-        if op not in ("L", "E", "A", "S"):
-            recovered.corrupt += 1
+        if op not in ("L", "E", "A", "S") or not _ID.fullmatch(work_id):
+            recovered.invalid += 1
             continue
         if op != "A":
             acked.pop(work_id, None)
@@ -562,39 +614,90 @@ def _replay(
     return live, ended, acked
 
 
+class _Impossible(ValueError):
+    """A record that checks out (checksum, JSON) but holds values no sidecar writes."""
+
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_NONCE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PRINTABLE = re.compile(r"[\x21-\x7e]{1,256}")
+_HELD_STATES = frozenset({pb.LEASE_STATE_ACTIVE, pb.LEASE_STATE_STOP_REQUESTED})
+_ENDED_STATES = frozenset({pb.LEASE_STATE_LOST, pb.LEASE_STATE_STOPPED})
+_REASONS = frozenset(pb.LeaseLostReason.values())
+_MAX_EPOCH = 253402300799.0
+"""The last second of year 9999: the largest expiry a `datetime` holds."""
+
+
+def _text(record: dict[str, Any], key: str, pattern: re.Pattern[str] | None, *, default: str | None = None) -> str:
+    value = record.get(key, default)
+    if not isinstance(value, str) or (pattern is not None and value and not pattern.fullmatch(value)):
+        raise _Impossible(key)
+    return value
+
+
+def _number(record: dict[str, Any], key: str, *, default: float | None = None) -> float:
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= _MAX_EPOCH:
+        raise _Impossible(key)  # NaN and infinities fail the range check too
+    return float(value)
+
+
+def _choice(record: dict[str, Any], key: str, allowed: frozenset[int], *, default: int | None = None) -> int:
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise _Impossible(key)
+    return value
+
+
 def _journaled_lease(record: dict[str, Any]) -> JournaledLease | None:
+    """The lease of an `L` record, or None when a value is missing or impossible."""
     try:
-        state = int(record.get("state", pb.LEASE_STATE_ACTIVE))
+        ttl = record.get("ttl")
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl < 2**31:
+            raise _Impossible("ttl")
+        told = record.get("told", False)
+        if not isinstance(told, bool):
+            raise _Impossible("told")
+        work_id = _text(record, "work", _ID)
+        nonce = _text(record, "nonce", _NONCE)
+        last_heartbeat = _text(record, "hb", _PRINTABLE)
+        if not (work_id and nonce and last_heartbeat):
+            raise _Impossible("work")
         return JournaledLease(
-            work_id=str(record["work"]),
-            data_type=str(record.get("type", "")),
-            data_id=str(record.get("data_id", "")),
-            last_heartbeat=str(record["hb"]),
-            ttl_seconds=int(record["ttl"]),
-            expires_at=float(record["exp"]),
-            nonce=str(record["nonce"]),
-            sandbox_id=str(record.get("sandbox", "")),
-            state=state,
-            stop_notified=bool(record.get("told", False)),
+            work_id=work_id,
+            data_type=_text(record, "type", _PRINTABLE, default=""),
+            data_id=_text(record, "data_id", _PRINTABLE, default=""),
+            last_heartbeat=last_heartbeat,
+            ttl_seconds=ttl,
+            expires_at=_number(record, "exp"),
+            nonce=nonce,
+            sandbox_id=_text(record, "sandbox", _PRINTABLE, default=""),
+            state=_choice(record, "state", _HELD_STATES, default=pb.LEASE_STATE_ACTIVE),
+            stop_notified=told,
         )
-    except (KeyError, TypeError, ValueError):
+    except _Impossible:
         return None
 
 
 def _journaled_end(record: dict[str, Any]) -> JournaledEnd | None:
+    """The end of an `E` record, or None when a value is missing or impossible."""
     try:
+        work_id = _text(record, "work", _ID)
+        nonce = _text(record, "nonce", _NONCE)
+        if not (work_id and nonce):
+            raise _Impossible("work")
         return JournaledEnd(
-            work_id=str(record["work"]),
-            data_type=str(record.get("type", "")),
-            data_id=str(record.get("data_id", "")),
-            nonce=str(record["nonce"]),
-            state=int(record["state"]),
-            reason=int(record.get("reason", 0)),
-            last_heartbeat=str(record.get("hb", "")),
-            expires_at=float(record.get("exp", 0)),
-            ended_at=float(record.get("at", 0)),
+            work_id=work_id,
+            data_type=_text(record, "type", _PRINTABLE, default=""),
+            data_id=_text(record, "data_id", _PRINTABLE, default=""),
+            nonce=nonce,
+            state=_choice(record, "state", _ENDED_STATES),
+            reason=_choice(record, "reason", _REASONS, default=pb.LEASE_LOST_REASON_UNSPECIFIED),
+            last_heartbeat=_text(record, "hb", _PRINTABLE, default=""),
+            expires_at=_number(record, "exp", default=0),
+            ended_at=_number(record, "at", default=0),
         )
-    except (KeyError, TypeError, ValueError):
+    except _Impossible:
         return None
 
 
@@ -624,12 +727,14 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _write_file(path: Path, data: bytes) -> int:
     """A new file with `data`, fsynced; returns its descriptor (open for appending)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         _write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # a partial file would hold on to the space that ran out
         raise
     return fd
 
@@ -637,8 +742,14 @@ def _write_file(path: Path, data: bytes) -> int:
 def _write_new(path: Path, data: bytes) -> int:
     tmp = path.with_name(f".{path.name}.new")
     fd = _write_file(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return fd
 
 

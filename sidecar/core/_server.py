@@ -47,7 +47,7 @@ from ._config import ServerSettings, SidecarSettings, parse_listen
 from ._dispatcher import Dispatcher
 from ._handover import HandOver
 from ._health import HealthReporter
-from ._journal import Binding, Journal, prepare_state_dir
+from ._journal import Binding, Journal
 from ._lease import Leases
 from ._leaser import Leaser
 from ._limits import add_to_server
@@ -115,11 +115,16 @@ class Sidecar:
         self.journal: Journal | None = None
         tokens: TokenIssuer | None = None
         if settings.state.state_dir:  # leases survive a crash: journal them, issue tokens a successor can verify
-            tokens = TokenIssuer.in_dir(prepare_state_dir(settings.state.state_dir))
             binding = Binding.of(
                 environment_id=api.environment_id, api_url=client.base_url, provider=api.provider, api_key=api.api_key
             )
             self.journal = Journal(settings.state.state_dir, binding, fsync_interval=settings.state.fsync_interval)
+            self.journal.lock()  # first: a sidecar that finds the state dir taken writes nothing in it
+            try:
+                tokens = TokenIssuer.in_dir(settings.state.state_dir)
+            except BaseException:
+                self.journal.close()
+                raise
         self.leases = Leases([telemetry.TelemetryObserver(), self.dispatcher], tokens=tokens)
         if self.journal is not None:
             self.leases.observe(self.journal)
@@ -136,7 +141,9 @@ class Sidecar:
             if self.journal
             else None
         )
-        self.poller = Poller(client, polling, self.dispatcher, self.handover, supervisor=self.supervisor)
+        self.poller = Poller(
+            client, polling, self.dispatcher, self.handover, supervisor=self.supervisor, intake=self.journal
+        )
         self.service = WorkService(
             client=client,
             leases=self.leases,
@@ -149,6 +156,7 @@ class Sidecar:
         self.server = grpc.aio.server(interceptors=_interceptors(settings.server), options=server_options(settings))
         add_to_server(self.service, self.server)  # as the generated add_…_to_server, with lenient deserializers
         self.health = HealthServicer()
+        journal = self.journal
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
         self.health_reporter = HealthReporter(
@@ -157,6 +165,7 @@ class Sidecar:
             failing_since=lambda: self.poller.failing_since,
             alive=lambda: self.supervisor.alive,
             unready_after=settings.server.unready_after,
+            journal_writable=lambda: journal is None or journal.accepting,
         )
         self._drained = asyncio.Event()
         self._bound_paths: list[str] = []
