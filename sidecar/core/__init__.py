@@ -4,10 +4,10 @@ See ARCHITECTURE.md at the top of the repository for the modules and who owns wh
 """
 
 from ._config import ServerSettings, SidecarSettings, StateSettings, WorkApiSettings, is_loopback, parse_listen
-from ._journal import StateDirError
 from ._policy import Backoff, LeasePolicy, PollPolicy
 from ._server import SERVICE_NAME, Lifecycle, Sidecar, StartupError
 from ._status import DOMAIN as ERROR_DOMAIN
+from .persistence import StateDirError
 
 __all__ = [
     "ERROR_DOMAIN",

@@ -29,12 +29,12 @@ from typing import Any
 
 from ..work.v1 import work_service_pb2 as pb
 from ..workapi import NO_HEARTBEAT, Work, WorkApiClient, WorkApiError, WorkData
-from ._journal import Journal, JournaledEnd, Recovered
 from ._lease import Leases
 from ._leaser import Leaser
 from ._liveness import Liveness
 from ._policy import LeasePolicy
 from ._supervisor import Supervisor
+from .persistence import Journal, JournaledEnd, Recovered
 
 log = logging.getLogger("sidecar.adoption")
 
@@ -157,7 +157,7 @@ class Adoption:
                 )
             else:
                 log.info("released an item acked but not claimed before the restart", extra={"work_id": work_id})
-        self._journal.settled(work_id)
+        self._journal.intents.settled(work_id)
 
     async def _release(self, end: JournaledEnd) -> None:
         ttl = self._policy.release_ttl_seconds

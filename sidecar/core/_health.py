@@ -4,7 +4,7 @@
   API answers; NOT_SERVING while draining, and while every poll has failed for `unready_after` seconds (the API
   unreachable, the key revoked, the environment gone): a sandbox routed elsewhere would fare better. It turns
   SERVING again with the first poll that succeeds. Also NOT_SERVING while the lease journal (`--state-dir`)
-  cannot be written: the sidecar takes no new work then (see `_journal.Journal.accepting`).
+  cannot be written: the sidecar takes no new work then (see `persistence.Journal.accepting`).
   Each reason has a name, logged when readiness changes: `draining`, `work_api_failing`, `journal_unwritable`.
 - **Liveness**: service `liveness`. NOT_SERVING only when the sidecar's own loops are dead (a supervised loop
   crashed again and again, see `_supervisor.py`). A Work API outage never fails liveness: a restart would

@@ -47,7 +47,6 @@ from ._config import ServerSettings, SidecarSettings, parse_listen
 from ._dispatcher import Dispatcher
 from ._handover import HandOver
 from ._health import HealthReporter
-from ._journal import Binding, Journal
 from ._lease import Leases
 from ._leaser import Leaser
 from ._limits import add_to_server
@@ -57,6 +56,7 @@ from ._service import WorkService
 from ._stops import Stops
 from ._supervisor import Supervisor
 from ._tokens import TokenIssuer
+from .persistence import Binding, Journal
 
 log = logging.getLogger("sidecar")
 
@@ -127,14 +127,20 @@ class Sidecar:
                 raise
         self.leases = Leases([telemetry.TelemetryObserver(), self.dispatcher], tokens=tokens)
         if self.journal is not None:
-            self.leases.observe(self.journal)
+            self.leases.observe(self.journal.observer)
         heartbeats = min(policy.heartbeat_concurrency, api.max_connections - polling.max_pollers)
         self.leaser = Leaser(client, policy, self.leases, concurrency=heartbeats, supervisor=self.supervisor)
         self.stops = Stops(client, policy, self.leases, supervisor=self.supervisor)
         self.liveness = Liveness(policy, self.leases, self.leaser, self.stops)
         self.leases.observe(self.liveness)
         self.handover = HandOver(
-            client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor, intents=self.journal
+            client,
+            policy,
+            self.leases,
+            self.leaser,
+            self.dispatcher,
+            supervisor=self.supervisor,
+            intents=None if self.journal is None else self.journal.intents,
         )
         self.adoption = (
             Adoption(client, policy, self.leases, self.leaser, self.liveness, self.journal, supervisor=self.supervisor)

@@ -22,7 +22,7 @@ import stat
 import time
 from pathlib import Path
 
-from ._journal import StateDirError
+from .persistence import StateDirError
 
 log = logging.getLogger("sidecar.tokens")
 
