@@ -240,3 +240,13 @@ def test_every_lease_state_and_reason_has_a_name_on_disk() -> None:
     assert len(set(REASON_NAMES.values())) == len(REASON_NAMES) and len(set(STATE_NAMES.values())) == len(STATE_NAMES)
     assert {FORMAT_1_REASONS[number] for number in FORMAT_1_REASONS} == set(REASON_NAMES.values())
     assert set(FORMAT_1_STATES.values()) == set(STATE_NAMES.values())
+
+
+def test_temporary_files_left_by_a_killed_process_are_removed_under_the_lock(tmp_path: Path) -> None:
+    leftovers = [".token.key.4242.tmp", f".{JOURNAL_FILE}.new", f".{JOURNAL_FILE}.compact"]
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"partial")
+    journal = Journal(tmp_path, BINDING)
+    journal.lock()
+    assert not any((tmp_path / name).exists() for name in leftovers)
+    journal.close()

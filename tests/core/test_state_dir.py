@@ -149,16 +149,20 @@ async def test_a_token_key_that_cannot_be_used_is_one_line_and_exit_2(
         subprocess.run(["chattr", "-i", str(state / "token.key")], capture_output=True, check=False)
 
 
-async def test_a_full_filesystem_with_no_key_yet_is_one_line_and_exit_2(api: Api, short_dir: str) -> None:
-    """--state-dir on a full filesystem, no key yet: one line and exit 2, and no `.token.key.<pid>.tmp` left."""
+@pytest.mark.parametrize("with_key", [False, True], ids=["no-key-yet", "key-made-before"])
+async def test_a_full_filesystem_is_one_line_and_exit_2(api: Api, short_dir: str, with_key: bool) -> None:
+    """--state-dir on a full filesystem, with no key yet (or a key, and no room for the journal): one line and exit
+    2, and no temporary file (`.token.key.<pid>.tmp`, `.leases.journal.new`) left behind."""
     with _tmpfs(Path(short_dir) / "mnt", "64k") as mount:
         state = mount / "state"
         state.mkdir(mode=0o700)
+        if with_key:
+            (state / "token.key").write_bytes(os.urandom(32))
         _fill(mount / "filler")
         result = await asyncio.to_thread(_run, api, str(state), f"{short_dir}/s.sock")
+        assert _leftovers(state) == [] and ("token.key" in os.listdir(state)) == with_key
         line = _one_line_exit_2(result, "state dir")
         assert "No space left" in line
-        assert _leftovers(state) == [] and "token.key" not in os.listdir(state)
 
 
 def _record(record: dict[str, Any]) -> bytes:
@@ -259,9 +263,16 @@ async def test_while_the_journal_cannot_be_written_no_new_work_is_taken(api: Api
         assigned = await asyncio.wait_for(second, 20)
         assert assigned.work_assigned.work.id == queued["id"], "new work is taken again"
         lines = sidecar.log_lines()
-        failing = [line for line in lines if line.get("msg", "").startswith("the lease journal cannot be written")]
+        failing = [
+            line
+            for line in lines
+            if line.get("logger") == "sidecar.journal" and line["msg"].startswith("the lease journal cannot be written")
+        ]
         assert len(failing) == 1 and failing[0]["error"] == "No space left on device", failing
         assert any(line.get("msg", "").startswith("the lease journal can be written again") for line in lines)
+        assert any(
+            line.get("msg") == "readiness changed" and line["reasons"] == ["journal_unwritable"] for line in lines
+        )
         await sidecar.kill9()
         free.cancel()
         watch.cancel()

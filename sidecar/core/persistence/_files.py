@@ -37,7 +37,7 @@ def prepare_state_dir(path: str | os.PathLike[str]) -> Path:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StateDirError(f"the state dir {directory} is not writable")
     except OSError as exc:
-        raise StateDirError(f"the state dir {directory} cannot be used: {exc}") from exc
+        raise StateDirError(f"the state dir {directory} cannot be used ({exc.strerror}): check --state-dir") from None
     return directory
 
 
@@ -55,6 +55,15 @@ def lock_state_dir(directory: Path) -> int:
             f"another work-sidecar process uses the state dir {directory}: give each sidecar its own"
         ) from None
     return fd
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Remove the temporary files a process killed while writing them left behind (call with the lock held)."""
+    for pattern in (".*.tmp", ".*.new", ".*.compact"):
+        for leftover in directory.glob(pattern):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                log.info("removed a temporary file left in the state dir", extra={"path": str(leftover)})
 
 
 def read_journal(path: Path) -> bytes | None:

@@ -41,6 +41,7 @@ from ._files import (
     move_aside,
     prepare_state_dir,
     read_journal,
+    remove_leftovers,
     write_all,
     write_file,
     write_new,
@@ -100,6 +101,7 @@ class Journal:
         StateDirError when another process holds it or the dir is unusable."""
         if self._lock_fd is None:
             self._lock_fd = lock_state_dir(prepare_state_dir(self.dir))
+            remove_leftovers(self.dir)
 
     def open(self) -> Recovered:
         """Lock the state dir (unless `lock` did), read the predecessor's journal, and start a fresh (compacted)
