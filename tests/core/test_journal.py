@@ -250,3 +250,35 @@ def test_temporary_files_left_by_a_killed_process_are_removed_under_the_lock(tmp
     journal.lock()
     assert not any((tmp_path / name).exists() for name in leftovers)
     journal.close()
+
+
+async def test_a_journal_that_cannot_be_written_takes_no_work_and_recovers_everything(tmp_path: Path) -> None:
+    """While writes fail (here every write of the journal's descriptor goes to /dev/full: ENOSPC) the journal says
+    it does not accept, appends nothing more, keeps the state in memory, and a rewrite brings it all back."""
+    journal, leases = _journaled(tmp_path)
+    held = leases.claim(_work("w1"), _beat(1), sent_at=time.monotonic(), ttl_seconds=60)
+    assert journal.accepting
+    good, journal._fd = journal._fd, os.open("/dev/full", os.O_WRONLY)
+    try:
+        leases.renewed(held, _beat(2), sent_at=time.monotonic())
+        await asyncio.sleep(0)
+        assert not journal.accepting
+        waiting = asyncio.ensure_future(journal.wait_accepting())
+        fresh = leases.claim(_work("w2"), _beat(3), sent_at=time.monotonic(), ttl_seconds=60)
+        leases.renewed(fresh, _beat(4), sent_at=time.monotonic())
+        journal.intents.acking("w3")
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        await journal.compact()  # what `run` does every second while failing: the whole state, written afresh
+        assert journal.accepting
+        await asyncio.wait_for(waiting, 5)
+    finally:
+        assert good is not None
+        os.close(good)
+    journal.close()
+    recovered = Journal(tmp_path, BINDING).open()
+    assert {lease.work_id: lease.last_heartbeat for lease in recovered.leases} == {
+        "w1": _beat(2).last_heartbeat,
+        "w2": _beat(4).last_heartbeat,
+    }
+    assert recovered.acked == ["w3"] and not recovered.damaged
