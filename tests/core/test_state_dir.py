@@ -228,6 +228,31 @@ async def test_a_journal_with_no_newline_is_reported_and_moved_aside(
     assert Path(refused[0]["moved_to"]).read_bytes() == content, "moved aside as it was"
 
 
+def _journal_directory(path: Path) -> None:
+    path.mkdir()
+    (path / "inside").write_bytes(b"x")
+
+
+def _journal_fifo(path: Path) -> None:
+    os.mkfifo(path, 0o600)
+
+
+@pytest.mark.parametrize("make", [_journal_directory, _journal_fifo], ids=["a-directory", "a-fifo"])
+async def test_a_journal_that_cannot_be_read_is_reported_and_moved_aside(
+    api: Api, restarting: Sidecar, make: Any
+) -> None:
+    """A journal that cannot be read (here: not a regular file) is reported in one line and moved aside like any
+    corrupt journal; the sidecar starts with a fresh one (it neither exits nor blocks on a FIFO)."""
+    sidecar = restarting
+    state = Path(sidecar.state_dir)
+    state.mkdir(mode=0o700)
+    make(state / JOURNAL)
+    await sidecar.start()
+    refused = [line for line in sidecar.log_lines() if "was not adopted" in line.get("msg", "")]
+    assert len(refused) == 1 and "cannot be read" in refused[0]["reason"], sidecar.log_lines()
+    assert os.path.lexists(refused[0]["moved_to"]) and (state / JOURNAL).is_file()
+
+
 # -- a journal that cannot be written --------------------------------------------------------------------------
 
 

@@ -8,9 +8,11 @@ not left fuller.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -67,13 +69,21 @@ def remove_leftovers(directory: Path) -> None:
 
 
 def read_journal(path: Path) -> bytes | None:
-    """The journal's bytes, or None when there is none."""
+    """The journal's bytes, or None when there is none. Raises OSError when it cannot be read, including when it
+    is not a regular file (a FIFO would block the start)."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise StateDirError(f"cannot read the lease journal {path} ({exc.strerror}): move it away") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def move_aside(path: Path, kind: str) -> Path:

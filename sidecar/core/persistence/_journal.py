@@ -16,8 +16,9 @@ new work (the poller's intake, readiness NOT_SERVING) and keeps renewing the lea
 in memory. `run` tries every `RETRY_INTERVAL` to write the whole state afresh (a compaction); once that succeeds
 the journal accepts again.
 
-Reading at start (`open`, with `_replay`): what parses is adopted; a journal that cannot be attributed or belongs
-to another binding is reported and moved aside; damage is reported in one line. The item `secret` is never
+Reading at start (`open`, with `_replay`): what parses is adopted; a journal that cannot be read (an I/O error, not
+a regular file), cannot be attributed or belongs to another binding is reported in one line and moved aside; damage
+is reported in one line. The item `secret` is never
 written: a re-attaching sandbox already has it, and an item whose claim outcome is unknown at a crash is released,
 not handed to a sandbox (it returns to the queue with its secret).
 """
@@ -133,7 +134,12 @@ class Journal:
             self._lock_fd = None
 
     def _read(self) -> Recovered:
-        data = read_journal(self.path)
+        try:
+            data = read_journal(self.path)
+        except OSError as exc:
+            recovered = Recovered(refused=f"it cannot be read ({exc.strerror})", refused_as="unreadable")
+            self._move_aside(recovered)
+            return recovered
         if data is None:
             return Recovered()
         recovered = replay(data, self._binding, now=time.time())

@@ -35,7 +35,7 @@ class Recovered:
     refused: str | None = None
     """Why the journal was not adopted at all (it is moved aside), or None."""
     refused_as: str = ""
-    """'corrupt' (it cannot be attributed) or 'refused' (it belongs to another binding)."""
+    """'corrupt' (it cannot be attributed), 'refused' (it belongs to another binding) or 'unreadable'."""
     clean: bool = False
     """The predecessor drained and closed the journal (nothing after): its releases were all sent."""
     moved_to: str | None = None
