@@ -12,9 +12,11 @@ The full-filesystem cases mount a small tmpfs: they need root and are skipped wi
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import fcntl
+import hmac
 import json
 import os
 import subprocess
@@ -28,9 +30,10 @@ import grpc
 import pytest
 
 from sidecar.work.v1 import work_service_pb2 as pb
+from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 from tests.helpers import eventually, serving, stays
 
-from .conftest import ENV, KEY, Api
+from .conftest import ENV, KEY, Api, Watch
 from .test_restart import Sidecar, _hold, _keepalive
 
 BIN = Path(sys.executable).parent / "work-sidecar"
@@ -108,6 +111,47 @@ async def test_a_sidecar_that_finds_the_state_dir_locked_writes_no_key(api: Api,
         os.close(lock)
     _one_line_exit_2(result, "another work-sidecar")
     assert os.listdir(state) == ["lock"], "no token.key, no temporary file, no journal"
+
+
+async def _spawn(api: Api, socket: str, state: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "WORK_SIDECAR_API_KEY": KEY, "WORK_SIDECAR_LOG_FORMAT": "json"}
+    return await asyncio.create_subprocess_exec(
+        str(BIN), "serve", "--api-url", api.url, "--environment-id", ENV, "--listen", socket, "--state-dir", str(state),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_two_sidecars_started_at_once_on_an_empty_state_dir_agree_on_the_key(api: Api, short_dir: str) -> None:
+    """Two sidecars started at once on an empty state dir, again and again: the loser exits 2 and the key on disk is
+    the one the survivor's lease tokens are made with (a loser that wrote its own key would break every token after
+    the survivor's next restart)."""
+    for trial in range(8):
+        state = Path(short_dir) / f"state-{trial}"
+        sockets = [f"unix://{short_dir}/s{trial}-{i}.sock" for i in range(2)]
+        procs = [await _spawn(api, socket, state) for socket in sockets]
+        try:
+            done, _ = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=30,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            assert len(done) == 1 and done.pop().result() == 2, "one of the two exits 2 at once"
+            survivor = next(i for i, proc in enumerate(procs) if proc.returncode is None)
+            async with grpc.aio.insecure_channel(sockets[survivor]) as channel:
+                await eventually(lambda: serving(channel), timeout=30, message="the survivor serves")
+                watch = Watch(pb_grpc.WorkServiceStub(channel).WatchWork(pb.WatchWorkRequest())).start()
+                await api.enqueue(1)
+                item = await watch.assigned()
+                watch.cancel()
+            key = (state / "token.key").read_bytes()
+            nonce, _, mac = item.lease_token.partition(".")
+            made = hmac.digest(key, f"{item.work.id}|{nonce}".encode(), "sha256")[:18]
+            assert mac == base64.urlsafe_b64encode(made).decode(), (
+                f"trial {trial}: the key on disk is not the survivor's"
+            )
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
 
 
 # -- start-up failures --------------------------------------------------------------------------------------------
