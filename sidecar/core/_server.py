@@ -133,14 +133,9 @@ class Sidecar:
         self.stops = Stops(client, policy, self.leases, supervisor=self.supervisor)
         self.liveness = Liveness(policy, self.leases, self.leaser, self.stops)
         self.leases.observe(self.liveness)
+        intents = None if self.journal is None else self.journal.intents
         self.handover = HandOver(
-            client,
-            policy,
-            self.leases,
-            self.leaser,
-            self.dispatcher,
-            supervisor=self.supervisor,
-            intents=None if self.journal is None else self.journal.intents,
+            client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor, intents=intents
         )
         self.adoption = (
             Adoption(client, policy, self.leases, self.leaser, self.liveness, self.journal, supervisor=self.supervisor)

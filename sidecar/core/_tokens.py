@@ -50,8 +50,8 @@ class TokenIssuer:
     @classmethod
     def in_dir(cls, state_dir: str | os.PathLike[str]) -> TokenIssuer:
         """The key in `state_dir/token.key`, created (0600, atomically) on first use. The caller holds the state
-        dir's lock (`Journal.lock`): a sidecar that lost the race for the state dir never writes a key. Raises
-        `StateDirError` (one line) when the key cannot be read or made; a failed attempt leaves no file behind."""
+        dir's lock (`persistence.Journal.lock`): a sidecar that lost the race for the state dir never writes a key.
+        Raises `StateDirError` (one line) when the key cannot be read or made; a failed attempt leaves no file."""
         path = Path(state_dir) / KEY_FILE
         key = _read_key(path)
         if key and len(key) != KEY_BYTES:
