@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from sidecar.core.engine._lease import Leases
-from sidecar.core.persistence._journal import Binding, Journal
+from sidecar.core.persistence import Binding, Journal
 from sidecar.core.persistence._tokens import TokenIssuer
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
@@ -44,7 +44,7 @@ def _cpu() -> float:
 
 
 async def _renewal_load(leases_count: int, seconds: float, journal: Journal | None) -> dict[str, float]:
-    observers = [journal] if journal is not None else []
+    observers = [journal.observer] if journal is not None else []
     leases = Leases(observers, tokens=TokenIssuer.ephemeral())
     held = []
     for i in range(leases_count):
@@ -81,7 +81,7 @@ async def _renewal_load(leases_count: int, seconds: float, journal: Journal | No
 
 def _isolated_record_cost(journal: Journal, records: int = 20_000) -> float:
     """CPU µs per renewal record (encode + write), outside the event loop: the stable part of the figure."""
-    leases = Leases([journal], tokens=TokenIssuer.ephemeral())
+    leases = Leases([journal.observer], tokens=TokenIssuer.ephemeral())
     beat = HeartbeatResult(last_heartbeat="2026-01-01T00:00:00.000001Z", lease_extended=True, state="active",
                            ttl_seconds=60)  # fmt: skip
     held = []
@@ -92,7 +92,7 @@ def _isolated_record_cost(journal: Journal, records: int = 20_000) -> float:
     started = time.process_time()
     for _ in range(records // len(held)):
         for lease in held:
-            journal.renewed(lease, beat)
+            journal.observer.renewed(lease, beat)
         journal._flush()
     return 1e6 * (time.process_time() - started) / records
 

@@ -15,7 +15,7 @@ from ._config import (
 from ._server import SERVICE_NAME, Lifecycle, Sidecar, StartupError
 from .edge._status import DOMAIN as ERROR_DOMAIN
 from .engine._policy import Backoff, LeasePolicy, PollPolicy
-from .persistence._journal import StateDirError
+from .persistence import StateDirError
 
 __all__ = [
     "ERROR_DOMAIN",

@@ -55,8 +55,8 @@ from .engine._liveness import Liveness
 from .engine._poller import Poller
 from .engine._stops import Stops
 from .engine._supervisor import Supervisor
+from .persistence import Binding, Journal
 from .persistence._adoption import Adoption
-from .persistence._journal import Binding, Journal, prepare_state_dir
 from .persistence._tokens import TokenIssuer
 
 log = logging.getLogger("sidecar")
@@ -116,28 +116,36 @@ class Sidecar:
         self.journal: Journal | None = None
         tokens: TokenIssuer | None = None
         if settings.state.state_dir:  # leases survive a crash: journal them, issue tokens a successor can verify
-            tokens = TokenIssuer.in_dir(prepare_state_dir(settings.state.state_dir))
             binding = Binding.of(
                 environment_id=api.environment_id, api_url=client.base_url, provider=api.provider, api_key=api.api_key
             )
             self.journal = Journal(settings.state.state_dir, binding, fsync_interval=settings.state.fsync_interval)
+            self.journal.lock()  # first: a sidecar that finds the state dir taken writes nothing in it
+            try:
+                tokens = TokenIssuer.in_dir(settings.state.state_dir)
+            except BaseException:
+                self.journal.close()
+                raise
         self.leases = Leases([telemetry.TelemetryObserver(), self.dispatcher], tokens=tokens)
         if self.journal is not None:
-            self.leases.observe(self.journal)
+            self.leases.observe(self.journal.observer)
         heartbeats = min(policy.heartbeat_concurrency, api.max_connections - polling.max_pollers)
         self.leaser = Leaser(client, policy, self.leases, concurrency=heartbeats, supervisor=self.supervisor)
         self.stops = Stops(client, policy, self.leases, supervisor=self.supervisor)
         self.liveness = Liveness(policy, self.leases, self.leaser, self.stops)
         self.leases.observe(self.liveness)
+        intents = None if self.journal is None else self.journal.intents
         self.handover = HandOver(
-            client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor, intents=self.journal
+            client, policy, self.leases, self.leaser, self.dispatcher, supervisor=self.supervisor, intents=intents
         )
         self.adoption = (
             Adoption(client, policy, self.leases, self.leaser, self.liveness, self.journal, supervisor=self.supervisor)
             if self.journal
             else None
         )
-        self.poller = Poller(client, polling, self.dispatcher, self.handover, supervisor=self.supervisor)
+        self.poller = Poller(
+            client, polling, self.dispatcher, self.handover, supervisor=self.supervisor, intake=self.journal
+        )
         self.service = WorkService(
             client=client,
             leases=self.leases,
@@ -150,6 +158,7 @@ class Sidecar:
         self.server = grpc.aio.server(interceptors=_interceptors(settings.server), options=server_options(settings))
         add_to_server(self.service, self.server)  # as the generated add_…_to_server, with lenient deserializers
         self.health = HealthServicer()
+        journal = self.journal
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
         # --health-listen: the same health answers on a port of their own, with no other service and no token,
@@ -164,6 +173,7 @@ class Sidecar:
             failing_since=lambda: self.poller.failing_since,
             alive=lambda: self.supervisor.alive,
             unready_after=settings.server.unready_after,
+            journal_writable=lambda: journal is None or journal.accepting,
         )
         self._drained = asyncio.Event()
         self._stop = asyncio.Event()

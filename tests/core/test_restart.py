@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from sidecar.client import Assignment, SidecarClient
-from sidecar.core.persistence._journal import JOURNAL_FILE
+from sidecar.core.persistence import JOURNAL_FILE
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 from tests.helpers import eventually, serving, stays

@@ -1,10 +1,12 @@
 """What gRPC health (grpc.health.v1) says, and why.
 
 - **Readiness**: service `""` and `sidecar.work.v1.WorkService`. SERVING while the sidecar serves and the Work
-  API answers; NOT_SERVING while draining, while the Work API has not answered yet since the start
-  (`work_api_unreached`), and while every poll has failed for `unready_after` seconds (the API unreachable, the
-  key revoked, the environment gone): a sandbox routed elsewhere would fare better. It turns SERVING again with
-  the first poll that succeeds.
+  API answers; NOT_SERVING while draining, while the Work API has not answered yet since the start, while every
+  poll has failed for `unready_after` seconds (the API unreachable, the key revoked, the environment gone): a
+  sandbox routed elsewhere would fare better, and while the lease journal (`--state-dir`) cannot be written: the
+  sidecar takes no new work then (see `persistence.Journal.accepting`). It turns SERVING again once none of these
+  holds. Each reason has a name, logged when readiness changes: `draining`, `work_api_unreached`,
+  `work_api_failing`, `journal_unwritable`.
 - **Liveness**: service `liveness`. NOT_SERVING only when the sidecar's own loops are dead (a supervised loop
   crashed again and again, see `_supervisor.py`). A Work API outage never fails liveness: a restart would
   cost every lease the sidecar holds.
@@ -36,6 +38,7 @@ class HealthReporter:
         failing_since: Callable[[], float | None],
         alive: Callable[[], bool],
         unready_after: float,
+        journal_writable: Callable[[], bool] = lambda: True,
         interval: float = 1.0,
     ) -> None:
         self._servicer = servicer
@@ -43,6 +46,7 @@ class HealthReporter:
         self._failing_since = failing_since
         self._alive = alive
         self._unready_after = unready_after
+        self._journal_writable = journal_writable
         self._interval = interval
         self._ready: bool | None = None
         self._live: bool | None = None
@@ -54,16 +58,26 @@ class HealthReporter:
         """What readiness said last (False before the first update)."""
         return bool(self._ready)
 
-    async def update(self) -> None:
+    def unready_reasons(self) -> list[str]:
+        """Why readiness is NOT_SERVING (empty: SERVING)."""
         since = self._failing_since()
-        api_down = self.work_api_unreached or (since is not None and time.monotonic() - since >= self._unready_after)
-        ready = not self.draining and not api_down
+        reasons = {
+            "draining": self.draining,
+            "work_api_unreached": self.work_api_unreached,
+            "work_api_failing": since is not None and time.monotonic() - since >= self._unready_after,
+            "journal_unwritable": not self._journal_writable(),
+        }
+        return [name for name, applies in reasons.items() if applies]
+
+    async def update(self) -> None:
+        reasons = self.unready_reasons()
+        ready = not reasons
         if ready != self._ready:
             if self._ready is not None or not ready:
                 log.log(
                     logging.INFO if ready else logging.WARNING,
                     "readiness changed",
-                    extra={"ready": ready, "draining": self.draining, "work_api_failing": api_down},
+                    extra={"ready": ready, "reasons": reasons},
                 )
             self._ready = ready
             for service in self._readiness:

@@ -11,6 +11,8 @@
 - The loop whose poll returned the item does the hand-over itself (ack, claim, WorkAssigned), in its own task:
   no task switch between the poll's answer and the ack. A successor loop takes over its place (and its count
   and supervision) and polls once the item is handed over, so no poll queues ahead of the ack or the claim.
+- While the intake gate is closed (`Intake`: the lease journal cannot be written) nothing is polled; an item a
+  poll already in flight returns meanwhile is left unacked for the Work API to reclaim.
 - A failed poll waits `PollPolicy`'s backoff (exponential, capped; longer for errors that will not heal by
   themselves, such as a revoked key) before the next.
 """
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Protocol
 
 from ...workapi import Work, WorkApiClient, WorkApiError, is_retryable
 from .. import _telemetry as telemetry
@@ -36,6 +39,15 @@ HAND_OVER_WAIT = 2.0
 WorkAssigned queued) or for the ack or a claim attempt to fail."""
 
 
+class Intake(Protocol):
+    """Whether new work may be taken (the lease journal, `--state-dir`, implements it)."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    async def wait_accepting(self) -> None: ...
+
+
 class Poller:
     def __init__(
         self,
@@ -45,8 +57,10 @@ class Poller:
         handover: HandOver,
         *,
         supervisor: Supervisor,
+        intake: Intake | None = None,
     ) -> None:
         self._supervisor = supervisor
+        self._intake = intake
         self._client = client
         self._policy = policy
         self._dispatcher = dispatcher
@@ -102,11 +116,7 @@ class Poller:
         if after is not None:
             await self._take_over(after)
         while not self._dispatcher.draining:
-            if primary:
-                await self._wait_for_unpolled_capacity()
-                if self._dispatcher.draining:
-                    return
-            elif self._dispatcher.free_capacity() <= self._polls_in_flight:
+            if not await self._ready_to_poll(primary=primary):
                 return
             work = await self._poll_once()
             if work is None:
@@ -118,6 +128,12 @@ class Poller:
             if self._dispatcher.draining:
                 log.info("draining: not acking a polled item; the Work API will reclaim it", extra={"work_id": work.id})
                 return
+            if self._intake is not None and not self._intake.accepting:
+                log.info(
+                    "the lease journal cannot be written: not acking a polled item; the Work API will reclaim it",
+                    extra={"work_id": work.id},
+                )
+                continue
             returned_at = time.monotonic()
             if work.data.is_healthcheck:
                 self._handover.start_healthcheck(work)
@@ -133,6 +149,22 @@ class Poller:
                 continue
             await self._hand_over_here(work, watcher, returned_at, primary=primary)
             return
+
+    async def _ready_to_poll(self, *, primary: bool) -> bool:
+        """Wait until a poll may go out (the primary loop waits for capacity and an open intake; an extra one
+        ends instead): False when this loop ends."""
+        while True:
+            if primary:
+                await self._wait_for_unpolled_capacity()
+                if self._dispatcher.draining:
+                    return False
+            elif self._dispatcher.free_capacity() <= self._polls_in_flight:
+                return False
+            if self._intake is None or self._intake.accepting:
+                return True
+            if not primary:
+                return False
+            await self._intake.wait_accepting()
 
     async def _take_over(self, handed: asyncio.Event) -> None:
         """A successor waits for its predecessor's item to be handed over; then, while items keep coming and

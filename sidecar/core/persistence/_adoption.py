@@ -34,7 +34,9 @@ from ..engine._leaser import Leaser
 from ..engine._liveness import Liveness
 from ..engine._policy import LeasePolicy
 from ..engine._supervisor import Supervisor
-from ._journal import Journal, JournaledEnd, Recovered
+from ._journal import Journal
+from ._records import JournaledEnd
+from ._replay import Recovered
 
 log = logging.getLogger("sidecar.adoption")
 
@@ -157,7 +159,7 @@ class Adoption:
                 )
             else:
                 log.info("released an item acked but not claimed before the restart", extra={"work_id": work_id})
-        self._journal.settled(work_id)
+        self._journal.intents.settled(work_id)
 
     async def _release(self, end: JournaledEnd) -> None:
         ttl = self._policy.release_ttl_seconds
