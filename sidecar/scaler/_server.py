@@ -15,8 +15,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ..core import StartupError, parse_listen
-from ..core.edge._auth import BearerTokenInterceptor
 from ..core._server import _check_tcp_free
+from ..core.edge._auth import BearerTokenInterceptor
 from ..keda import externalscaler_pb2 as pb
 from ..keda import externalscaler_pb2_grpc as pb_grpc
 from ..workapi import RetryPolicies, RetryPolicy, WorkApiClient, get_provider

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from sidecar.core.engine._lease import Leases
-from sidecar.core.persistence._tokens import KEY_FILE, TokenIssuer
 from sidecar.core.persistence import (
     FORMAT,
     JOURNAL_FILE,
@@ -24,6 +23,7 @@ from sidecar.core.persistence import (
     replay,
 )
 from sidecar.core.persistence._records import FORMAT_1_REASONS, FORMAT_1_STATES, REASON_NAMES, STATE_NAMES
+from sidecar.core.persistence._tokens import KEY_FILE, TokenIssuer
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.workapi import HeartbeatResult, Work, WorkData
 

@@ -9,7 +9,8 @@
 - `_observers`: the journal's listeners, `LeaseRecorder` (a `LeaseObserver`) and `ClaimRecorder` (the hand-over's
   `ClaimIntents`).
 
-The token key (`sidecar.core.persistence._tokens`) and adoption at start (`sidecar.core.persistence._adoption`) build on it.
+The token key (`sidecar.core.persistence._tokens`) and adoption at start
+(`sidecar.core.persistence._adoption`) build on it.
 """
 
 from ._files import JOURNAL_FILE, LOCK_FILE, StateDirError, prepare_state_dir
