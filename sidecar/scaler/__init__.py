@@ -1,7 +1,7 @@
 """`work-sidecar scaler`: a KEDA external scaler (`externalscaler.ExternalScaler`) on the Work API queue.
 
 It only reads `GET …/work/stats` (never polls or acks), once per `--stats-interval` per environment,
-whatever the number of KEDA calls and ScaledObjects; see `_readings.py`, `_service.py` and README "Scaling".
+whatever the number of KEDA calls and ScaledObjects; see `_readings.py`, `_service.py` and docs/scaler.md.
 """
 
 from ._cli import SCALER_FLAGS, main, scaler_config

@@ -4,7 +4,7 @@ The metric (`work-items`) is the number of items that need a replica: `depth + p
 API's stats, i.e. items waiting in the queue plus items a worker has polled but not yet acknowledged.
 Items already running (acknowledged, heartbeating) are not in the stats, so they are not in the metric:
 the metric is the *backlog*, not the load. With `targetItemsPerReplica` T the HPA asks for
-ceil(items / T) replicas for the backlog alone; see README "Scaling" for what that means at scale-in.
+ceil(items / T) replicas for the backlog alone; see docs/scaler.md for what that means at scale-in.
 """
 
 from __future__ import annotations
