@@ -45,15 +45,15 @@ make bench         # the full run, then the fleet: bench/results/ and this page
 make bench-quick   # the same figures at small sizes
 ```
 
-<!-- not-run: takes 30-80 s; tests/bench/test_quick.py runs it -->
+<!-- not-run: takes 30-170 s; tests/bench/test_quick.py runs it -->
 ```sh
 .venv/bin/python -m bench --smoke --out /tmp/b   # tiny sizes, to see that the harness works
 ```
 
 How long these take on a 2-core AMD EPYC VM shared with other work: the full run 16-19 min and the fleet 10-13 min
-at a load average of about 1; `make bench-quick` 2-4.5 min and `--smoke` 30-80 s, the longer ends under heavier
-load. The history of the performance work (profiles, and what each change bought) is in the commit log:
-`git log -- bench/ sidecar/workapi/ sidecar/core/`.
+at a load average of about 1; `make bench-quick` 2-6 min (5.8 min at a load average of about 12) and `--smoke`
+30-170 s (164 s at a load average of about 10), the longer ends under heavier load. The history of the performance
+work (profiles, and what each change bought) is in the commit log: `git log -- bench/ sidecar/workapi/ sidecar/core/`.
 """
 
 FLEET_READING = """Idle traffic grows with the number of sidecars, not of sandboxes: each keeps one long poll open at
