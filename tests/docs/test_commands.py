@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs.blocks import PORTS, ROOT, Addresses, Block, blocks, pages
+from tests.docs.blocks import PORTS, ROOT, SHELLS, Addresses, Block, blocks, pages
 from tests.helpers import free_port
 
 RUNNABLE = {page: [b for b in blocks(page) if b.not_run is None] for page in pages()}
@@ -30,6 +31,15 @@ def test_every_shell_block_is_run_or_says_why_not() -> None:
     for block in every:
         assert block.not_run is None or len(block.not_run) >= 10, f"{block.where}: not-run needs a reason"
         assert block.text.strip(), f"{block.where}: an empty shell block"
+    for page in pages():  # a marker anywhere else would leave the block it meant to mark running
+        lines = page.read_text().splitlines()
+        for index, line in enumerate(lines):
+            if line.strip().startswith("<!-- not-run"):
+                following = lines[index + 1] if index + 1 < len(lines) else ""
+                fence = re.match(r"^```(\w+)", following)
+                assert fence and fence[1] in SHELLS, (
+                    f"{page.name}:{index + 1}: a not-run marker not right before a shell block"
+                )
 
 
 def test_no_command_calls_the_virtualenvs_tools_by_bare_name() -> None:
