@@ -1,5 +1,8 @@
 """`python -m bench [--quick | --smoke] [--fleet] [--out DIR]`: run the benchmarks and write DIR/latest.{json,md} +
-plots; with --fleet, the fleet simulation instead (K sidecars + the KEDA scaler: DIR/fleet.{json,md} + a plot)."""
+plots; with --fleet, the fleet simulation instead (K sidecars + the KEDA scaler: DIR/fleet.{json,md} + a plot).
+
+Only a full run writes the committed results (`bench/results/`, and docs/benchmarks.md from them) unless --out says
+otherwise: `--quick` writes to `bench/results/quick/` and `--smoke` to `bench/results/smoke/` (both git-ignored)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,15 @@ from .report import SIDES  # noqa: F401  (imported early: matplotlib's Agg backe
 from .runner import run
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+SCRATCH = {"quick": DEFAULT_OUT / "quick", "smoke": DEFAULT_OUT / "smoke"}
+"""Where a run of a small preset goes without --out: never over the committed results."""
+
+
+def output_dir(out: Path | None, *, quick: bool, smoke: bool) -> Path:
+    """--out, else the committed results for a full run and a scratch directory for a small preset."""
+    if out is not None:
+        return out
+    return SCRATCH["smoke"] if smoke else SCRATCH["quick"] if quick else DEFAULT_OUT
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -25,13 +37,18 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
-    size.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (seconds)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    size.add_argument(
+        "--quick", action="store_true", help=f"small sizes, a few minutes (default --out {SCRATCH['quick']})"
+    )
+    size.add_argument(
+        "--smoke", action="store_true", help=f"tiny sizes for the test suite (default --out {SCRATCH['smoke']})"
+    )
+    parser.add_argument("--out", type=Path, help=f"output directory (default for a full run: {DEFAULT_OUT})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--fleet", action="store_true", help="the fleet simulation (bench/fleet.py) instead")
     parser.add_argument("--ks", help="fleet sizes K, comma-separated (default: the preset's)")
     args = parser.parse_args(argv)
+    args.out = output_dir(args.out, quick=args.quick, smoke=args.smoke)
     if args.fleet:
         return _fleet(args)
     preset = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -44,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         CHILDREN.kill_all()
     print((args.out / "latest.md").read_text())
-    if args.out.resolve() == DEFAULT_OUT and preset is FULL:
-        from .readme import sync
-
-        if sync():
-            print("README.md: the benchmark section now shows this run")
+    _sync_docs(args.out, preset is FULL)
     for target in results["targets"]:
         print(f"{'met   ' if target['met'] else 'MISSED'}  {target['name']}: {target['value']} ({target['target']})")
     print(f"written to {args.out}/")
@@ -73,8 +86,18 @@ def _fleet(args: argparse.Namespace) -> int:
     finally:
         CHILDREN.kill_all()
     print((args.out / "fleet.md").read_text())
+    _sync_docs(args.out, preset is FLEET_FULL)
     print(f"written to {args.out}/")
     return 0
+
+
+def _sync_docs(out: Path, full: bool) -> None:
+    """A full run written to the committed results regenerates docs/benchmarks.md from them."""
+    if full and out.resolve() == DEFAULT_OUT:
+        from .docs import sync
+
+        if sync():
+            print("docs/benchmarks.md now shows this run")
 
 
 if __name__ == "__main__":

@@ -99,23 +99,31 @@ class SdkFleet(Recorder):
         self.workers = workers
         self.hold = hold
         self._clients: list[anthropic.AsyncAnthropic] = []
+        self._workers: list[BenchWorker] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._workdir = tempfile.mkdtemp(prefix="work-sidecar-bench-sdk-")
 
-    async def start(self) -> None:
-        for index in range(self.workers):
+    def prepare(self) -> None:
+        """Build every worker and its client (each makes an HTTP client and a TLS context: start-up work, not
+        throughput)."""
+        for index in range(len(self._workers), self.workers):
             client = anthropic.AsyncAnthropic(api_key="unused", base_url=self.url)
             self._clients.append(client)
-            worker = BenchWorker(
-                client,
-                self,
-                environment_id=self.environment_id,
-                environment_key=KEY,
-                workdir=self._workdir,
-                worker_id=f"bench-sdk-{index}",
-                memory_sync_interval=None,
+            self._workers.append(
+                BenchWorker(
+                    client,
+                    self,
+                    environment_id=self.environment_id,
+                    environment_key=KEY,
+                    workdir=self._workdir,
+                    worker_id=f"bench-sdk-{index}",
+                    memory_sync_interval=None,
+                )
             )
-            self._tasks.append(asyncio.ensure_future(worker.run()))
+
+    async def start(self) -> None:
+        self.prepare()
+        self._tasks = [asyncio.ensure_future(worker.run()) for worker in self._workers]
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -28,6 +28,8 @@ from .sandboxes import fleet
 from .sdk_procs import SdkProcesses
 
 OPERATIONS = ("poll", "ack", "heartbeat", "stop")
+ROUND_LIMIT = 4
+"""A saturation window is extended until every sandbox / worker finished an item, up to this many windows."""
 
 
 def _per_item(entries: list[LogEntry], env: str, until: float, done: int) -> dict[str, Any]:
@@ -43,6 +45,7 @@ async def _run(
     env: str,
     items: int,
     limit: float,
+    workers: int,
     start: Callable[[], AbstractAsyncContextManager[Recorder]],
     watched: Child | None,
     cpu_of: Callable[[], float] | None = None,
@@ -54,7 +57,12 @@ async def _run(
     emulator_cpu = emulator.child.cpu_seconds()
     started = time.monotonic()
     async with start() as recorder:
-        await recorder.wait(lambda: len(recorder.stopped) >= items, within=limit)
+        if not await recorder.wait(lambda: len(recorder.stopped) >= items, within=limit):
+            # A window shorter than one round of every worker's lifecycle measures the ramp-up, not throughput
+            # (many workers on a loaded machine: every one polled and acked, none stopped yet). Extend it until
+            # each worker could finish an item, within ROUND_LIMIT windows in all.
+            one_round = min(items, workers)
+            await recorder.wait(lambda: len(recorder.stopped) >= one_round, within=limit * (ROUND_LIMIT - 1))
         finished = max(recorder.stopped.values(), default=time.monotonic())
         wall_end = time.time() - (time.monotonic() - finished)
         elapsed = max(finished - started, 1e-6)
@@ -96,7 +104,7 @@ async def saturate_sidecar(
 ) -> dict[str, Any]:
     env = f"env_saturate_sidecar_{n}" + (f"_{attempt}" if attempt else "")
     async with sidecar(emulator, env) as running:
-        return await _run(emulator, env, items, limit, lambda: fleet(running.target, n), running.child)
+        return await _run(emulator, env, items, limit, n, lambda: fleet(running.target, n), running.child)
 
 
 async def saturate_sdk(emulator: EmulatorProcess, n: int, items: int, limit: float, attempt: int = 0) -> dict[str, Any]:
@@ -104,7 +112,7 @@ async def saturate_sdk(emulator: EmulatorProcess, n: int, items: int, limit: flo
     workers = SdkProcesses(emulator.url, env, n)
     try:
         await workers.prepare()
-        result = await _run(emulator, env, items, limit, lambda: started(workers), None, workers.cpu_seconds)
+        result = await _run(emulator, env, items, limit, n, lambda: started(workers), None, workers.cpu_seconds)
     finally:
         await workers.close()
     return {**result, "processes": workers.processes}
@@ -113,12 +121,12 @@ async def saturate_sdk(emulator: EmulatorProcess, n: int, items: int, limit: flo
 async def long_sidecar(emulator: EmulatorProcess, n: int, hold: float, ttl: int) -> dict[str, Any]:
     env = f"env_long_sidecar_{n}"
     async with sidecar(emulator, env, ttl=ttl) as running:
-        result = await _run(emulator, env, n, hold + 120, lambda: fleet(running.target, n, hold=hold), running.child)
+        result = await _run(emulator, env, n, hold + 120, n, lambda: fleet(running.target, n, hold=hold), running.child)
     return {**result, "hold_seconds": hold, "ttl_seconds": ttl}
 
 
 async def long_sdk(emulator: EmulatorProcess, n: int, hold: float, ttl: int) -> dict[str, Any]:
     """The SDK asks for no TTL: the emulator is started with `--default-ttl` = `ttl`."""
     env = f"env_long_sdk_{n}"
-    result = await _run(emulator, env, n, hold + 120, lambda: sdk_fleet(emulator.url, env, n, hold=hold), None)
+    result = await _run(emulator, env, n, hold + 120, n, lambda: sdk_fleet(emulator.url, env, n, hold=hold), None)
     return {**result, "hold_seconds": hold, "ttl_seconds": ttl}

@@ -455,11 +455,23 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.1f}"
 
 
+def _load(meta: dict[str, Any]) -> str:
+    """The machine's load average (1/5/15 min) at the start and end of the run, as far as recorded."""
+    start, end = meta.get("loadavg_start"), meta.get("loadavg_end")
+    if not start or not end:
+        return "load average not recorded"
+    return (
+        f"load average (1/5/15 min) {' / '.join(f'{x:.2f}' for x in start)} at the start, "
+        f"{' / '.join(f'{x:.2f}' for x in end)} at the end"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines = [
-        f"Fleet run `{meta['preset']}` on {meta['date']} ({meta['cpus']} CPUs): K sidecar processes with one "
-        f"sandbox each, `work-sidecar scaler` (stats every {meta['stats_interval']} s) and one emulator.",
+        f"Fleet run `{meta['preset']}` on {meta['date']} ({meta['cpus']} CPUs, "
+        f"{meta.get('cpu_model', 'CPU not recorded')}; {_load(meta)}): K sidecar processes with one sandbox each, "
+        f"`work-sidecar scaler` (stats every {meta['stats_interval']} s) and one emulator, all on that machine.",
         "",
         f"Commit `{meta.get('commit', 'unknown')}`{' (with uncommitted changes)' if meta.get('dirty') else ''}.",
         "",
@@ -571,6 +583,7 @@ async def run(preset: FleetPreset, out: Path) -> dict[str, Any]:
 
     started = time.monotonic()
     source = provenance()  # the code measured: recorded when the run starts
+    load_start = [round(x, 2) for x in os.getloadavg()]
     emulator = await EmulatorProcess.start(default_ttl=60)
     try:
         runs = [await run_k(emulator, k, preset) for k in preset.ks]
@@ -586,6 +599,8 @@ async def run(preset: FleetPreset, out: Path) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "seconds": round(time.monotonic() - started, 1),
+            "loadavg_start": load_start,
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             **source,
         },
         "runs": runs,

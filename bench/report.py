@@ -138,7 +138,7 @@ def markdown(results: dict[str, Any]) -> str:
         "requests per item, short items (poll+ack+hb+stop)",
         collect(f["requests_per_item"]["short"], lambda r: _per_item(r)),
     )
-    row("throughput, full lifecycle (items/s)", collect(f["throughput"], lambda r: _fmt(r["items_per_second"])))
+    row("throughput, full lifecycle (items/s)", collect(f["throughput"], _throughput))
     row(
         "CPU per Work API request at saturation (ms)",
         collect(f["throughput"], lambda r: _fmt(r.get("sidecar_cpu_ms_per_request"), 2)),
@@ -227,10 +227,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:g}-min" if seconds >= 60 else f"{seconds:g}-s"
 
 
+def _throughput(run: dict[str, Any]) -> str:
+    if run.get("completed") == 0:
+        return f"none completed in {run['seconds']:g} s"
+    return _fmt(run["items_per_second"])
+
+
 def _per_item(run: dict[str, Any] | None) -> str:
     if not run:
         return "-"
     per = run.get("requests_per_item", run)
+    if not per.get("items", 1):
+        return "- (none completed)"
     ops = per["by_operation"]
     parts = "+".join(_fmt(ops[op], 2 if ops[op] % 1 else 0) for op in ("poll", "ack", "heartbeat", "stop"))
     return f"{per['total']:.2f} ({parts})"

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import signal
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 from sidecar.workapi import HeartbeatResult, Work, WorkData
 
 from ._procs import CHILDREN, EmulatorProcess, SidecarProcess
+from ._provenance import provenance
 
 ENV = "env_restart_bench"
 RESULTS = Path(__file__).resolve().parent / "results" / "restart.json"
@@ -206,13 +209,25 @@ async def adoption_time(leases_count: int) -> dict[str, Any]:
         CHILDREN.kill_all()
 
 
+def _measured_on() -> dict[str, Any]:
+    """Where and when a part ran: the commit, the machine and its load average (1/5/15 min) when the part began."""
+    return {
+        **provenance(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if not args.skip_cost:
-        results["journal_cost"] = await journal_cost(args.leases, args.seconds)
+        where = _measured_on()
+        results["journal_cost"] = {**await journal_cost(args.leases, args.seconds), "measured_on": where}
         print(json.dumps(results["journal_cost"], indent=2), flush=True)
     if not args.skip_adoption:
-        results["adoption"] = await adoption_time(args.adoption_leases or args.leases)
+        where = _measured_on()
+        results["adoption"] = {**await adoption_time(args.adoption_leases or args.leases), "measured_on": where}
         print(json.dumps(results["adoption"], indent=2), flush=True)
     return results
 

@@ -206,8 +206,9 @@ def notes(p: Preset) -> list[str]:
         f"Burst: {p.burst_n} items queued at once to {p.burst_n} idle sandboxes on one sidecar / {p.burst_n} SDK "
         "workers (asyncio tasks); time from the enqueue to the median and the last dispatch.",
         f"Short items and throughput: {p.throughput_items} items queued first, then N sandboxes/workers that stop "
-        f"each item at once (runs end after {p.throughput_limit:g} s at most); items/s from their start to the "
-        "last stop; requests per item from the emulator's log over the same window; sidecar CPU per Work API "
+        f"each item at once (runs end after {p.throughput_limit:g} s at most, or once every sandbox/worker has "
+        f"finished an item, within {p.throughput_limit * fig_lifecycle.ROUND_LIMIT:g} s); items/s from their start to "
+        "the last stop; requests per item from the emulator's log over the same window; sidecar CPU per Work API "
         "request = the sidecar process's CPU over the window ÷ the requests in it"
         + (
             f"; {p.throughput_runs} runs per side and N, each on a fresh environment (and sidecar), the figures "

@@ -2,9 +2,9 @@
 
 `SdkProcesses(url, env, n)` starts min(n, MAX_PROCESSES) processes (`python -m bench.sdk_procs URL ENV HOLD W`),
 n `BenchWorker`s (see baseline.py) spread evenly over them (so 100 workers are 10 processes of 10: a hundred
-Python processes would not even start on 2 cores). A process reports "ready" once imported and built, and starts
-its workers when the harness writes "go" (so every worker starts at once, after the items are queued); it writes
-one line per event
+Python processes would not even start on 2 cores). A process reports "ready" once imported and its workers and
+their clients are built, and starts its workers when the harness writes "go" (so every worker starts at once, after
+the items are queued); it writes one line per event
 (`a ID` dispatched, `s ID` stopped, `l ID` lost, `e` a stop error), which the harness turns into the Recorder's.
 """
 
@@ -129,6 +129,7 @@ async def _child(url: str, environment_id: str, hold: float, workers: int) -> No
     fleet.note_assigned = reporter.note_assigned  # type: ignore[method-assign]
     fleet.note_stopped = reporter.note_stopped  # type: ignore[method-assign]
     fleet.note_lost = reporter.note_lost  # type: ignore[method-assign]
+    fleet.prepare()  # the workers and their clients exist before "ready": the harness's clock starts at "go"
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     if not await loop.run_in_executor(None, sys.stdin.readline):  # EOF before "go": never started

@@ -3,8 +3,8 @@
 Each RPC gets random and malformed requests: huge strings (up to 3 MB), newlines and control characters, ids
 that look like paths, huge numbers, maps with odd keys; a real `work_id` / `lease_token` of a lease the fuzzer
 holds is mixed in so the authorised paths are reached too. `raw_bytes` sends undecodable protobuf and invalid
-UTF-8 in string fields through a generic channel call. Only the documented status codes are accepted (README
-"The API" and `sidecar/core/edge/_status.py`), never UNKNOWN; the sidecar must stay alive and its RSS bounded.
+UTF-8 in string fields through a generic channel call. Only the documented status codes are accepted (docs/api.md
+"Errors" and `sidecar/core/edge/_status.py`), never UNKNOWN; the sidecar must stay alive and its RSS bounded.
 
 Synchronous gRPC (Hypothesis drives plain functions); the runner calls it in a thread.
 """

@@ -1,6 +1,6 @@
 """A small client for Python sandboxes: an async iterator of assignments, each a context manager.
 
-    async with SidecarClient("unix:///run/work-sidecar/sidecar.sock", sandbox_id="sb-1") as sidecar:
+    async with SidecarClient("unix:///tmp/work-sidecar.sock", sandbox_id="sb-1") as sidecar:
         async for item in sidecar.assignments(max_in_flight=1):
             async with item:                       # KeepAlive while inside; StopWork on exit
                 await do_the_work(item.work, item.credentials)

@@ -1,6 +1,6 @@
 """`work-sidecar exec`: run a command once per assigned item, supervised in the foreground.
 
-    work-sidecar exec --sidecar unix:///run/work-sidecar/sidecar.sock --max-in-flight 2 -- ./handle-session.sh
+    work-sidecar exec --sidecar unix:///tmp/work-sidecar.sock --max-in-flight 2 -- ./handle-session.sh
 
 Parity with `ant beta:worker poll --on-work SCRIPT`: the child gets `ANTHROPIC_WORK_ID`,
 `ANTHROPIC_ENVIRONMENT_ID`, `ANTHROPIC_SESSION_ID`, the item's session credential
@@ -393,7 +393,7 @@ the child gets:
   stdin                    the work object as JSON (secret null)
 The environment key (WORK_SIDECAR_API_KEY) is never passed on.
 
-  work-sidecar exec --sidecar unix:///run/work-sidecar/sidecar.sock --max-in-flight 2 -- ./handle-session.sh
+  work-sidecar exec --sidecar unix:///tmp/work-sidecar.sock --max-in-flight 2 -- ./handle-session.sh
 """
 
 
@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.sidecar:
         parser.error(
             f"--sidecar is required: pass --sidecar unix:///path or host:port, or set {ADDRESS_ENV} "
-            f"(e.g. {ADDRESS_ENV}=unix:///run/work-sidecar/sidecar.sock)"
+            f"(e.g. {ADDRESS_ENV}=unix:///tmp/work-sidecar.sock)"
         )
     if not command:
         parser.error("give the command after --: work-sidecar exec --sidecar ADDR -- COMMAND [ARGS...]")

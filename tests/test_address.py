@@ -81,7 +81,8 @@ def test_examples_and_docs_use_one_name() -> None:
         assert "WORK_SIDECAR_ADDR" in source.replace("WORK_SIDECAR_ADDRESS", ""), f"{path} reads WORK_SIDECAR_ADDR"
         first = source.index("WORK_SIDECAR_ADDR")
         assert not source.startswith("WORK_SIDECAR_ADDRESS", first), f"{path}: WORK_SIDECAR_ADDR is read first"
-    for path in ("README.md", "examples/node/README.md", "examples/go/README.md"):
+    docs = sorted(str(page.relative_to(ROOT)) for page in (ROOT / "docs").glob("*.md"))
+    for path in ("README.md", "examples/node/README.md", "examples/go/README.md", *docs):
         text = " ".join((ROOT / path).read_text().split())  # lines joined: a mention may wrap
         for found in re.finditer("WORK_SIDECAR_ADDRESS", text):
             around = text[found.start() - 60 : found.end() + 60]

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="exit after the demo items are done")
     parser.add_argument("--items", type=int, default=3, help="demo work items to queue (default 3)")
-    parser.add_argument("--socket", default="/tmp/work-sidecar-demo.sock", help="the sidecar's Unix socket path")
+    parser.add_argument("--socket", default="/tmp/work-sidecar.sock", help="the sidecar's Unix socket path")
     parser.add_argument("--tcp", default="127.0.0.1:50051", help="the sidecar's TCP address")
     parser.add_argument("--emulator-port", type=int, default=8787, help="port of the embedded Work API emulator")
     args = parser.parse_args(argv)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if sandbox.wait() != 0 or sidecar.poll() is not None:
             return sidecar_died(sidecar) if sidecar.poll() is not None else sandbox_failed(sandbox)
         grpcurl = grpcurl_command()
-        banner("the sidecar is still running; try it with grpcurl (reflection is on; README: grpcurl walkthrough):")
+        banner("the sidecar is still running; try it with grpcurl (reflection is on; docs/getting-started.md):")
         print(
             f"  {grpcurl} -plaintext {args.tcp} list\n"
             f"  {grpcurl} -plaintext {args.tcp} describe sidecar.work.v1.WorkService\n"

@@ -62,12 +62,19 @@ async def test_walkthrough_takes_an_item_to_stopped(api: Api, start_sidecar: Sid
     assert "lease_token" not in out and '"secret"' not in out
 
 
+PAGE = ROOT / "docs" / "getting-started.md"
+
+
+def _walkthrough_section() -> str:
+    text = PAGE.read_text()
+    section = text[text.index("## The grpcurl walkthrough") :]
+    return section[: section.index("\n## ", 1)]
+
+
 def _readme_walkthrough() -> list[list[str]]:
-    """The README's grpcurl walkthrough: its shell blocks, each a list of commands (continuations joined)."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## grpcurl walkthrough") :]
-    section = section[: section.index("\n## ", 1)]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    """The grpcurl walkthrough (docs/getting-started.md): its shell blocks, each a list of commands (continuations
+    joined)."""
+    blocks = re.findall(r"```(?:sh|bash)\n(.*?)```", _walkthrough_section(), re.DOTALL)
     commands = []
     for block in blocks:
         joined = block.replace("\\\n", " ")
@@ -76,7 +83,7 @@ def _readme_walkthrough() -> list[list[str]]:
 
 
 def _as_typed_here(command: str, sidecar: str, emulator: str, environment: str) -> str:
-    """The README's command as typed, aimed at this test's sidecar and emulator instead of make run's ports."""
+    """The walkthrough's command as typed, aimed at this test's sidecar and emulator instead of make run's ports."""
     return (
         command.replace("127.0.0.1:50051", sidecar)
         .replace("localhost:8787", emulator)
@@ -94,7 +101,7 @@ async def _sh(command: str, cwd: Path) -> tuple[int, str]:
 
 
 async def test_readme_walkthrough_runs_as_typed(api: Api, start_sidecar: SidecarFactory, tmp_path: Path) -> None:
-    """The README's commands, word for word but for the addresses, from a checkout whose .venv/bin holds grpcurl
+    """The walkthrough's commands, word for word but for the addresses, from a checkout whose .venv/bin holds grpcurl
     (what `make run` leaves): `.venv/bin/grpcurl` as typed, zero fields shown, WatchWork in a second "terminal"."""
     checkout = tmp_path / "checkout"
     (checkout / ".venv").mkdir(parents=True)
@@ -145,8 +152,6 @@ async def test_readme_walkthrough_runs_as_typed(api: Api, start_sidecar: Sidecar
 
 
 def test_readme_says_what_blocks_and_how_long_a_lease_lives() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## grpcurl walkthrough") :]
-    section = section[: section.index("\n## ", 1)]
+    section = _walkthrough_section()
     assert "second terminal" in section and "blocks" in section
     assert "--reattach-grace" in section and "30 s" in section and "KeepAlive" in section
