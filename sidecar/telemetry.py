@@ -161,8 +161,9 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _prometheus(addresses: list[str]) -> MetricReader:
-    """One reader (one registry), served on each address."""
+def _prometheus(addresses: list[str], metrics_listen: str | None) -> MetricReader:
+    """One reader (one registry), served on each address (an error names `--metrics-listen` when the address is
+    the flag's, else the OTEL_EXPORTER_PROMETHEUS_* variables)."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import start_http_server
 
@@ -171,8 +172,10 @@ def _prometheus(addresses: list[str]) -> MetricReader:
         try:
             start_http_server(port, addr=host)
         except OSError as exc:
+            source = "--metrics-listen" if address == metrics_listen else "OTEL_EXPORTER_PROMETHEUS_HOST/_PORT"
             raise TelemetryError(
-                f"cannot serve Prometheus metrics on {address}: {exc.strerror or exc}: choose another address"
+                f"cannot serve Prometheus metrics on {address} ({source}): {exc.strerror or exc}: "
+                "choose another address"
             ) from None
     reader: MetricReader = PrometheusMetricReader()
     return reader
@@ -198,7 +201,7 @@ def setup_telemetry(metrics_listen: str | None = None, environ: Mapping[str, str
     readers = [_metric_reader(name, environ) for name in metric_names if name != "prometheus"]
     addresses = prometheus_addresses(metrics_listen, metric_names, environ)
     if addresses:
-        readers.append(_prometheus(addresses))
+        readers.append(_prometheus(addresses, metrics_listen))
     if span_exporters:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor

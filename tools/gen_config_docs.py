@@ -27,7 +27,9 @@ from sidecar.scaler import _cli as scaler_cli  # noqa: E402
 UNSET = "—"
 _ENV_IN_HELP = re.compile(r"\s*\[env ([A-Z0-9_]+(?: or [A-Z0-9_]+)*)\]")
 _DEFAULT_IN_HELP = re.compile(r"\s*\(default ([^()]*)\)$")
-PLAIN_VARIABLES = {"--sidecar": (ADDRESS_ENV, *ADDRESS_ALIASES)}
+PLAIN_VARIABLES = {"--sidecar": (ADDRESS_ENV,)}
+ALIASES = {ADDRESS_ENV: ADDRESS_ALIASES}
+"""Variables also read under an older name: shown as `NAME` (alias `OLD`)."""
 """Variables of the plain argparse options whose default is read from the environment when the parser is built."""
 
 INTRO = f"""\
@@ -81,7 +83,12 @@ def _cell(text: str) -> str:
 
 
 def _code(names: tuple[str, ...] | list[str]) -> str:
-    return ", ".join(f"`{name}`" for name in names) or UNSET
+    return ", ".join(_variable(name) for name in names) or UNSET
+
+
+def _variable(name: str) -> str:
+    aliases = ALIASES.get(name, ())
+    return f"`{name}`" + "".join(f" (alias `{alias}`)" for alias in aliases)
 
 
 def _default(value: object) -> str:

@@ -12,7 +12,8 @@ from ._config import (
     is_loopback,
     parse_listen,
 )
-from ._server import SERVICE_NAME, Lifecycle, Sidecar, StartupError
+from ._server import SERVICE_NAME, Lifecycle, Sidecar, StartupError, check_tcp_free
+from .edge._auth import BearerTokenInterceptor
 from .edge._status import DOMAIN as ERROR_DOMAIN
 from .engine._policy import Backoff, LeasePolicy, PollPolicy
 from .persistence import StateDirError
@@ -21,6 +22,7 @@ __all__ = [
     "ERROR_DOMAIN",
     "SERVICE_NAME",
     "Backoff",
+    "BearerTokenInterceptor",
     "LeasePolicy",
     "Lifecycle",
     "PollPolicy",
@@ -32,6 +34,7 @@ __all__ = [
     "StateSettings",
     "WorkApiSettings",
     "check_exposure",
+    "check_tcp_free",
     "is_loopback",
     "parse_listen",
 ]

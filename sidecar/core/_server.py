@@ -339,7 +339,7 @@ class Sidecar:
 
     def _add_port(self, target: str, address: str, server: grpc.aio.Server | None = None) -> int:
         if not target.startswith("unix:"):
-            _check_tcp_free(target, address)  # before gRPC tries, so that its own error lines stay out of stderr
+            check_tcp_free(target, address)  # before gRPC tries, so that its own error lines stay out of stderr
         try:
             port = (server or self.server).add_insecure_port(target)
         except RuntimeError:
@@ -489,7 +489,9 @@ def _interceptors(server: ServerSettings) -> list[grpc.aio.ServerInterceptor]:
     return interceptors
 
 
-def _check_tcp_free(target: str, address: str) -> None:
+def check_tcp_free(target: str, address: str) -> None:
+    """Refuse, in one line, a TCP address another process already listens on: before gRPC binds it and logs
+    its own error lines."""
     host, _, port = target.rpartition(":")
     if int(port) == 0:
         return

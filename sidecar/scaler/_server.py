@@ -14,9 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ..core import StartupError, parse_listen
-from ..core._server import _check_tcp_free
-from ..core.edge._auth import BearerTokenInterceptor
+from ..core import BearerTokenInterceptor, StartupError, check_tcp_free, parse_listen
 from ..keda import externalscaler_pb2 as pb
 from ..keda import externalscaler_pb2_grpc as pb_grpc
 from ..workapi import RetryPolicies, RetryPolicy, WorkApiClient, get_provider
@@ -111,7 +109,7 @@ class Scaler:
                 self.addresses.append(address)
                 continue
             try:
-                _check_tcp_free(target, address)  # a clear line before gRPC would log its own
+                check_tcp_free(target, address)  # a clear line before gRPC would log its own
             except StartupError as exc:
                 raise ScalerStartError(str(exc)) from None
             try:

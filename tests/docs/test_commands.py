@@ -43,15 +43,36 @@ def test_every_shell_block_is_run_or_says_why_not() -> None:
 
 
 def test_no_command_calls_the_virtualenvs_tools_by_bare_name() -> None:
-    """`make run` puts them in .venv/bin, not on PATH: a bare `work-sidecar` or `grpcurl` is rc 127 for a new user."""
+    """`make run` puts them in .venv/bin, not on PATH: a bare `work-sidecar` or `grpcurl` is rc 127 for a new user.
+    Only the command of each step counts: `pip install work-sidecar` names a package, `docker stop work-sidecar` a
+    container."""
     for page in pages():
         for block in blocks(page):
+            exported = "export PATH" in block.text  # a block that puts .venv/bin on PATH first
             for line in block.commands().splitlines():
-                words = line.split("#")[0].replace("(", " ").replace(";", " ").replace("&&", " ").split()
-                for word in words:
-                    bare = word in ("work-sidecar", "grpcurl", "pytest", "ruff", "mypy")
-                    exported = "export PATH" in block.text  # a block that puts .venv/bin on PATH first
-                    assert not bare or exported, f"{block.where}: `{word}` by bare name: use .venv/bin/{word}"
+                for command in commands_of(line):
+                    bare = command in ("work-sidecar", "grpcurl", "pytest", "ruff", "mypy")
+                    assert not bare or exported, f"{block.where}: `{command}` by bare name: use .venv/bin/{command}"
+
+
+def commands_of(line: str) -> list[str]:
+    """The command word of each step of a shell line: the first word after the start, `|`, `&&`, `||`, `;`, `(`
+    or `$(`, past `VAR=value` assignments."""
+    steps = re.split(r"\|\||&&|\||;|\$\(|\(", line.split(" #")[0])
+    found = []
+    for step in steps:
+        words = [word for word in step.split() if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", word)]
+        if words:
+            found.append(words[0].rstrip(")`"))
+    return found
+
+
+def test_the_bare_name_check_sees_each_step_s_command() -> None:
+    assert commands_of("FOO=1 work-sidecar serve | grpcurl x && (ruff check) ; echo $(mypy)") == [
+        "work-sidecar", "grpcurl", "ruff", "echo", "mypy",
+    ]  # fmt: skip
+    assert commands_of("pip install work-sidecar  # then grpcurl") == ["pip"]
+    assert commands_of("docker stop -t 45 work-sidecar") == ["docker"]
 
 
 class MakeRun:

@@ -2,7 +2,7 @@
 
 - `LeaseRecorder`, a `LeaseObserver` (`sidecar.core.engine._lease`): every transition of a lease becomes its `L` record
   (or its `E` record when it ends). A fresh claim is written at once: its token is about to reach a sandbox.
-- `ClaimRecorder`, the hand-over's `ClaimIntents` (`sidecar.core._handover`): `A` before an ack leaves the
+- `ClaimRecorder`, the hand-over's `ClaimIntents` (`sidecar.core.engine._handover`): `A` before an ack leaves the
   process, `S` when a claim settled without a lease.
 """
 
