@@ -9,12 +9,20 @@ ours any more.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
 import pytest
 
 from sidecar.work.v1 import work_service_pb2 as pb
-from tests.helpers import eventually
+from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
+from tests.helpers import eventually, serving
 
-from .conftest import Api, Running, SidecarFactory
+from .conftest import ENV, KEY, Api, Running, SidecarFactory, Watch
 
 SPOILS = ["lose", "garbage", "length_and_chunked", "two_lengths", "drip"]
 
@@ -129,3 +137,39 @@ async def test_a_lease_read_as_someone_elses_is_still_lost(api: Api, start_sidec
     assert "queued" in event.lease_lost.message
     assert not await api.requests("stop", work_id), "no stop for a lost lease"
     watch.cancel()
+
+
+async def test_a_sidecar_process_keeps_a_lease_whose_renewal_answers_are_lost(api: Api, short_dir: str) -> None:
+    """The same against a real `work-sidecar serve` process: every kind of answer lost after the Work API applied
+    the renewal, one after another, and the sandbox (over real gRPC) hears nothing; the item runs once."""
+    binary = Path(sys.executable).parent / "work-sidecar"
+    socket = f"unix://{short_dir}/lost.sock"
+    proc = await asyncio.create_subprocess_exec(
+        str(binary), "serve", "--api-url", api.url, "--environment-id", ENV, "--listen", socket, "--ttl", "6",
+        env={**os.environ, "WORK_SIDECAR_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with grpc.aio.insecure_channel(socket) as channel:
+            await eventually(lambda: serving(channel), timeout=30)
+            stub = pb_grpc.WorkServiceStub(channel)
+            watch = Watch(stub.WatchWork(pb.WatchWorkRequest())).start()
+            await api.enqueue(1)
+            item = await watch.assigned(timeout=15)
+            for spoil in SPOILS:
+                before = len(await _statuses(api, "heartbeat", item.work.id))
+                await api.fault("heartbeat", after_apply=spoil, drip_ms=100)
+
+                async def settled(before: int = before) -> bool:
+                    statuses = (await _statuses(api, "heartbeat", item.work.id))[before:]
+                    return 412 in statuses and statuses[-1] == 200
+
+                await eventually(settled, timeout=15, message=f"{spoil}: a 412 for our own heartbeat, then a 200")
+            assert watch.events.empty(), "the sandbox heard nothing"
+            assert await api.state(item.work.id) == "active"
+            assert (await api.item(item.work.id))["deliveries"] == 1
+            await stub.StopWork(pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True))
+            watch.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
