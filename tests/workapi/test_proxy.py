@@ -89,3 +89,21 @@ def test_aiohttp_is_a_deprecated_name_for_httpx(
     assert any("deprecated" in record.getMessage() for record in caplog.records)
     with pytest.raises(ValueError, match="httptools, httpx"):
         make_exchange("requests", base_url="http://api.example", max_connections=1, connect_timeout=1.0)
+
+
+def test_each_backend_imports_the_seam_and_no_other_backend() -> None:
+    """One seam (`_base`): a backend's relative imports name `_base` only, and `_base` imports no backend."""
+    import ast
+    from pathlib import Path
+
+    import sidecar.workapi._transports as transports
+
+    folder = Path(transports.__file__).parent
+    for name in ("_lean.py", "_httpx.py", "_base.py"):
+        tree = ast.parse((folder / name).read_text())
+        relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+        assert relative <= ({"_base"} if name != "_base.py" else set()), (name, relative)
+        absolute = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names} | {
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level
+        }
+        assert not {module for module in absolute if module and "aiohttp" in module}, (name, absolute)
