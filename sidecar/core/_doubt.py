@@ -9,10 +9,11 @@ renewal call that failed doubtfully before this one (`Lease.doubtful_since`).
 
 The read: the 412's `details.current_state`, else a GET of the item. Inside the fencing window nobody else can
 have renewed the item (the Work API hands it to another worker only once a TTL since our last successful
-heartbeat ran out, which the leaser never lets happen, and an acked item is never handed out by a poll), so an
+heartbeat ran out, and the leaser fences the lease before that; an acked item is never handed out by a poll), so an
 `active` or `stopping` item whose `last_heartbeat` moved away from the value we echoed was renewed by us: that
 value (and the TTL read) is adopted and the sandbox hears nothing. Any other state (queued again, stopped, never
-started) is a lost lease. A read that fails leaves the doubt in place (`Settled.unreadable`).
+started) is a lost lease; for a claim, `starting` means no claim landed and it is sent again (`_handover`). A read
+that fails leaves the doubt in place (`Settled.unreadable`).
 
 A GET gives `latest_heartbeat_at`, which an API may format differently from the heartbeat's `last_heartbeat`:
 that value is adopted with `exact` False, so the lease stays doubtful; when the next renewal is refused in turn,
