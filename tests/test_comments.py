@@ -33,10 +33,6 @@ GENERATED = ("work", "keda")
 NOT_CODE = frozenset({"error.type", "error.details.current_state", "error.details.error_code", "details.current_state"})
 """Backticked dotted words that are not Python names: field paths in the Work API's JSON error body."""
 
-LEFT_TO_THE_TRANSPORT_REWRITE = frozenset({"sidecar/workapi/_lean.py", "sidecar/workapi/_transport.py"})
-"""Modules being replaced by the HTTP backends behind one seam (sidecar/workapi/_transports/): not read while they
-exist; an entry whose file is gone fails the test, so the exception cannot outlive them."""
-
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
 _FILE = re.compile(r"[\w/.]*\w\.py")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?")
@@ -57,7 +53,7 @@ def _source_files() -> list[Path]:
 
 
 def _read_files() -> list[Path]:
-    return [p for p in _source_files() if p.relative_to(ROOT).as_posix() not in LEFT_TO_THE_TRANSPORT_REWRITE]
+    return _source_files()
 
 
 def _module_name(path: Path) -> str:
@@ -259,11 +255,6 @@ def test_no_issue_numbers_or_measured_figures_in_comments() -> None:
         for match in pattern.finditer(text)
     ]
     assert not found, "issue numbers or measured figures in comments/docstrings:\n" + "\n".join(found)
-
-
-def test_the_exceptions_name_files_that_exist() -> None:
-    gone = [name for name in LEFT_TO_THE_TRANSPORT_REWRITE if not (ROOT / name).exists()]
-    assert not gone, f"remove from LEFT_TO_THE_TRANSPORT_REWRITE (and read them): {gone}"
 
 
 @pytest.mark.parametrize(

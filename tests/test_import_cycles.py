@@ -10,13 +10,6 @@ from pathlib import Path
 
 SIDECAR = Path(__file__).resolve().parents[1] / "sidecar"
 
-TOLERATED: dict[frozenset[str], str] = {
-    frozenset({"sidecar.workapi._lean", "sidecar.workapi._transport"}): (
-        "the HTTP backends behind one seam (sidecar/workapi/_transports/) remove it: delete this entry then"
-    ),
-}
-"""Cycles known and being removed elsewhere; an entry that is no longer a cycle fails the test, so it cannot linger."""
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(SIDECAR.parent).with_suffix("").parts)
@@ -132,12 +125,9 @@ def _path_within(graph: dict[str, set[str]], component: set[str]) -> list[str]:
 
 def test_the_sidecar_modules_import_each_other_without_cycles() -> None:
     found = cycles(import_graph())
-    new = [cycle for cycle in found if frozenset(cycle) not in TOLERATED]
-    assert not new, "import cycles (move the shared part into a module both can import):\n" + "\n".join(
-        " -> ".join(cycle) for cycle in new
+    assert not found, "import cycles (move the shared part into a module both can import):\n" + "\n".join(
+        " -> ".join(cycle) for cycle in found
     )
-    gone = set(TOLERATED) - {frozenset(cycle) for cycle in found}
-    assert not gone, f"no longer cycles, remove them from TOLERATED: {[sorted(entry) for entry in gone]}"
 
 
 def test_the_checker_finds_a_cycle_through_a_function_level_import_and_skips_type_checking() -> None:

@@ -41,7 +41,7 @@ def _framed(status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) ->
 async def spoil_answer(
     send: Send, fault: Fault, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes
 ) -> None:
-    """Answer an applied operation as `fault.after_apply` says (see `_faults.py`)."""
+    """Answer an applied operation as the fault's `Fault.after_apply` says (see `_faults.py`)."""
     cycle: Any = getattr(send, "__self__", None)
     transport: Any = getattr(cycle, "transport", None)
     kind = fault.after_apply

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core import check_exposure, parse_listen
-from ..workapi import HTTP_BACKENDS, PROVIDERS
+from ..workapi import DEPRECATED_BACKENDS, HTTP_BACKENDS, PROVIDERS
 from ._metadata import check_activation, check_target
 from ._tls import check as check_tls
 
@@ -57,7 +57,7 @@ class ScalerConfig:
         self._check_work_api_and_listen()
         self._check_tls()
         self._check_readings()
-        if self.http_backend not in HTTP_BACKENDS:
+        if self.http_backend not in HTTP_BACKENDS and self.http_backend not in DEPRECATED_BACKENDS:
             raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
 
     @property

@@ -24,7 +24,7 @@ Whether the Work API may have applied a request is part of every error (`maybe_a
 is unknown (no answer, a broken or untrusted answer, a 5xx that a gateway may have put in place of the real
 answer) on any attempt of a call makes the whole call's error `maybe_applied`, and so a refusal (409, 412) by a
 later attempt of the same call: that refusal may have been caused by the call's own earlier attempt. Callers
-settle such a refusal by reading the item (`sidecar.core._doubt`), never by believing it.
+settle such a refusal by reading the item (`sidecar.core.engine._doubt`), never by believing it.
 """
 
 from __future__ import annotations
