@@ -56,7 +56,8 @@ class Settled:
 
     result: HeartbeatResult | None = None
     exact: bool = True
-    """`result.last_heartbeat` is the compare-and-swap value itself (from a 412), not a GET's timestamp."""
+    """The result's `HeartbeatResult.last_heartbeat` is the compare-and-swap value itself (from a 412), not a GET's
+    timestamp."""
     state: str = ""
     unreadable: bool = False
 
