@@ -60,6 +60,10 @@ ACTIONS = (
 )  # fmt: skip
 ALWAYS_FORWARDED = ("pass", "drip", "mutate", "late", "twice", "framing", "header_block")
 
+STALL = 0.25
+"""A request that arrives or is answered after the proxy's event loop stalled this long may have waited in it: its
+answer is not counted as one the sidecar heard in time (`Proxy.intact_renewals`)."""
+
 _WORK_PATH = re.compile(r"^/(?:v1|api/v1/cloud)/environments/(?P<env>[^/]+)/work(?P<rest>/.*)?$")
 
 
@@ -266,7 +270,10 @@ class Event:
     status: int = 0
     """The emulator's status (0: the request was not forwarded, or forwarding failed)."""
     took: float | None = None
-    """Seconds from the request's arrival to its answer handed over intact (`pass` only; None otherwise)."""
+    """Seconds from the request's arrival to its answer handed over intact (`pass` only, and no stall of the proxy
+    around it; None otherwise)."""
+    refused: bool = False
+    """The proxy answered 404, 409 or 412 itself (`status`): a refusal the Work API never made."""
 
 
 class Proxy:
@@ -282,6 +289,9 @@ class Proxy:
         self._rng = random.Random(seed)
         self._ids = 0
         self._closing = asyncio.Event()
+        self._tick = time.monotonic()
+        self.stalls: list[float] = []
+        """Seconds of each stall of this process's event loop longer than `STALL` (the proxy answered nothing)."""
         self._session: aiohttp.ClientSession | None = None
         self._strays: set[asyncio.Future[None]] = set()
         self._pending_strays: weakref.WeakKeyDictionary[asyncio.BaseTransport, bytes] = weakref.WeakKeyDictionary()
@@ -323,6 +333,14 @@ class Proxy:
                 out.setdefault(e.work_id, []).append(e.at)
         return out
 
+    def invented_refusals(self) -> dict[str, list[float]]:
+        """Per item, the arrival times (epoch) of claims and renewals the proxy itself refused (404, 409, 412)."""
+        out: dict[str, list[float]] = {}
+        for e in self.events:
+            if e.refused and e.operation in ("claim", "heartbeat") and e.work_id:
+                out.setdefault(e.work_id, []).append(e.at)
+        return out
+
     def count(self, operation: str, action: str | None = None) -> int:
         return sum(1 for e in self.events if e.operation == operation and (action is None or e.action == action))
 
@@ -343,10 +361,12 @@ class Proxy:
         self.url = f"http://{host}:{bound[1]}"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        ticker = asyncio.ensure_future(self._ticking())
         try:
             yield self.url
         finally:
             self._closing.set()
+            ticker.cancel()
             await self._session.close()
             await runner.cleanup()
 
@@ -389,6 +409,18 @@ class Proxy:
                 if isinstance(token, str) and token:
                     self.secrets.add(token)
 
+    async def _ticking(self) -> None:
+        """Notes when this process's event loop last ran (and each stall longer than `STALL`)."""
+        while True:
+            now = time.monotonic()
+            if now - self._tick > STALL:
+                self.stalls.append(now - self._tick)
+            self._tick = now
+            await asyncio.sleep(0.05)
+
+    def _stalled(self) -> bool:
+        return time.monotonic() - self._tick > STALL
+
     def _reused(self, request: web.Request) -> bool:
         """Whether this request came on a connection that carried an earlier one (and count it)."""
         transport = request.transport
@@ -403,12 +435,14 @@ class Proxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
+        stalled = self._stalled()  # the request may have waited for the loop
         reused = self._reused(request)
         body = await request.read()
         operation, _env, work_id = classify(request.method, request.path, dict(request.query))
         rule = self._match(operation, work_id, reused) if operation is not None else None
         action = rule.action if rule is not None else "pass"
         event = Event(time.time(), operation or "", work_id, action, rule.id if rule else None, reused)
+        event.refused = action == "status" and rule is not None and rule.status in (404, 409, 412)
         if operation is not None:
             self.events.append(event)
         if rule is not None and rule.latency:
@@ -426,7 +460,8 @@ class Proxy:
             if operation == "poll":
                 self._collect_secret(data)
         if rule is None or action == "pass":
-            event.took = time.monotonic() - arrived
+            if not (stalled or self._stalled()):
+                event.took = time.monotonic() - arrived
             return web.Response(status=status, body=data, headers=headers)
         return await self._answer(request, rule, work_id, status, headers, data)
 
