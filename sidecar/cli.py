@@ -276,11 +276,12 @@ def _serve(ns: argparse.Namespace) -> int:
     )
     from .core import StartupError, StateDirError
     from .telemetry import setup_telemetry
+    from .workapi import TLSSettingsError
 
     try:
         with setup_telemetry(values["metrics_listen"] or None):
             return asyncio.run(_run_sidecar(settings, emulator_port=values["emulator_port"]))
-    except (StartupError, StateDirError) as exc:
+    except (StartupError, StateDirError, TLSSettingsError) as exc:
         raise UsageError(str(exc)) from None
 
 

@@ -73,6 +73,12 @@ class Lease:
     """The token's nonce (the journal keeps it; the token is recomputed from it with the key)."""
     adopted: bool = False
     """Taken over from the journal of a crashed predecessor (not claimed by this process)."""
+    doubtful_since: float | None = None
+    """time.monotonic() when a heartbeat whose outcome is unknown was sent (it may have moved the CAS value at the
+    Work API): a refusal of a later renewal is settled by reading (`_doubt.settle`). None once a renewal succeeds."""
+    cas_read: bool = False
+    """`last_heartbeat` was adopted from a GET (`latest_heartbeat_at`), which may not be the CAS value's exact
+    string: the lease stays doubtful until a renewal succeeds."""
 
     @property
     def work_id(self) -> str:
@@ -291,10 +297,22 @@ class Leases:
         for observer in self._observers:
             observer.assigned(lease)
 
-    def renewed(self, lease: Lease, result: HeartbeatResult, *, sent_at: float) -> bool:
-        """A heartbeat succeeded: record the new CAS value and expiry. False (nothing changes) once ended."""
+    def doubt(self, lease: Lease, sent_at: float) -> None:
+        """A heartbeat sent at `sent_at` failed with an unknown outcome: it may have been applied."""
+        if lease.doubtful_since is None:
+            lease.doubtful_since = sent_at
+
+    def renewed(self, lease: Lease, result: HeartbeatResult, *, sent_at: float, exact: bool = True) -> bool:
+        """A heartbeat succeeded (or a read showed that ours did): record the new CAS value and expiry. `exact`
+        False: the value was read by a GET, so the lease stays doubtful. False (nothing changes) once ended."""
         if lease.ended:
             return False
+        if exact:
+            lease.doubtful_since = None
+            lease.cas_read = False
+        else:
+            lease.doubtful_since = lease.doubtful_since if lease.doubtful_since is not None else sent_at
+            lease.cas_read = True
         lease.last_heartbeat = result.last_heartbeat
         if result.ttl_seconds > 0:
             lease.ttl_seconds = result.ttl_seconds

@@ -3,14 +3,16 @@
 One scheduler task and a heap of due times serve every lease (10,000 leases are 10,000 heap entries,
 not 10,000 sleeping tasks). Due leases queue for at most `concurrency` renewal workers, started as the queue
 needs them (a worker per renewal would be a task, a guard and two callbacks each time: at 10,000 leases that
-is measurable, issue #13). The rules are `LeasePolicy`'s:
+is measurable). The rules are `LeasePolicy`'s:
 
 - each lease is renewed every `heartbeat_interval(ttl)`, echoing the previous `last_heartbeat` exactly; a
   request (with its retries) may take at most that interval;
 - a failed renewal is retried after `retry_delay(ttl)` until `fence_margin(ttl)` before the TTL since the
   last successful heartbeat *was sent* runs out; then the sidecar declares the lease lost itself
   (self-fencing), so the sandbox hears LeaseLost before the Work API may hand the item to anyone else;
-- 412/409 on a heartbeat, or `lease_extended: false`: the lease is lost, no stop is sent;
+- 412/409 on a heartbeat, or `lease_extended: false`: the lease is lost, no stop is sent; but a refusal that
+  follows a heartbeat whose outcome is unknown is settled by reading the lease (`_doubt`): the sandbox hears
+  nothing when the read shows our own heartbeat landed;
 - `stopping`: the lease turns STOP_REQUESTED; `stopped`: the lease is over;
 - release: waits for a renewal in flight (and uses its answer), ends the lease, then sends one last heartbeat
   asking for a short TTL so the item requeues sooner;
@@ -23,6 +25,7 @@ The leaser never changes a lease itself: it reports what the Work API answered t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -30,8 +33,9 @@ import time
 from functools import partial
 
 from ..work.v1 import work_service_pb2 as pb
-from ..workapi import ConflictError, LeaseLostError, NotFoundError, WorkApiClient, WorkApiError
+from ..workapi import ConflictError, HeartbeatResult, LeaseLostError, NotFoundError, WorkApiClient, WorkApiError
 from . import _telemetry as telemetry
+from ._doubt import settle
 from ._lease import Lease, Leases
 from ._policy import LeasePolicy
 from ._supervisor import Supervisor
@@ -83,25 +87,40 @@ class Leaser:
             if waiter is None:
                 waiter = self._renewing[lease] = asyncio.get_running_loop().create_future()
             await waiter
-        last_heartbeat = lease.last_heartbeat
+        last_heartbeat, doubtful, cas_read = lease.last_heartbeat, lease.doubtful_since is not None, lease.cas_read
         if not self._leases.lose(lease, reason, message):
             return
         ttl = self._policy.release_ttl_seconds
         if not ttl:
             return
-        try:
-            with telemetry.use(None):
-                await self._client.heartbeat(
-                    lease.work_id,
-                    expected_last_heartbeat=last_heartbeat,
-                    desired_ttl_seconds=ttl,
-                    deadline=self._policy.release_timeout,
+        with telemetry.use(None):
+            try:
+                await self._release_heartbeat(lease.work_id, last_heartbeat, ttl)
+            except (LeaseLostError, ConflictError) as exc:
+                if not (doubtful or exc.maybe_applied):
+                    _log_release_failed(lease.work_id, exc)
+                    return
+                # Our own heartbeat whose answer was lost may have moved the CAS value: read it, and release with it.
+                settled = await settle(
+                    self._client, lease.work_id, exc, echoed=last_heartbeat, echoed_exact=not cas_read
                 )
-        except WorkApiError as exc:
-            log.info(
-                "release heartbeat failed; the item returns at its TTL",
-                extra={"work_id": lease.work_id, "error": str(exc)},
-            )
+                if settled.result is None:
+                    _log_release_failed(lease.work_id, exc)
+                    return
+                try:
+                    await self._release_heartbeat(lease.work_id, settled.result.last_heartbeat, ttl)
+                except WorkApiError as again:
+                    _log_release_failed(lease.work_id, again)
+            except WorkApiError as exc:
+                _log_release_failed(lease.work_id, exc)
+
+    async def _release_heartbeat(self, work_id: str, last_heartbeat: str, ttl: int) -> None:
+        await self._client.heartbeat(
+            work_id,
+            expected_last_heartbeat=last_heartbeat,
+            desired_ttl_seconds=ttl,
+            deadline=self._policy.release_timeout,
+        )
 
     def spawn_release(self, lease: Lease, reason: int, message: str) -> None:
         task = self._supervisor.spawn(self.release(lease, reason, message), name="release")
@@ -181,36 +200,43 @@ class Leaser:
         try:
             with telemetry.use(lease.span):
                 # `deadline` bounds the request and its retries (the exchange bounds each attempt): no
-                # second timeout around it, at 10,000 leases that is measurable (issue #13).
+                # second timeout around it.
                 result = await self._client.heartbeat(
                     lease.work_id,
                     expected_last_heartbeat=lease.last_heartbeat,
                     desired_ttl_seconds=policy.ttl_seconds,
                     deadline=budget,
+                    # Half the budget per attempt: an answer dripped or delayed past it leaves time for a second
+                    # attempt, whose refusal (if the first was applied) is settled by reading.
+                    attempt_timeout=budget / 2,
                 )
         except (LeaseLostError, ConflictError) as exc:
-            telemetry.heartbeats.add(1, {"result": "precondition_failed"})
-            self._leases.lose(lease, pb.LEASE_LOST_REASON_PRECONDITION_FAILED, _describe(exc))
-            return
+            if not (exc.maybe_applied or lease.doubtful_since is not None):
+                telemetry.heartbeats.add(1, {"result": "precondition_failed"})
+                self._leases.lose(lease, pb.LEASE_LOST_REASON_PRECONDITION_FAILED, _describe(exc))
+                return
+            settled = await self._settle(lease, exc, sent)
+            if settled is None:
+                return
+            result, sent, exact = settled
         except NotFoundError as exc:
             telemetry.heartbeats.add(1, {"result": "not_found"})
             self._leases.lose(lease, pb.LEASE_LOST_REASON_NOT_FOUND, _describe(exc))
             return
         except (WorkApiError, TimeoutError) as exc:
             telemetry.heartbeats.add(1, {"result": _failure_kind(exc)})
-            if lease.ended:
-                return
-            if time.monotonic() >= fence_at:
-                self._fence(lease)
-                return
-            retry_in = max(0.0, min(policy.retry_delay(lease.ttl_seconds), fence_at - time.monotonic()))
-            log.warning(
-                "heartbeat failed; retrying within the TTL",
-                extra={"work_id": lease.work_id, "error": _describe(exc), "retry_in": round(retry_in, 3)},
-            )
-            self._schedule(lease, time.monotonic() + retry_in)
+            if isinstance(exc, WorkApiError) and exc.maybe_applied:
+                self._leases.doubt(lease, sent)
+            self._retry_later(lease, fence_at, exc)
             return
-        if not self._leases.renewed(lease, result, sent_at=sent):
+        else:
+            exact = True
+        self._apply(lease, result, sent, exact)
+
+    def _apply(self, lease: Lease, result: HeartbeatResult, sent: float, exact: bool) -> None:
+        """A renewal's answer (or the lease as a read settled it), applied to the lease; the next renewal scheduled."""
+        policy = self._policy
+        if not self._leases.renewed(lease, result, sent_at=sent, exact=exact):
             return
         if result.state == "stopped":  # stopped by someone else (before lease_extended: it is false then)
             telemetry.heartbeats.add(1, {"result": "stopped"})
@@ -225,6 +251,58 @@ class Leaser:
             self._leases.request_stop(lease)
         self._schedule(lease, sent + policy.heartbeat_interval(lease.ttl_seconds))  # from the send: see track()
 
+    async def _settle(
+        self, lease: Lease, refusal: WorkApiError, sent: float
+    ) -> tuple[HeartbeatResult, float, bool] | None:
+        """A renewal refused after a doubt (`_doubt`): (the lease as read, the send time to count from, whether the
+        CAS value is exact) when our own heartbeat landed; None when the lease was lost or the read failed (then
+        the renewal is tried again within the fencing window, as after any failure)."""
+        fence_at = lease.expires - self._policy.fence_margin(lease.ttl_seconds)
+        with telemetry.use(lease.span):
+            settled = await settle(
+                self._client,
+                lease.work_id,
+                refusal,
+                echoed=lease.last_heartbeat,
+                echoed_exact=not lease.cas_read,
+            )
+        if lease.ended:
+            return None
+        if settled.result is not None:
+            telemetry.heartbeats.add(1, {"result": "settled_ours"})
+            since = sent if lease.doubtful_since is None else min(sent, lease.doubtful_since)
+            result = settled.result
+            if not result.ttl_seconds:
+                result = dataclasses.replace(result, ttl_seconds=lease.ttl_seconds)
+            return result, since, settled.exact
+        if settled.unreadable:
+            telemetry.heartbeats.add(1, {"result": "unsettled"})
+            self._leases.doubt(lease, sent)
+            self._retry_later(lease, fence_at, refusal)
+            return None
+        telemetry.heartbeats.add(1, {"result": "precondition_failed"})
+        self._leases.lose(
+            lease,
+            pb.LEASE_LOST_REASON_PRECONDITION_FAILED,
+            f"{_describe(refusal)}; the item reads {settled.state or 'unknown'}: the lease is not ours",
+        )
+        return None
+
+    def _retry_later(self, lease: Lease, fence_at: float, exc: BaseException) -> None:
+        """A renewal failed: try again after `retry_delay`, or fence the lease when the fencing window is over."""
+        policy = self._policy
+        if lease.ended:
+            return
+        if time.monotonic() >= fence_at:
+            self._fence(lease)
+            return
+        retry_in = max(0.0, min(policy.retry_delay(lease.ttl_seconds), fence_at - time.monotonic()))
+        log.warning(
+            "heartbeat failed; retrying within the TTL",
+            extra={"work_id": lease.work_id, "error": _describe(exc), "retry_in": round(retry_in, 3)},
+        )
+        self._schedule(lease, time.monotonic() + retry_in)
+
     def _fence(self, lease: Lease) -> None:
         telemetry.heartbeats.add(1, {"result": "expired"})
         self._leases.lose(
@@ -232,6 +310,10 @@ class Leaser:
             pb.LEASE_LOST_REASON_EXPIRED,
             f"no heartbeat succeeded for a whole TTL ({lease.ttl_seconds}s); someone else may hold the item",
         )
+
+
+def _log_release_failed(work_id: str, exc: BaseException) -> None:
+    log.info("release heartbeat failed; the item returns at its TTL", extra={"work_id": work_id, "error": str(exc)})
 
 
 def _describe(exc: BaseException) -> str:

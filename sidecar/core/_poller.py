@@ -25,6 +25,7 @@ import time
 from ..workapi import Work, WorkApiClient, WorkApiError, is_retryable
 from . import _telemetry as telemetry
 from ._dispatcher import Dispatcher, Watcher
+from ._doubt import exclusive_until
 from ._handover import HandOver
 from ._policy import PollPolicy
 from ._supervisor import Supervisor
@@ -108,6 +109,7 @@ class Poller:
                     return
             elif self._dispatcher.free_capacity() <= self._polls_in_flight:
                 return
+            polled_at = time.monotonic()
             work = await self._poll_once()
             if work is None:
                 if not primary:
@@ -131,7 +133,8 @@ class Poller:
                     extra={"work_id": work.id},
                 )
                 continue
-            await self._hand_over_here(work, watcher, returned_at, primary=primary)
+            exclusive = exclusive_until(polled_at, self._policy.reclaim_older_than_ms)
+            await self._hand_over_here(work, watcher, returned_at, primary=primary, exclusive_until=exclusive)
             return
 
     async def _take_over(self, handed: asyncio.Event) -> None:
@@ -147,7 +150,9 @@ class Poller:
         if self._pollers < self._policy.max_pollers and (self._dispatcher.free_capacity() > self._polls_in_flight):
             self._start_poller(primary=False)
 
-    async def _hand_over_here(self, work: Work, watcher: Watcher, returned_at: float, *, primary: bool) -> None:
+    async def _hand_over_here(
+        self, work: Work, watcher: Watcher, returned_at: float, *, primary: bool, exclusive_until: float | None = None
+    ) -> None:
         """Turn this poll loop into the item's hand-over. Its successor (counted in its place, and the primary if
         this was) is started once the ack is on its way (`call_soon` runs when this task first waits on the
         network) and polls once `handed` is set: WorkAssigned queued, the ack or a claim attempt failed, or
@@ -163,7 +168,8 @@ class Poller:
         # Crashes are logged here, as for any one-shot task: a primary's supervisor must not restart it (its
         # successor is the primary now).
         await self._supervisor.run(
-            self._handover.take(work, watcher, returned_at=returned_at, handed=handed), name="hand-over"
+            self._handover.take(work, watcher, returned_at=returned_at, handed=handed, exclusive_until=exclusive_until),
+            name="hand-over",
         )
 
     async def _wait_for_unpolled_capacity(self) -> None:

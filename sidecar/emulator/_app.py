@@ -37,9 +37,11 @@ from ._admin import admin_router
 from ._backend import Store
 from ._core import EmulatorCore
 from ._errors import ApiError
+from ._faults import Fault
 from ._flavours import FLAVOURS, Flavour
 from ._ids import parse_rfc3339, request_id
 from ._settings import EmulatorSettings
+from ._spoil import spoil_answer
 from ._store import Item, decode_cursor, encode_cursor
 
 log = logging.getLogger("sidecar.emulator")
@@ -250,6 +252,7 @@ class EmulatorApp:
         )
         extra_headers: Mapping[str, str] = {}
         status = 500
+        fault: Fault | None = None
         try:
             if isinstance(found, ApiError):
                 raise found
@@ -261,7 +264,7 @@ class EmulatorApp:
                     status = 0
                     await _drop_connection(send)
                     return
-                if fault is not None:
+                if fault is not None and fault.after_apply is None:
                     raise fault.error()
             self._authorize(headers, found)
             status, body = 200, _dumps(await self._dispatch(found, query, worker_id, receive))
@@ -276,6 +279,9 @@ class EmulatorApp:
         if wire.request_id:
             response_headers.append((wire.request_id, rid.encode()))
         response_headers.extend((k.encode(), v.encode()) for k, v in extra_headers.items())
+        if fault is not None and fault.after_apply is not None:
+            await spoil_answer(send, fault, status, response_headers, body)
+            return
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -1,8 +1,12 @@
 """Fault injection, per operation (optionally per environment), for the next K requests or until cleared.
 
-A fault adds latency, answers an error status (with optional `retry-after`, `retry-after-ms`, `x-should-retry`),
-or drops the connection without a response. For one request, the first matching latency-only fault and the first
-matching status/drop fault each apply (and each lose one use), so latency and errors can be combined.
+Before the operation is applied, a fault adds latency, answers an error status (with optional `retry-after`,
+`retry-after-ms`, `x-should-retry`), or drops the connection without a response. After it is applied (`after_apply`),
+a fault spoils the answer: `lose` closes the connection without it, `garbage` sends bytes that are not HTTP,
+`length_and_chunked` and `two_lengths` send it with contradictory framing (then close), `drip` sends it one byte
+every `drip_ms` (past any client's deadline), `twice` sends it and then a stray second answer (`{}` after
+`stray_delay_ms`) on the kept-alive connection. For one request, the first matching latency-only fault and the
+first matching status/drop/after-apply fault each apply (and each lose one use), so latency and errors combine.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ _FIELDS = {
     "should_retry",
     "drop",
     "latency_ms",
+    "after_apply",
+    "drip_ms",
+    "stray_delay_ms",
 }
+AFTER_APPLY = ("lose", "garbage", "length_and_chunked", "two_lengths", "drip", "twice")
+"""What an after-apply fault does to the answer of an operation the emulator applied."""
 _ids = itertools.count(1)
 
 
@@ -46,10 +55,16 @@ class Fault:
     should_retry: bool | None = None
     drop: bool = False
     latency_ms: int = 0
+    after_apply: str | None = None
+    """One of `AFTER_APPLY`: the operation is applied, then its answer is spoilt so."""
+    drip_ms: int = 200
+    """`drip`: milliseconds between the answer's bytes."""
+    stray_delay_ms: int = 0
+    """`twice`: milliseconds between the answer and the stray second one."""
 
     @property
     def is_latency_only(self) -> bool:
-        return self.status is None and not self.drop
+        return self.status is None and not self.drop and self.after_apply is None
 
     @classmethod
     def from_json(cls, body: Any) -> Fault:
@@ -78,10 +93,13 @@ class Fault:
         for name in ("environment_id", "error_type", "message"):
             if body.get(name) is not None and not isinstance(body[name], str):
                 raise ApiError(400, f"{name} must be a string")
-        if status is not None and drop:
-            raise ApiError(400, "a fault either answers a status or drops the connection, not both")
-        if status is None and not drop and not latency:
-            raise ApiError(400, "a fault needs a status, drop or latency_ms")
+        after_apply, drip_ms, stray_delay_ms = _after_apply(body)
+        if sum((status is not None, drop, after_apply is not None)) > 1:
+            raise ApiError(
+                400, "a fault either answers a status, drops the connection or spoils the answer after apply"
+            )
+        if status is None and not drop and not latency and after_apply is None:
+            raise ApiError(400, "a fault needs a status, drop, after_apply or latency_ms")
         return cls(
             id=next(_ids),
             operation=operation,
@@ -95,6 +113,9 @@ class Fault:
             should_retry=should_retry,
             drop=drop,
             latency_ms=latency,
+            after_apply=after_apply,
+            drip_ms=drip_ms,
+            stray_delay_ms=stray_delay_ms,
         )
 
     def matches(self, operation: str, environment_id: str | None) -> bool:
@@ -121,6 +142,17 @@ class Fault:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _after_apply(body: dict[str, Any]) -> tuple[str | None, int, int]:
+    after_apply = body.get("after_apply")
+    if after_apply is not None and after_apply not in AFTER_APPLY:
+        raise ApiError(400, f"after_apply must be one of {', '.join(AFTER_APPLY)}")
+    drip_ms, stray_delay_ms = body.get("drip_ms", 200), body.get("stray_delay_ms", 0)
+    for name, value in (("drip_ms", drip_ms), ("stray_delay_ms", stray_delay_ms)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 600_000:
+            raise ApiError(400, f"{name} must be an integer from 0 to 600000")
+    return after_apply, drip_ms, stray_delay_ms
 
 
 def _header_value(value: Any, name: str) -> str | None:
@@ -151,7 +183,8 @@ class Faults:
         self._faults.clear()
 
     def take(self, operation: str, environment_id: str | None) -> tuple[int, Fault | None]:
-        """(added latency in ms, the status/drop fault) for one request; each applied fault loses one use."""
+        """(added latency in ms, the status/drop/after-apply fault) for one request; each applied fault loses one
+        use."""
         latency = 0
         action: Fault | None = None
         found_latency = False

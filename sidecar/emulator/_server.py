@@ -126,7 +126,9 @@ class Emulator:
     def inject_fault(self, operation: str, **spec: Any) -> dict[str, Any]:
         """Add a fault (same fields as `POST /_emulator/faults`): `count` (default 1; None: until cleared),
         `environment_id`, `status` (+ `retry_after`, `retry_after_ms`, `should_retry`, `error_type`, `message`),
-        `drop` (close the connection without a response), `latency_ms`. Raises `ApiError` (400) when invalid."""
+        `drop` (close the connection without a response), `after_apply` (apply, then spoil the answer: `lose`,
+        `garbage`, `length_and_chunked`, `two_lengths`, `drip` + `drip_ms`, `twice` + `stray_delay_ms`), `latency_ms`.
+        Raises `ApiError` (400) when invalid."""
         return self.core.add_fault({"operation": operation, **spec})
 
     def clear_faults(self) -> None:

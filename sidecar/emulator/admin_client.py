@@ -130,7 +130,8 @@ class AdminClient:
     # -- faults, settings, reset --------------------------------------------------------------------------
 
     async def inject_fault(self, operation: str, **spec: Any) -> dict[str, Any]:
-        """Add a fault (`status`, `drop` or `latency_ms`, …: see ADMIN.md); the fault as the emulator keeps it."""
+        """Add a fault (`status`, `drop`, `after_apply` or `latency_ms`, …: see ADMIN.md); the fault as the emulator
+        keeps it."""
         fault: dict[str, Any] = (await self._call("POST", "/faults", json={"operation": operation, **spec}))["fault"]
         return fault
 

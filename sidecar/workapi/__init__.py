@@ -7,6 +7,7 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     ConflictError,
+    ConnectError,
     GatewayTimeoutError,
     LeaseLostError,
     NotFoundError,
@@ -17,13 +18,14 @@ from ._errors import (
     RequestTimeout,
     ResponseError,
     ServerError,
+    TLSError,
     TransportError,
     WorkApiError,
 )
 from ._models import HeartbeatResult, LeaseSnapshot, QueueStats, Work, WorkData, WorkPage, parse_time
 from ._retry import CONFLICT_IS_TRANSIENT, RetryPolicies, RetryPolicy, is_retryable
 from ._secret import SecretDecodeError, SessionCredentials, WorkSecret
-from ._transport import HTTP_BACKENDS
+from ._transport import HTTP_BACKENDS, TLSSettingsError
 
 __all__ = [
     "ANTHROPIC",
@@ -36,6 +38,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",
+    "ConnectError",
     "CredentialStyle",
     "GatewayTimeoutError",
     "HeartbeatResult",
@@ -56,6 +59,8 @@ __all__ = [
     "SecretDecodeError",
     "ServerError",
     "SessionCredentials",
+    "TLSError",
+    "TLSSettingsError",
     "Timeouts",
     "TransportError",
     "Work",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import itertools
 import json as jsonlib
 import logging
 import math
@@ -34,15 +36,27 @@ from . import _telemetry
 from ._answer import AnswerError, decode
 from ._errors import (
     APIStatusError,
+    ConnectError,
     RequestTimeout,
     ResponseError,
+    TLSError,
     TransportError,
     WorkApiError,
+    masked,
     status_error_class,
 )
 from ._models import HeartbeatResult, ModelError, QueueStats, Work, WorkPage, cursor_params
 from ._retry import RetryPolicies, RetryPolicy, is_retryable, retry_delay
-from ._transport import Answer, AnswerTooLarge, ExchangeFailed, make_exchange
+from ._secret import SecretDecodeError
+from ._transport import (
+    Answer,
+    AnswerTooLarge,
+    ConnectFailed,
+    ExchangeError,
+    ExchangeTimeout,
+    TLSFailed,
+    make_exchange,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -69,6 +83,20 @@ class Timeouts:
 
 MAX_RESPONSE_BYTES = 1 << 20
 """The largest answer read (1 MiB): a larger one is a `ResponseError`, and never read into memory."""
+
+ANSWER_TYPES = {
+    "poll": "work",
+    "ack": "work",
+    "stop": "work",
+    "get": "work",
+    "update": "work",
+    "heartbeat": "work_heartbeat",
+    "stats": "work_queue_stats",
+}
+"""The `type` an operation's answer carries (a list page carries none of these): an answer of another type does not
+belong to its request."""
+REMEMBERED_SECRETS = 1024
+"""Items' secrets (and their session tokens) the client masks by value in error texts: the most recent ones."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +151,8 @@ class WorkApiClient:
         else:
             headers["x-api-key"] = api_key
         self._headers = headers = {name.lower(): value for name, value in headers.items()}
+        self._secrets: dict[str, None] = {api_key: None}
+        """The values masked in every error text (an ordered set: the key, then the latest items' secrets)."""
         with_body = {**headers, "content-type": "application/json"}
         prefix = self.provider.work_path(self.environment_id)
         self._operations = {
@@ -180,12 +210,18 @@ class WorkApiClient:
                 raise ValueError("reclaim_older_than_ms must not be negative")
             params["reclaim_older_than_ms"] = str(reclaim_older_than_ms)
         body = await self._call("poll", params=params, read_timeout=read_timeout)
-        return None if body is None else self._parse_work(body, "poll")
+        if body is None:
+            return None
+        work = self._parse_work(body, "poll")
+        self._remember(work)
+        return work
 
     async def ack(self, work_id: str) -> Work:
         """Acknowledge a polled item: queued → starting. A 409 is final (not this worker's to take)."""
         body = await self._call("ack", work_id)
-        return self._parse_work(body, "ack", work_id)
+        work = self._parse_work(body, "ack", work_id)
+        self._remember(work)
+        return work
 
     async def heartbeat(
         self,
@@ -194,12 +230,14 @@ class WorkApiClient:
         expected_last_heartbeat: str | None = NO_HEARTBEAT,
         desired_ttl_seconds: int | None = None,
         deadline: float | None = None,
+        attempt_timeout: float | None = None,
     ) -> HeartbeatResult:
         """Renew the lease with compare-and-swap; raises LeaseLostError on 412.
 
         `expected_last_heartbeat`: NO_HEARTBEAT for the first, then the previous `last_heartbeat`
         exactly (None sends none: an unconditional update where the provider allows it).
-        `deadline`: seconds within which all attempts must finish (the heartbeat interval).
+        `deadline`: seconds within which all attempts must finish (the heartbeat interval); `attempt_timeout`:
+        seconds one attempt may take (default `Timeouts.read`), so that a slow answer leaves time for another.
         """
         params: dict[str, str] = {}
         if expected_last_heartbeat is not None:
@@ -208,7 +246,7 @@ class WorkApiClient:
             if desired_ttl_seconds <= 0:
                 raise ValueError("desired_ttl_seconds must be a positive integer")
             params["desired_ttl_seconds"] = str(int(desired_ttl_seconds))
-        body = await self._call("heartbeat", work_id, params=params, deadline=deadline)
+        body = await self._call("heartbeat", work_id, params=params, deadline=deadline, read_timeout=attempt_timeout)
         return self._parse(HeartbeatResult.from_json, body, "heartbeat")
 
     async def stop(self, work_id: str, *, force: bool = False) -> Work:
@@ -321,24 +359,35 @@ class WorkApiClient:
         attempt_timeout = read_timeout or self.timeouts.read
         started = time.monotonic()
         try:
-            return await self._send_once(op, url, body, min(attempt_timeout, total), 1)
+            return await self._send_once(op, url, body, min(attempt_timeout, total), 1, work_id)
         except WorkApiError as exc:
             exc.attempts = 1
+            exc.maybe_applied = exc.outcome_unknown
             if policy.max_attempts <= 1 or not is_retryable(exc, operation):
                 raise
             first = exc
-        return await self._retry(op, url, body, attempt_timeout, started + total, first)
+        return await self._retry(op, url, body, attempt_timeout, started + total, first, work_id)
 
     async def _retry(
-        self, op: _Operation, url: str, body: bytes | None, attempt_timeout: float, deadline: float, first: WorkApiError
+        self,
+        op: _Operation,
+        url: str,
+        body: bytes | None,
+        attempt_timeout: float,
+        deadline: float,
+        first: WorkApiError,
+        work_id: str | None,
     ) -> Any:
         """Attempts 2..max_attempts, after a first one that failed and may be retried: tenacity's loop, with the
         wait from `retry_delay` (the server's retry-after, else full jitter) and no attempt that would start past
-        the deadline. The first attempt goes out without tenacity: its bookkeeping costs ~20 µs a call
-        (`python -m bench.retry_cost`), 4 % of the CPU budget of a whole request, and most requests succeed."""
+        the deadline. The first attempt goes out without tenacity (`python -m bench.retry_cost` measures its
+        bookkeeping), and most requests succeed.
+
+        Every error raised carries `maybe_applied`: whether any attempt so far had an unknown outcome."""
         policy, operation = op.policy, op.name
         attempts = 1
         last = first
+        doubt = first.maybe_applied
 
         async def attempt() -> Any:
             nonlocal attempts, last
@@ -349,9 +398,12 @@ class WorkApiClient:
                 raise last
             attempts += 1
             try:
-                return await self._send_once(op, url, body, min(attempt_timeout, remaining), attempts)
+                return await self._send_once(op, url, body, min(attempt_timeout, remaining), attempts, work_id)
             except WorkApiError as exc:
+                nonlocal doubt
+                doubt = doubt or exc.outcome_unknown
                 exc.attempts = attempts
+                exc.maybe_applied = doubt
                 last = exc
                 raise
 
@@ -380,8 +432,12 @@ class WorkApiClient:
         )
         return await retrying(attempt)
 
-    async def _send_once(self, op: _Operation, url: str, body: bytes | None, limit: float, attempt: int) -> Any:
-        """One attempt, bounded as a whole by `limit` seconds: connect, send, and the whole answer read."""
+    async def _send_once(
+        self, op: _Operation, url: str, body: bytes | None, limit: float, attempt: int, work_id: str | None = None
+    ) -> Any:
+        """One attempt, bounded as a whole by `limit` seconds: connect, send, and the whole answer read. An answer
+        that does not belong to its request (another operation's `type`, another item) is a `ResponseError` and
+        its connection is closed: the real answer, or more, may follow on it."""
         operation = op.name
         with _telemetry.request_span(operation, op.method, op.route, self.provider.name, attempt) as span:
             started = time.monotonic()
@@ -389,21 +445,9 @@ class WorkApiClient:
                 answer = await self._exchange.send(
                     op.method, url, op.headers, body, self.max_response_bytes, timeout=limit
                 )
-            except TimeoutError:
-                span.failed("Timeout")
-                raise RequestTimeout(
-                    f"{operation} timed out: no complete answer within {limit:.1f}s", operation=operation
-                ) from None
-            except ExchangeFailed as exc:
-                span.failed(exc.name)
-                if exc.name == "Timeout":
-                    raise RequestTimeout(f"{operation} timed out ({exc.detail})", operation=operation) from None
-                raise TransportError(f"{operation} failed: {exc.name}: {exc.detail}", operation=operation) from None
-            except AnswerTooLarge as exc:
-                span.failed("ResponseTooLarge")
-                raise ResponseError(
-                    f"{operation}: the answer is larger than {exc.limit} bytes; not read", operation=operation
-                ) from None
+            except ExchangeError as exc:
+                span.failed(_FAILURE_NAMES.get(type(exc), exc.kind))
+                raise self._exchange_error(operation, limit, exc) from None
             finally:
                 _telemetry.record_latency(operation, time.monotonic() - started)
             status = answer.status
@@ -411,17 +455,47 @@ class WorkApiClient:
             span.answered(status, request_id)
             if status >= 400:
                 raise self._status_error(operation, answer, request_id)
-            if not answer.body:
-                span.failed("ResponseError")
-                raise ResponseError(f"{operation}: HTTP {status} with no body", operation=operation)
             try:
-                return decode(answer.body)
+                if not answer.body:
+                    raise AnswerError(f"HTTP {status} with no body")
+                value = decode(answer.body)
+                misfit = _misfit(operation, value, work_id)
+                if misfit:
+                    raise AnswerError(misfit)
             except AnswerError as exc:
                 span.failed("ResponseError")
+                if answer.distrust is not None:
+                    answer.distrust()
                 raise ResponseError(f"{operation}: HTTP {status}: {exc}", operation=operation) from None
+            return value
 
-    @staticmethod
-    def _status_error(operation: str, answer: Answer, request_id: str | None) -> APIStatusError:
+    def _exchange_error(self, operation: str, limit: float, exc: ExchangeError) -> WorkApiError:
+        if isinstance(exc, AnswerTooLarge):
+            return ResponseError(f"{operation}: {exc}; not read", operation=operation)
+        detail = masked(exc.detail, self._secrets)
+        if isinstance(exc, ExchangeTimeout):
+            return RequestTimeout(f"{operation} timed out: no complete answer within {limit:.1f}s", operation=operation)
+        if isinstance(exc, TLSFailed):
+            return TLSError(f"{operation} failed: TLS: {detail}", operation=operation)
+        if isinstance(exc, ConnectFailed):
+            return ConnectError(f"{operation} failed: cannot connect: {detail}", operation=operation)
+        return TransportError(f"{operation} failed: {exc.kind}: {detail}", operation=operation)
+
+    def _remember(self, work: Work) -> None:
+        """Mask this item's secret (and its session token) by value in later error texts."""
+        if work.secret is None:
+            return
+        values = [work.secret.reveal()]
+        with contextlib.suppress(SecretDecodeError):
+            values.append(work.secret.decode().sessions_token)
+        secrets = self._secrets
+        for value in values:
+            if value and value not in secrets:
+                secrets[value] = None
+        while len(secrets) > REMEMBERED_SECRETS + 1:  # never the key (the first)
+            del secrets[next(itertools.islice(secrets, 1, None))]
+
+    def _status_error(self, operation: str, answer: Answer, request_id: str | None) -> APIStatusError:
         error_type, message, details = "api_error", answer.reason or "error", None
         try:
             body = decode(answer.body)
@@ -446,7 +520,32 @@ class WorkApiClient:
             operation=operation,
             retry_after=parse_retry_after(answer.headers),
             should_retry=should_retry,
+            secrets=self._secrets,
         )
+
+
+_FAILURE_NAMES = {AnswerTooLarge: "ResponseTooLarge", ExchangeTimeout: "Timeout"}
+"""Span failure names of exchange errors whose kind is not the name spans used."""
+
+
+def _misfit(operation: str, value: Any, work_id: str | None) -> str | None:
+    """Why `value` is not an answer to `operation` (about `work_id`), or None when it is one."""
+    if operation == "poll" and value is None:
+        return None
+    if not isinstance(value, dict):
+        return "the answer is not a JSON object"
+    expected = ANSWER_TYPES.get(operation)
+    kind = value.get("type")
+    if expected is None:  # a list page: no type of the others
+        return f"a {kind!r} answer to a list" if kind in _TYPES else None
+    if kind != expected:
+        return f"the answer's type is {str(kind)[:40]!r}, not {expected!r}"
+    if work_id is not None and expected == "work" and value.get("id") != work_id:
+        return "the answer is about another work item"
+    return None
+
+
+_TYPES = frozenset(ANSWER_TYPES.values())
 
 
 _QUERY_ESCAPES = {

@@ -26,7 +26,20 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ._transport import KEEPALIVE_SECONDS, Answer, AnswerTooLarge, ExchangeFailed, _detail, _ssl_context
+from ._transport import (
+    KEEPALIVE_SECONDS,
+    MAX_HEAD_BYTES,
+    Answer,
+    AnswerTooLarge,
+    ConnectFailed,
+    Disconnected,
+    ExchangeTimeout,
+    ProtocolFailed,
+    TLSFailed,
+    _detail,
+    _ssl_context,
+    tls_detail,
+)
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -52,6 +65,11 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._until_eof = False
         """The body ends with the connection (set once a final answer's headers are in)."""
+        self._head_bytes = 0
+        """The header block's bytes so far (names and values)."""
+        self._head_read = 0
+        """Bytes received while the answer's header block is not complete."""
+        self._in_head = False
         self._keep_alive = False
         self._error: BaseException | None = None
 
@@ -73,6 +91,8 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._until_eof = False
         self._keep_alive = False
+        self._head_bytes = self._head_read = 0
+        self._in_head = True
 
     def reusable(self) -> bool:
         return not self.closed and self._error is None and self._keep_alive
@@ -108,18 +128,24 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None:  # bytes nobody asked for (on an idle connection): it cannot be trusted again
-            self._error = self._error or ExchangeFailed("UnexpectedData")
+            self._error = self._error or ProtocolFailed("bytes after the answer")
             self.close()
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(ExchangeFailed("ClientResponseError", "the server switched protocols"))
+            self._fail(ProtocolFailed("the server switched protocols"))
         except httptools.HttpParserError as exc:
             if self._error is not None:  # raised by one of our callbacks (a cap, an abort)
                 self._fail(self._error)
             else:
-                self._fail(ExchangeFailed("ClientResponseError", f"not an HTTP/1.1 answer: {_detail(exc)}"))
+                self._fail(ProtocolFailed(f"not an HTTP/1.1 answer: {_detail(exc)}"))
+            return
+        if self._in_head and self._waiter is not None:
+            # llhttp keeps a header that spans reads in memory: bound what it may keep (one read over the cap).
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD_BYTES:
+                self._fail(AnswerTooLarge(MAX_HEAD_BYTES, None, head=True))
 
     def eof_received(self) -> bool:
         if self._waiter is not None and self._until_eof:
@@ -130,25 +156,31 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._waiter is not None:
-            name = "ServerDisconnectedError" if exc is None else type(exc).__name__
-            self._fail(ExchangeFailed(name, "the connection closed before the answer was complete"))
+            reason = "" if exc is None else f" ({type(exc).__name__})"
+            self._fail(Disconnected(f"the connection closed before the answer was complete{reason}"))
 
     # -- httptools callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         if self._waiter is None:  # a second answer to one request: the connection cannot be trusted again
-            self._error = ExchangeFailed("UnexpectedData")
+            self._error = ProtocolFailed("bytes after the answer")
             raise _Abort
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._error = AnswerTooLarge(MAX_HEAD_BYTES, None, head=True)
+            raise _Abort
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._status = status = self._parser.get_status_code()
         if status < 200:
+            self._in_head = True
             return  # an interim answer (100 Continue): the real one follows
         declared: int | None = None
         chunked = False
@@ -176,7 +208,7 @@ class _Connection(asyncio.Protocol):
             self._reset_answer()
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._finish(Answer(self._status, self._reason.decode("latin-1"), _Headers(self._headers), body))
+        self._finish(Answer(self._status, self._reason.decode("latin-1"), _Headers(self._headers), body, self.close))
 
 
 class _Headers(Mapping[str, str]):
@@ -260,7 +292,7 @@ class LeanExchange:
         timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
     ) -> Answer:
         if self._closed:
-            raise ExchangeFailed("ClientClosed", "the client is closed")
+            raise ConnectFailed("the client is closed")
         if not url.startswith(self._origin):
             raise ValueError("the request is not to the Work API's origin")
         target = url[len(self._origin) :] or "/"
@@ -277,8 +309,11 @@ class LeanExchange:
         deadline = loop.time() + timeout
         slots = self._slots
         if slots.locked():  # every connection busy: wait for one, within the deadline
-            async with asyncio.timeout_at(deadline):
-                await slots.acquire()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await slots.acquire()
+            except TimeoutError:
+                raise ConnectFailed("no free connection in time") from None
         else:
             await slots.acquire()  # free: no suspension, no timer
         try:
@@ -331,11 +366,11 @@ class LeanExchange:
                     server_hostname=self._host if self._ssl is not None else None,
                 )
         except TimeoutError:
-            raise ExchangeFailed("Timeout", "connect timed out") from None
+            raise ConnectFailed("connect timed out") from None
         except ssl.SSLError as exc:
-            raise ExchangeFailed("ClientConnectorCertificateError", _detail(exc)) from None
+            raise TLSFailed(tls_detail(exc)) from None
         except OSError as exc:
-            raise ExchangeFailed("ClientConnectorError", _detail(exc)) from None
+            raise ConnectFailed(_detail(exc)) from None
         self._all.add(connection)
         return connection
 
@@ -352,7 +387,7 @@ class LeanExchange:
 
 class _Deadlines:
     """The deadlines of the answers awaited, enforced by timers shared per `GRAIN` of time: a waiter is failed with
-    TimeoutError at most `GRAIN` seconds after its deadline.
+    `ExchangeTimeout` at most `GRAIN` seconds after its deadline.
 
     Not a timer per request (nor an asyncio.timeout, which makes one too): at saturation that is thousands of
     timers a second, nearly all cancelled, each pushed on and later swept out of the loop's heap (~4 % of the
@@ -382,7 +417,7 @@ class _Deadlines:
             if due <= tick:
                 del self._waiters[waiter]
                 if not waiter.done():
-                    waiter.set_exception(TimeoutError())
+                    waiter.set_exception(ExchangeTimeout("no complete answer within the time given"))
 
 
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")

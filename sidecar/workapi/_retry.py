@@ -1,8 +1,8 @@
 """When and how the client retries, per operation.
 
-As the official clients do: connection errors, timeouts, 408, 429 and 5xx are retried with exponential
-backoff and full jitter, honouring `retry-after-ms`, `retry-after` (seconds or an HTTP date) and
-`x-should-retry`; every other 4xx is final. Every operation has a deadline, so nothing retries forever.
+As the official clients do: connection errors (not a TLS certificate problem), timeouts, 408, 429 and 5xx are
+retried with exponential backoff and full jitter, honouring `retry-after-ms`, `retry-after` (seconds or an HTTP
+date) and `x-should-retry`; every other 4xx is final. Every operation has a deadline, so nothing retries forever.
 
 What a 409 means depends on the operation:
 - poll, ack, heartbeat, stop: final. On ack it means the item is no longer this worker's to take
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from ._errors import APIStatusError, ResponseError, TransportError, WorkApiError
+from ._errors import APIStatusError, ResponseError, TLSError, TransportError, WorkApiError
 
 CONFLICT_IS_TRANSIENT = frozenset({"get", "update", "list", "stats"})
 
@@ -51,6 +51,8 @@ class RetryPolicies:
 
 
 def is_retryable(exc: BaseException, operation: str) -> bool:
+    if isinstance(exc, TLSError):  # a certificate problem does not pass
+        return False
     if isinstance(exc, TransportError):
         return True
     if isinstance(exc, ResponseError) or not isinstance(exc, WorkApiError):

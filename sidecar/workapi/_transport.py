@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # imported where used: a sidecar on the default backend never
 HTTP_BACKENDS = ("httptools", "aiohttp", "httpx")
 
 
+MAX_HEAD_BYTES = 64 * 1024
+"""The largest answer header block read (status line and headers): a larger one is refused, never read whole."""
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
@@ -50,22 +54,65 @@ class Answer:
     headers: Mapping[str, str]
     """Case-insensitive (header names as sent by the server)."""
     body: bytes
+    distrust: Callable[[], None] | None = None
+    """Closes the connection the answer came on, if the exchange keeps it: called when the answer does not belong
+    to its request (then the real answer, or more, may follow on that connection)."""
 
 
-class ExchangeFailed(Exception):
-    """No HTTP answer: `name` is the failure's kind (never the URL, a header or a body)."""
+class ExchangeError(Exception):
+    """No complete, trustworthy HTTP answer. `detail`: the failure's own words (never the URL, a header or a body).
+    Each backend maps its own failures onto these kinds."""
 
-    def __init__(self, name: str, detail: str = "") -> None:
-        super().__init__(name)
-        self.name = name
+    kind = "exchange"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.kind)
         self.detail = detail
 
 
-class AnswerTooLarge(Exception):
-    def __init__(self, limit: int, declared: int | None) -> None:
-        super().__init__(f"the answer is larger than {limit} bytes")
+class ConnectFailed(ExchangeError):
+    """No connection (refused, unreachable, the connect timed out): the request was never sent."""
+
+    kind = "connect"
+
+
+class TLSFailed(ConnectFailed):
+    """The TLS handshake failed; `detail` names the certificate problem."""
+
+    kind = "tls"
+
+
+class ExchangeTimeout(ExchangeError):
+    """The whole answer did not come within the exchange's time: the request may have been applied."""
+
+    kind = "timeout"
+
+
+class Disconnected(ExchangeError):
+    """The connection closed before the answer was complete."""
+
+    kind = "disconnected"
+
+
+class ProtocolFailed(ExchangeError):
+    """Bytes that are not one well-formed HTTP/1.1 answer (two lengths, garbage, a switch of protocol, bytes
+    after the answer)."""
+
+    kind = "protocol"
+
+
+class AnswerTooLarge(ExchangeError):
+    """The answer's body is over `limit` bytes (`declared`: its declared length), or its header block is over
+    `MAX_HEAD_BYTES` (`head`): not read."""
+
+    kind = "too_large"
+
+    def __init__(self, limit: int, declared: int | None, *, head: bool = False) -> None:
+        part = "header block" if head else "answer"
+        super().__init__(f"the {part} is larger than {limit} bytes")
         self.limit = limit
         self.declared = declared
+        self.head = head
 
 
 class Exchange(Protocol):
@@ -80,7 +127,7 @@ class Exchange(Protocol):
         timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
     ) -> Answer:
         """One request and its whole answer (at most `max_bytes` of body), all within `timeout` seconds: else
-        TimeoutError (or ExchangeFailed("Timeout") for a connect that timed out)."""
+        an `ExchangeError` of the kind that failed (`ExchangeTimeout` past `timeout`)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -134,8 +181,11 @@ class _Timed:
         *,
         timeout: float,  # noqa: ASYNC109  # the exchange bounds itself (the lean one without a timer per request)
     ) -> Answer:
-        async with asyncio.timeout(timeout):
-            return await self._send(method, url, headers, body, max_bytes)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._send(method, url, headers, body, max_bytes)
+        except TimeoutError:
+            raise ExchangeTimeout(f"no complete answer within {timeout:.1f}s") from None
 
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, max_bytes: int
@@ -198,9 +248,9 @@ class AiohttpExchange(_Timed):
                 allow_redirects=False,
             )
         except aiohttp.ClientError as exc:
-            raise ExchangeFailed(_aiohttp_name(exc), _detail(exc)) from None
+            raise _aiohttp_error(aiohttp, exc) from None
         except OSError as exc:
-            raise ExchangeFailed(type(exc).__name__, _detail(exc)) from None
+            raise Disconnected(_detail(exc)) from None
         try:
             declared = response.content_length
             if declared is not None and declared > max_bytes:
@@ -219,7 +269,7 @@ class AiohttpExchange(_Timed):
                 data = b"".join(pieces)
         except aiohttp.ClientError as exc:
             response.close()
-            raise ExchangeFailed(_aiohttp_name(exc), _detail(exc)) from None
+            raise _aiohttp_error(aiohttp, exc) from None
         except BaseException:
             response.close()  # not released to the pool: the rest of the body is never read
             raise
@@ -257,7 +307,7 @@ class HttpxExchange(_Timed):
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise ExchangeFailed(_httpx_name(exc), _detail(exc)) from None
+            raise _httpx_error(httpx, exc) from None
         try:
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -270,7 +320,7 @@ class HttpxExchange(_Timed):
                     raise AnswerTooLarge(max_bytes, None)
                 pieces.append(chunk)
         except httpx.TransportError as exc:
-            raise ExchangeFailed(_httpx_name(exc), _detail(exc)) from None
+            raise _httpx_error(httpx, exc) from None
         finally:
             await response.aclose()
         return Answer(response.status_code, response.reason_phrase, response.headers, b"".join(pieces))
@@ -283,23 +333,74 @@ def _ssl_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
     """The TLS context httpx's `create_ssl_context()` makes (without loading httpx): the CAs of SSL_CERT_FILE, else
     of SSL_CERT_DIR, else certifi's."""
     environ = os.environ if environ is None else environ
-    if environ.get("SSL_CERT_FILE"):
-        return ssl.create_default_context(cafile=environ["SSL_CERT_FILE"])
-    if environ.get("SSL_CERT_DIR"):
-        return ssl.create_default_context(capath=environ["SSL_CERT_DIR"])
+    try:
+        if environ.get("SSL_CERT_FILE"):
+            return ssl.create_default_context(cafile=environ["SSL_CERT_FILE"])
+        if environ.get("SSL_CERT_DIR"):
+            return ssl.create_default_context(capath=environ["SSL_CERT_DIR"])
+    except (OSError, ssl.SSLError) as exc:
+        name = "SSL_CERT_FILE" if environ.get("SSL_CERT_FILE") else "SSL_CERT_DIR"
+        reason = getattr(exc, "strerror", None) or tls_detail(exc)
+        raise TLSSettingsError(f"{name}={environ[name]} cannot be used as the TLS trust store ({reason})") from None
     import certifi
 
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def _aiohttp_name(exc: BaseException) -> str:
-    return "Timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+class TLSSettingsError(ValueError):
+    """SSL_CERT_FILE / SSL_CERT_DIR name no readable certificates: a start-up error, in one line."""
 
 
-def _httpx_name(exc: httpx.TransportError) -> str:
-    import httpx
+def _aiohttp_error(aiohttp: Any, exc: BaseException) -> ExchangeError:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return TLSFailed(tls_detail(exc.certificate_error))
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return TLSFailed(tls_detail(exc))
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ConnectFailed(_detail(exc))
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ConnectFailed(f"connect timed out: {_detail(exc)}")
+    if isinstance(exc, TimeoutError):
+        return ExchangeTimeout(_detail(exc))
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientOSError):
+        return Disconnected(_detail(exc))
+    return ProtocolFailed(_detail(exc))
 
-    return "Timeout" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
+
+def _httpx_error(httpx: Any, exc: BaseException) -> ExchangeError:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return ConnectFailed(f"connect timed out: {_detail(exc)}")
+    if isinstance(exc, httpx.ConnectError):
+        cause = _ssl_cause(exc)
+        return TLSFailed(tls_detail(cause)) if cause is not None else ConnectFailed(_detail(exc))
+    if isinstance(exc, httpx.TimeoutException):
+        return ExchangeTimeout(_detail(exc))
+    if isinstance(exc, httpx.RemoteProtocolError) and "disconnected" in str(exc).lower():
+        return Disconnected(_detail(exc))
+    if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.CloseError):
+        return Disconnected(_detail(exc))
+    return ProtocolFailed(_detail(exc))
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def tls_detail(exc: BaseException) -> str:
+    """A TLS failure in words that name the certificate problem ("certificate verify failed: self-signed
+    certificate"), never a bare "SSL error"."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message or exc.reason or 'unknown reason'}"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc).lower().replace("_", " ")[:200]
+    return _detail(exc)
 
 
 def _detail(exc: BaseException) -> str:

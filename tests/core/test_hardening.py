@@ -51,7 +51,8 @@ async def test_lease_lost_reaches_the_sandbox_before_the_api_can_redeliver(
 async def test_release_waits_for_the_renewal_in_flight(api: Api, start_sidecar: SidecarFactory) -> None:
     """#11.7. Guarantee: a release sent while a renewal is in flight uses the renewal's answer: no 412, and the
     lease is not extended by a whole TTL for an item nobody holds."""
-    running = await start_sidecar(ttl_seconds=4, reattach_grace=0.0, liveness_window=0.0, release_ttl_seconds=1)
+    # TTL 6: renewals every 2.25 s, each attempt given half of that: a slow renewal, not a failed one.
+    running = await start_sidecar(ttl_seconds=6, reattach_grace=0.0, liveness_window=0.0, release_ttl_seconds=1)
     watch, item = await running.take_one(api)
     await api.fault(operation="heartbeat", latency_ms=800, count=None)  # every renewal is slow
     before = len(await api.requests("heartbeat", item.work.id))
@@ -167,12 +168,32 @@ async def test_an_invented_refusal_of_the_claim_does_not_strand_the_item(
     watch.cancel()
 
 
-async def test_a_refusal_that_repeats_is_believed(api: Api, start_sidecar: SidecarFactory) -> None:
-    """#11.3. The other side of the rule above: a claim refused `confirm_refusals` + 1 times in a row is not
-    ours; the sidecar stops asking (no claim loop against an item someone else holds) and frees the slot."""
+async def test_refusals_of_the_claim_are_read_not_believed(api: Api, start_sidecar: SidecarFactory) -> None:
+    """A claim refused `confirm_refusals` + 1 times in a row after our ack is read, not believed: the item is still
+    `starting` on our ack (no claim landed, nobody else can claim it), so the refusals were invented on the way
+    and the claim is sent again until it lands. The item reaches its sandbox instead of being stranded."""
     running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2), confirm_refusals=2)
     watch = running.watch()
     await api.fault(operation="heartbeat", status=412, count=3)
+    (queued,) = await api.enqueue(1)
+    assigned = await watch.assigned(timeout=15)
+    assert assigned.work.id == queued["id"]
+    assert [b["status"] for b in await api.requests("heartbeat", queued["id"])] == [412, 412, 412, 200]
+    assert [g["status"] for g in await api.requests("get", queued["id"])] == [200, 200, 200], "each one read"
+    await running.stop(assigned)
+    watch.cancel()
+
+
+async def test_a_refusal_that_cannot_be_read_is_believed_once_it_repeats(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """The other side of the rule above: when the item cannot be read, a claim refused `confirm_refusals` + 1
+    times in a row is not ours; the sidecar stops asking (no claim loop against an item someone else holds) and
+    frees the slot."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=0.05, maximum=0.2), confirm_refusals=2)
+    watch = running.watch()
+    await api.fault(operation="heartbeat", status=412, count=3)
+    await api.fault(operation="get", status=403, count=None)
     (queued,) = await api.enqueue(1)
     await eventually(lambda: _claims_answered(api, queued["id"], 3), timeout=15, message="three refused claims")
     await api.clear_faults()
