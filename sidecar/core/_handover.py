@@ -277,9 +277,11 @@ class HandOver:
                     expected_last_heartbeat=NO_HEARTBEAT,
                     desired_ttl_seconds=self._policy.ttl_seconds,
                     deadline=self._policy.claim_timeout,
-                    # An attempt may take half a renewal interval: a claim applied whose answer is slow or lost is
-                    # claimed again (and the refusal read) while most of its TTL is left.
-                    attempt_timeout=self._policy.heartbeat_interval(self._policy.ttl_seconds) / 2,
+                    # As a renewal's: a claim applied whose answer is slow or lost is claimed again (and the refusal
+                    # read) while most of its TTL is left.
+                    attempt_timeout=self._policy.attempt_timeout(
+                        self._policy.heartbeat_interval(self._policy.ttl_seconds)
+                    ),
                 )
             except (PreconditionFailedError, ConflictError, NotFoundError) as exc:
                 settled = await self._read_refusal(work, exc) if ack_ours else None

@@ -206,9 +206,7 @@ class Leaser:
                     expected_last_heartbeat=lease.last_heartbeat,
                     desired_ttl_seconds=policy.ttl_seconds,
                     deadline=budget,
-                    # Half the budget per attempt: an answer dripped or delayed past it leaves time for a second
-                    # attempt, whose refusal (if the first was applied) is settled by reading.
-                    attempt_timeout=budget / 2,
+                    attempt_timeout=policy.attempt_timeout(budget),
                 )
         except (LeaseLostError, ConflictError) as exc:
             if not (exc.maybe_applied or lease.doubtful_since is not None):

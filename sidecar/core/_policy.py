@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from .._fencing import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, fence_margin
 from ..wire import MAX_BLOCK_MS, MIN_BLOCK_MS
 
+MIN_ATTEMPT_SECONDS = 1.0
+"""The least time a heartbeat attempt is given (`LeasePolicy.attempt_timeout`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
@@ -111,6 +114,12 @@ class LeasePolicy:
         TTL 10, 1.25 s at TTL 4, 0.5 s at TTL 2."""
         official = max(self.min_interval, min(ttl_seconds / 2, self.max_interval))
         return min(official, 0.5 * (ttl_seconds - self.fence_margin(ttl_seconds)))
+
+    def attempt_timeout(self, budget: float) -> float:
+        """Seconds one heartbeat attempt may take within a renewal's `budget`: half of it, so that an answer dripped
+        or lost past it leaves time for another attempt (whose refusal, if the first was applied, is settled by
+        reading); but at least `MIN_ATTEMPT_SECONDS` (a loaded host answers slowly), never more than the budget."""
+        return min(budget, max(budget / 2, MIN_ATTEMPT_SECONDS))
 
     def retry_delay(self, ttl_seconds: float, rng: random.Random | None = None) -> float:
         low, high = self.retry_jitter

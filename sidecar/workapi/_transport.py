@@ -252,6 +252,8 @@ class AiohttpExchange(_Timed):
         except OSError as exc:
             raise Disconnected(_detail(exc)) from None
         try:
+            if _head_size(response.raw_headers) > MAX_HEAD_BYTES:
+                raise AnswerTooLarge(MAX_HEAD_BYTES, None, head=True)
             declared = response.content_length
             if declared is not None and declared > max_bytes:
                 raise AnswerTooLarge(max_bytes, declared)
@@ -309,6 +311,8 @@ class HttpxExchange(_Timed):
         except httpx.TransportError as exc:
             raise _httpx_error(httpx, exc) from None
         try:
+            if _head_size(response.headers.raw) > MAX_HEAD_BYTES:  # h11 itself stops reading at 100 KiB
+                raise AnswerTooLarge(MAX_HEAD_BYTES, None, head=True)
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise AnswerTooLarge(max_bytes, int(declared))
@@ -401,6 +405,10 @@ def tls_detail(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return str(exc.reason or exc).lower().replace("_", " ")[:200]
     return _detail(exc)
+
+
+def _head_size(raw: Any) -> int:
+    return sum(len(name) + len(value) for name, value in raw)
 
 
 def _detail(exc: BaseException) -> str:

@@ -51,8 +51,7 @@ async def test_lease_lost_reaches_the_sandbox_before_the_api_can_redeliver(
 async def test_release_waits_for_the_renewal_in_flight(api: Api, start_sidecar: SidecarFactory) -> None:
     """#11.7. Guarantee: a release sent while a renewal is in flight uses the renewal's answer: no 412, and the
     lease is not extended by a whole TTL for an item nobody holds."""
-    # TTL 6: renewals every 2.25 s, each attempt given half of that: a slow renewal, not a failed one.
-    running = await start_sidecar(ttl_seconds=6, reattach_grace=0.0, liveness_window=0.0, release_ttl_seconds=1)
+    running = await start_sidecar(ttl_seconds=4, reattach_grace=0.0, liveness_window=0.0, release_ttl_seconds=1)
     watch, item = await running.take_one(api)
     await api.fault(operation="heartbeat", latency_ms=800, count=None)  # every renewal is slow
     before = len(await api.requests("heartbeat", item.work.id))

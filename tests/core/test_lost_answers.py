@@ -37,7 +37,7 @@ async def test_a_renewal_applied_whose_answer_was_lost_keeps_the_lease(
     """A heartbeat applied whose answer was lost (closed, garbage, a length with chunked, two lengths, dripped past
     the deadline) is followed by a renewal that echoes the old value and gets 412 for our own heartbeat: read,
     not believed. The sandbox hears nothing and the lease goes on."""
-    running = await start_sidecar(ttl_seconds=4)  # renewals every 2 s
+    running = await start_sidecar(ttl_seconds=6)  # renewals every 2.25 s, an attempt given half of that
     watch, item = await running.take_one(api)
     work_id = item.work.id
     await api.fault("heartbeat", after_apply=spoil, drip_ms=100)
@@ -58,7 +58,7 @@ async def test_a_claim_applied_whose_answer_was_lost_keeps_the_item(
 ) -> None:
     """A claiming heartbeat applied whose answer was lost: the claim sent again gets 412 (the item is active since
     our first claim) three times over; read, it is ours, and the item reaches the sandbox once and stays held."""
-    running = await start_sidecar(ttl_seconds=4, claim_timeout=3.0)
+    running = await start_sidecar(ttl_seconds=6, claim_timeout=3.0)
     await api.fault("heartbeat", after_apply=spoil, drip_ms=100)
     watch, item = await running.take_one(api)
     statuses = await _statuses(api, "heartbeat", item.work.id)
@@ -79,7 +79,7 @@ async def test_a_claim_applied_whose_answer_was_lost_keeps_the_item(
 async def test_an_ack_applied_whose_answer_was_lost_is_read_as_ours(api: Api, start_sidecar: SidecarFactory) -> None:
     """An ack applied whose answer was lost: its retry gets 409 (the item is `starting` since our ack). Read
     before anyone else could have been handed the item, it is ours: claimed and assigned, never redelivered."""
-    running = await start_sidecar(ttl_seconds=4)
+    running = await start_sidecar(ttl_seconds=6)
     await api.fault("ack", after_apply="lose")
     watch, item = await running.take_one(api)
     assert await _statuses(api, "ack", item.work.id) == [200, 409]
@@ -93,7 +93,7 @@ async def test_a_stray_second_answer_is_not_taken_for_the_claims(api: Api, start
     the ack, then a stray `200 {}` arrives while the claiming heartbeat (slow to apply) waits on the same
     connection. The `{}` is not a heartbeat's answer: the connection is closed, the claim's outcome is unknown,
     and the refusals of the claims sent again are read: the item is ours and reaches the sandbox."""
-    running = await start_sidecar(ttl_seconds=4, claim_timeout=3.0)
+    running = await start_sidecar(ttl_seconds=6, claim_timeout=3.0)
     await api.fault("ack", after_apply="twice", stray_delay_ms=100)
     await api.fault("heartbeat", latency_ms=400)  # the claim is applied after the stray answer arrived
     watch, item = await running.take_one(api)
@@ -113,7 +113,7 @@ async def test_a_stray_second_answer_is_not_taken_for_the_claims(api: Api, start
 async def test_a_lease_read_as_someone_elses_is_still_lost(api: Api, start_sidecar: SidecarFactory) -> None:
     """The doubt does not save a lease that is gone: a renewal's answer is dripped past its deadline and, before
     the renewal is sent again, the item goes back to the queue. The 412 is read: queued, not ours. LeaseLost."""
-    running = await start_sidecar(ttl_seconds=4)
+    running = await start_sidecar(ttl_seconds=6)
     watch, item = await running.take_one(api)
     work_id = item.work.id
     before = len(await _statuses(api, "heartbeat", work_id))

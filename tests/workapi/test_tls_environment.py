@@ -5,10 +5,13 @@ A real HTTPS server on loopback with a self-signed certificate: refused without 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from sidecar.workapi import RetryPolicies, RetryPolicy, TransportError, WorkApiClient
+from sidecar.workapi import RetryPolicies, RetryPolicy, TLSError, TransportError, WorkApiClient
 
 ENV = "env_tls"
 ONCE = RetryPolicies(default=RetryPolicy(max_attempts=1, deadline=10.0), per_operation={})
@@ -69,3 +72,57 @@ async def test_ssl_cert_file_is_honoured(
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     async with WorkApiClient(**options, http_backend=http_backend) as trusted:
         assert (await trusted.stats()).depth == 3
+
+
+async def test_a_tls_failure_names_the_certificate_problem_and_is_not_retried(
+    https_api: tuple[str, Path], http_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS refusal said "did not answer within 5 s: check --api-url" (its retries ran out the start-up check's
+    time) instead of naming the certificate problem."""
+    url, _ = https_api
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    retries = RetryPolicies(default=RetryPolicy(max_attempts=5, initial_backoff=0.5, deadline=10.0), per_operation={})
+    async with WorkApiClient(
+        provider="anthropic", api_key="k", environment_id=ENV, base_url=url, retry=retries, http_backend=http_backend
+    ) as client:
+        with pytest.raises(TLSError) as caught:
+            await client.stats()
+    assert caught.value.attempts == 1, "a certificate problem does not pass: not retried"
+    assert "certificate verify failed: self-signed certificate" in str(caught.value)
+    assert not caught.value.outcome_unknown, "never sent"
+
+
+def _serve(url: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    binary = Path(sys.executable).parent / "work-sidecar"
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    env.update({"WORK_SIDECAR_API_KEY": "k", **environ})
+    return subprocess.run(
+        [str(binary), "serve", "--api-url", url, "--environment-id", ENV, "--listen", "127.0.0.1:0"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+async def test_start_up_against_an_untrusted_certificate_is_one_line_naming_it(https_api: tuple[str, Path]) -> None:
+    """A TLS refusal at start said "did not answer within 5 s: check --api-url" once its retries ran past the
+    start-up check's time: a certificate problem is named at once, without retries."""
+    url, _ = https_api
+    result = await asyncio.to_thread(_serve, url)  # in a thread: the API answers on this test's event loop
+    line = _one_line(result)
+    assert "certificate verify failed: self-signed certificate" in line, line
+    assert "retrying" not in result.stderr, "a certificate problem is not retried"
+
+
+async def test_an_ssl_cert_file_that_does_not_exist_is_one_line_at_start(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.pem"
+    result = await asyncio.to_thread(_serve, "https://127.0.0.1:1", SSL_CERT_FILE=str(missing))
+    line = _one_line(result)
+    assert "SSL_CERT_FILE" in line and str(missing) in line
