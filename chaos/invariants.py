@@ -11,10 +11,10 @@ event lines and every process's output. Nothing here trusts the sidecar's own ac
   earlier sandbox was killed before the item came back (its work died with it), the item's lease was taken by
   someone else (lease theft), the fault proxy itself refused a renewal (a 404, 409 or 412 the Work API never sent,
   which the sidecar may believe), or the sidecar fenced by its clock (LeaseLost came once a whole fenced window,
-  TTL minus `sidecar._fencing.fence_margin`, had passed since the last renewal whose answer reached it intact,
-  as the fault proxy saw it). A run that finished its work (`stopping`) and is then given again counts too: its
-  stop was lost. This is what an answer lost after the Work API applied it costs when the sidecar believes the
-  next refusal: nobody holds the item at once twice, but it runs twice.
+  TTL minus `sidecar._fencing.fence_margin`, had passed since the start of the last claim or renewal call whose
+  answer reached it intact, as the fault proxy saw it). A run that finished its work (`stopping`) and is then given
+  again counts too: its stop was lost. This is what an answer lost after the Work API applied it costs when the
+  sidecar believes the next refusal: nobody holds the item at once twice, but it runs twice.
 - **stranded**: items not `stopped` after the settle phase (left `starting`, or never handed out again, or held
   forever), and items stopped though no sandbox ever held them.
 - **leaked**: distinct secrets (the API key, item secrets and their session tokens, lease tokens) found in any
@@ -174,7 +174,8 @@ class Witness:
     """What the fault proxy saw of an item's claims and renewals (epoch times of their arrival)."""
 
     intact: dict[str, list[float]] = field(default_factory=dict)
-    """Answered 200 and passed on intact within the renewal deadline: the successes the sidecar heard."""
+    """Answered 200 and passed on intact within the renewal deadline: the successes the sidecar heard (each when
+    the call it ended began)."""
     refused: dict[str, list[float]] = field(default_factory=dict)
     """Refused (404, 409, 412) by the proxy itself: refusals the sidecar may believe."""
 

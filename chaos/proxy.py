@@ -324,13 +324,22 @@ class Proxy:
         return None
 
     def intact_renewals(self, deadline: float) -> dict[str, list[float]]:
-        """Per item, the arrival times (epoch) of claims and renewals answered 200, passed on intact within
-        `deadline` seconds: the successes the sidecar heard."""
+        """Per item, for each claim or renewal answered 200 and passed on intact within `deadline` seconds (a
+        success the sidecar heard), when the call it ended began (epoch): the arrival of the first of the attempts
+        that failed just before it (a claim's since its first, a renewal's within `deadline`), else its own. A
+        sidecar may count its lease from the start of the call: a failed attempt's outcome may be unknown."""
         out: dict[str, list[float]] = {}
+        failed: dict[str, list[Event]] = {}  # per item, the attempts that failed since its last success
         for e in self.events:
+            if e.operation not in ("claim", "heartbeat") or not e.work_id:
+                continue
             intact = e.action == "pass" and e.status == 200 and e.took is not None and e.took <= deadline
-            if intact and e.operation in ("claim", "heartbeat") and e.work_id:
-                out.setdefault(e.work_id, []).append(e.at)
+            if not intact:
+                failed.setdefault(e.work_id, []).append(e)
+                continue
+            before = failed.pop(e.work_id, [])
+            same_call = [f.at for f in before if f.operation == e.operation == "claim" or e.at - f.at <= deadline]
+            out.setdefault(e.work_id, []).append(min([e.at, *same_call]))
         return out
 
     def invented_refusals(self) -> dict[str, list[float]]:

@@ -4,9 +4,9 @@ real `work-sidecar serve` behind the fault proxy, the real emulator, a real gRPC
 Each fault spoils exactly one renewal after the emulator applied it (the answer lost, cut off, garbled, framed
 against itself, followed by a stray second answer, the connection reset as it is reused). The sidecar's next
 attempt echoes the old `last_heartbeat` and is refused with 412 for its own heartbeat: believing that refusal
-tells the sandbox `LeaseLost` while the API shows the item active, and the item runs twice (issue 22, findings 1
-and 2). Every case failed on `467db17`; each must keep the lease: no `LeaseLost`, and two TTLs later the item is
-still active and renewed by the same sidecar.
+tells the sandbox `LeaseLost` while the API shows the item active, and the item runs twice (the review of
+`467db17`, findings 1 and 2: every case here failed there). Each must keep the lease: no `LeaseLost`, and the item
+is renewed twice more by the same sidecar.
 """
 
 from __future__ import annotations
