@@ -2,14 +2,14 @@
 
     .venv/bin/python -m bench.http_backends [--seconds 8] [--items 200] [--concurrency 32] [--layers]
 
-For each `--http-backend` (httptools, aiohttp, httpx) it claims `--items` items from an emulator in its own
+For each `--http-backend` (httptools, httpx) it claims `--items` items from an emulator in its own
 process, then (1) drives compare-and-swap heartbeats from `--concurrency` tasks for `--seconds` and reports
 heartbeats per second and this process's CPU per heartbeat, and (2) sends 300 heartbeats one at a time and reports
 their p50 latency. Every heartbeat must succeed (a 412 would mean a broken CAS and raises). This is what chose the
-default backend (first aiohttp over httpx, then the lean httptools exchange over aiohttp).
+default backend (the lean httptools exchange).
 
-`--layers` measures, on the same heartbeats, what each layer between the client and the socket costs (issue #13:
-httpx stays the interface unless a measurement proves a layer of it must go): the sidecar's client, a bare aiohttp
+`--layers` measures, on the same heartbeats, what each layer between the client and the socket costs (httpx stays
+the interface unless a measurement proves a layer of it must go): the sidecar's client, a bare aiohttp
 session, an httpx.Request handed to the httpx-aiohttp transport, and httpx.AsyncClient over that transport with and
 without trust_env (netrc and proxies looked up per request, in the thread pool).
 """

@@ -105,9 +105,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--auth-token",
          "bearer token required on every call but health and reflection (required on non-loopback TCP)"),
     Flag("--worker-id", "worker id sent to the Work API (default: random per process)"),
-    Flag("--http-backend", "HTTP transport for Work API requests: httptools (leanest; aiohttp when a proxy applies), "
-         "aiohttp or httpx",
-         choices=("httptools", "aiohttp", "httpx"), setting="WorkApiSettings.http_backend"),
+    Flag("--http-backend", "HTTP transport for Work API requests: httptools (leanest; httpx when a proxy applies) "
+         "or httpx (aiohttp: deprecated, httpx carries its requests)",
+         choices=("httptools", "httpx", "aiohttp"), setting="WorkApiSettings.http_backend"),
     Flag("--unready-after", "seconds of failing polls after which readiness turns NOT_SERVING", type=float,
          setting="ServerSettings.unready_after"),
     Flag("--startup-check", "seconds the Work API has to answer at start (0: no check)", type=float,

@@ -128,7 +128,7 @@ def test_unreachable_sidecar_errors_name_the_fix(tmp_path: Path) -> None:
 
 def test_the_http_backend_flag_offers_every_backend_of_the_client() -> None:
     """cli.py spells the choices out (importing the client would slow every `health` probe); they must not drift."""
-    from sidecar.workapi import HTTP_BACKENDS
+    from sidecar.workapi import DEPRECATED_BACKENDS, HTTP_BACKENDS
 
     [flag] = [flag for flag in cli.SERVE_FLAGS if flag.name == "--http-backend"]
-    assert flag.choices == HTTP_BACKENDS
+    assert flag.choices == (*HTTP_BACKENDS, *DEPRECATED_BACKENDS)

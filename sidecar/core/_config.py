@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..workapi import HTTP_BACKENDS, PROVIDERS, get_provider
+from ..workapi import DEPRECATED_BACKENDS, HTTP_BACKENDS, PROVIDERS, get_provider
 from ._policy import LeasePolicy, PollPolicy
 
 
@@ -36,8 +36,8 @@ class WorkApiSettings:
     """Worker id sent to the Work API (default: random per process)."""
     max_connections: int = 100
     http_backend: str = "httptools"
-    """The HTTP transport for Work API requests: httptools (default: the lean exchange, aiohttp when a proxy
-    applies), aiohttp, or httpx's own (`sidecar.workapi.HTTP_BACKENDS`)."""
+    """The HTTP transport for Work API requests: httptools (default: the lean exchange, httpx when a proxy applies)
+    or httpx (`sidecar.workapi.HTTP_BACKENDS`; `aiohttp` is a deprecated name for httpx)."""
     startup_check: float = 15.0
     """At start, one stats read must answer within this many seconds, or the sidecar exits with a one-line
     error naming the cause (URL, key or environment). 0: skip the check."""
@@ -52,7 +52,7 @@ class WorkApiSettings:
                 "--environment-id is not a valid id (letters, digits, '_' and '-', at most 128): "
                 "copy it from the environment's page"
             )
-        if self.http_backend not in HTTP_BACKENDS:
+        if self.http_backend not in HTTP_BACKENDS and self.http_backend not in DEPRECATED_BACKENDS:
             raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
         if self.max_connections < 2:
             raise ValueError("max connections must be at least 2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core import parse_listen
-from ..workapi import HTTP_BACKENDS, PROVIDERS
+from ..workapi import DEPRECATED_BACKENDS, HTTP_BACKENDS, PROVIDERS
 
 DEFAULT_LISTEN = "127.0.0.1:6000"
 
@@ -45,7 +45,7 @@ class ScalerConfig:
     def __post_init__(self) -> None:
         self._check_work_api_and_listen()
         self._check_readings()
-        if self.http_backend not in HTTP_BACKENDS:
+        if self.http_backend not in HTTP_BACKENDS and self.http_backend not in DEPRECATED_BACKENDS:
             raise ValueError(f"http backend must be one of {', '.join(HTTP_BACKENDS)}")
 
     def _check_work_api_and_listen(self) -> None:

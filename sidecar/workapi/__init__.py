@@ -25,11 +25,12 @@ from ._errors import (
 from ._models import HeartbeatResult, LeaseSnapshot, QueueStats, Work, WorkData, WorkPage, parse_time
 from ._retry import CONFLICT_IS_TRANSIENT, RetryPolicies, RetryPolicy, is_retryable
 from ._secret import SecretDecodeError, SessionCredentials, WorkSecret
-from ._transport import HTTP_BACKENDS, TLSSettingsError
+from ._transports import DEPRECATED_BACKENDS, HTTP_BACKENDS, TLSSettingsError
 
 __all__ = [
     "ANTHROPIC",
     "CONFLICT_IS_TRANSIENT",
+    "DEPRECATED_BACKENDS",
     "HTTP_BACKENDS",
     "NO_HEARTBEAT",
     "PROVIDERS",

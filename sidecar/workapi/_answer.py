@@ -1,6 +1,6 @@
-"""Decoding a Work API answer's body: bounded, strict JSON (issue #11, "every answer is validated").
+"""Decoding a Work API answer's body: bounded, strict JSON (every answer is validated).
 
-- Size: the transport stops reading past `max_bytes` (see `_transport.read_capped`); this module never sees more.
+- Size: the exchange stops reading past `max_bytes` (`_transports`); this module never sees more.
 - Numbers: NaN, Infinity and -Infinity (which Python's json accepts) are refused, and so is a float literal that
   overflows to an infinity (1e999). Out-of-range values and booleans where numbers belong are the models' checks.
 - Depth: at most `MAX_DEPTH` nested arrays/objects. Counting brackets (in C) bounds the depth from above, so the

@@ -48,7 +48,7 @@ from ._errors import (
 from ._models import HeartbeatResult, ModelError, QueueStats, Work, WorkPage, cursor_params
 from ._retry import RetryPolicies, RetryPolicy, is_retryable, retry_delay
 from ._secret import SecretDecodeError
-from ._transport import (
+from ._transports import (
     Answer,
     AnswerTooLarge,
     ConnectFailed,

@@ -25,7 +25,7 @@ from ..wire import (
 )
 from ._secret import WorkSecret
 
-# A JSON object: json.loads gives dicts, checked first (an exact-type check; the ABC's costs ~1 µs per call).
+# A JSON object: json.loads gives dicts, checked first (an exact-type check is cheaper than the ABC's).
 _OBJECT = (dict, Mapping)
 
 AFTER_ID_CURSOR = "after_id:"

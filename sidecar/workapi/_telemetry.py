@@ -70,7 +70,7 @@ _tracing: tuple[float, bool] = (-1.0, True)
 def tracing_off() -> bool:
     """No tracer provider installed (the default: nothing configured): spans would be no-ops, so none is made
     (one per request is measurable at thousands of heartbeats per second). OpenTelemetry is asked at most once a
-    second (asking reads the environment, ~1 % of the CPU at saturation, issue #13): a provider installed while
+    second (asking reads the environment, measurable at saturation): a provider installed while
     requests run is used within a second; once one is installed it stays (OpenTelemetry allows no other)."""
     global _tracing
     if not isinstance(_tracer, ProxyTracer):

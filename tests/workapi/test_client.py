@@ -312,7 +312,7 @@ async def test_a_drop_and_a_timeout_are_told_apart(emulator: Emu, make_client: C
     _, _, admin = emulator
     once = RetryPolicies(default=RetryPolicy(max_attempts=1, deadline=5.0), per_operation={})
     client = await make_client(retry=once, timeouts=Timeouts(read=0.3))
-    # Two drops: aiohttp itself resends an idempotent request once when a reused keep-alive connection turns
+    # Two drops: a client library may resend an idempotent request once when a reused keep-alive connection turns
     # out closed (RFC 9112 9.3.1); POSTs (ack, heartbeat, stop) it never resends.
     await fault(admin, operation="stats", drop=True, count=2)
     with pytest.raises(TransportError) as dropped:

@@ -1,18 +1,17 @@
-"""A lean HTTP/1.1 exchange: asyncio's own transports, httptools (llhttp) as the parser, nothing else per request.
+"""The lean HTTP/1.1 exchange (`--http-backend httptools`, the default): asyncio's own transports, httptools (llhttp)
+as the parser, nothing else per request.
 
-Why (issue #13, measured with `python -m bench.http_backends`): the Work API client's requests are small, to one
-origin, over keep-alive connections, and the sidecar's CPU per request was mostly aiohttp's request and response
-machinery (URL objects, header multidicts, the connector's bookkeeping, a stream reader per answer). This exchange
-writes one prebuilt request (the header block is encoded once per operation) with one `write` and feeds the
-answer's bytes to llhttp; the answer is complete when llhttp says so.
+The Work API client's requests are small, to one origin, over keep-alive connections: this exchange writes one
+prebuilt request (the header block is encoded once per operation) with one `write` and feeds the answer's bytes
+to llhttp; the answer is complete when llhttp says so (`python -m bench.http_backends` compares it with httpx).
 
-What it does not do, on purpose: proxies (`make_exchange` hands the request to aiohttp when HTTP(S)_PROXY applies
-to the Work API's URL), redirects, compression, cookies, `Expect: 100-continue`, pipelining. What it does as
-aiohttp did: a pool of at most `max_connections` keep-alive connections (idle ones closed after
-`KEEPALIVE_SECONDS`), TLS with the context `_ssl_context()` makes, a connect timeout, and the `max_bytes` cap (a
-declared length over it is refused before a byte of the body is read; an undeclared one stops at the cap). The
-whole exchange (a free connection, connecting, the answer) has `timeout` seconds; a connection whose exchange did
-not end cleanly (past its time, cancelled, broken) is closed, never reused.
+What it does not do, on purpose: proxies (`make_exchange` hands the requests to httpx when HTTP(S)_PROXY applies to
+the Work API's URL), redirects, compression, cookies, `Expect: 100-continue`, pipelining. What it does: a pool of
+at most `max_connections` keep-alive connections (idle ones closed after `KEEPALIVE_SECONDS`), TLS with the seam's
+context, a connect timeout, the `max_bytes` cap (a declared length over it is refused before a byte of the body is
+read; an undeclared one stops at the cap), and the `MAX_HEAD_BYTES` cap on the header block. The whole exchange (a
+free connection, connecting, the answer) has `timeout` seconds; a connection whose exchange did not end cleanly
+(past its time, cancelled, broken, bytes after the answer, an answer the client distrusts) is closed, never reused.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ._transport import (
+from ._base import (
     KEEPALIVE_SECONDS,
     MAX_HEAD_BYTES,
     Answer,
@@ -36,8 +35,8 @@ from ._transport import (
     ExchangeTimeout,
     ProtocolFailed,
     TLSFailed,
-    _detail,
-    _ssl_context,
+    detail,
+    ssl_context,
     tls_detail,
 )
 
@@ -139,7 +138,7 @@ class _Connection(asyncio.Protocol):
             if self._error is not None:  # raised by one of our callbacks (a cap, an abort)
                 self._fail(self._error)
             else:
-                self._fail(ProtocolFailed(f"not an HTTP/1.1 answer: {_detail(exc)}"))
+                self._fail(ProtocolFailed(f"not an HTTP/1.1 answer: {detail(exc)}"))
             return
         if self._in_head and self._waiter is not None:
             # llhttp keeps a header that spans reads in memory: bound what it may keep (one read over the cap).
@@ -257,7 +256,7 @@ class LeanExchange:
         host = f"[{self._host}]" if ":" in self._host else self._host.encode("idna").decode("ascii")
         default_port = (self._https and self._port == 443) or (not self._https and self._port == 80)
         self._host_line = f"host: {host if default_port else f'{host}:{self._port}'}\r\n".encode("ascii")
-        self._ssl: ssl.SSLContext | None = _ssl_context() if self._https else None
+        self._ssl: ssl.SSLContext | None = ssl_context() if self._https else None
         self._connect_timeout = connect_timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
@@ -370,7 +369,7 @@ class LeanExchange:
         except ssl.SSLError as exc:
             raise TLSFailed(tls_detail(exc)) from None
         except OSError as exc:
-            raise ConnectFailed(_detail(exc)) from None
+            raise ConnectFailed(detail(exc)) from None
         self._all.add(connection)
         return connection
 
@@ -390,9 +389,9 @@ class _Deadlines:
     `ExchangeTimeout` at most `GRAIN` seconds after its deadline.
 
     Not a timer per request (nor an asyncio.timeout, which makes one too): at saturation that is thousands of
-    timers a second, nearly all cancelled, each pushed on and later swept out of the loop's heap (~4 % of the
-    sidecar's CPU, issue #13). Here a request adds and removes one dict entry, and at most one timer per grain
-    fires, which looks at the few answers awaited (at most the pool's connections)."""
+    timers a second, nearly all cancelled, each pushed on and later swept out of the loop's heap. Here a request
+    adds and removes one dict entry, and at most one timer per grain fires, which looks at the few answers awaited
+    (at most the pool's connections)."""
 
     GRAIN = 0.02
 
