@@ -9,11 +9,12 @@ event lines and every process's output. Nothing here trusts the sidecar's own ac
 - **reworked**: items worked on twice, one run after the other: a sandbox was given the item again after an
   earlier run of it ended, though that run ended for no reason that allows a redelivery. The reasons that do: the
   earlier sandbox was killed before the item came back (its work died with it), the item's lease was taken by
-  someone else (lease theft), or the sidecar fenced by its clock (LeaseLost came once a whole fenced window,
-  TTL minus `sidecar._fencing.fence_margin`, had passed since the last renewal whose answer reached it intact,
-  as the fault proxy saw it). A run that finished its work (`stopping`) and is then given again counts too: its
-  stop was lost. This is what an answer lost after the Work API applied it costs when the sidecar believes the
-  next refusal: nobody holds the item at once twice, but it runs twice.
+  someone else (lease theft), the fault proxy itself refused a renewal (a 404, 409 or 412 the Work API never sent,
+  which the sidecar may believe), or the sidecar fenced by its clock (LeaseLost came once a whole fenced window,
+  TTL minus `sidecar._fencing.fence_margin`, had passed since the start of the last claim or renewal call whose
+  answer reached it intact, as the fault proxy saw it). A run that finished its work (`stopping`) and is then given
+  again counts too: its stop was lost. This is what an answer lost after the Work API applied it costs when the
+  sidecar believes the next refusal: nobody holds the item at once twice, but it runs twice.
 - **stranded**: items not `stopped` after the settle phase (left `starting`, or never handed out again, or held
   forever), and items stopped though no sandbox ever held them.
 - **leaked**: distinct secrets (the API key, item secrets and their session tokens, lease tokens) found in any
@@ -168,15 +169,29 @@ def renewal_deadline(ttl: float) -> float:
     return min(max(1.0, min(ttl / 2, 30.0)), 0.5 * (ttl - fence_margin(ttl)))
 
 
-def _excused(
-    earlier: Hold, later: Hold, stolen: dict[str, float], intact: dict[str, list[float]], ttl: float
-) -> str | None:
+@dataclass
+class Witness:
+    """What the fault proxy saw of an item's claims and renewals (epoch times of their arrival)."""
+
+    intact: dict[str, list[float]] = field(default_factory=dict)
+    """Answered 200 and passed on intact within the renewal deadline: the successes the sidecar heard (each when
+    the call it ended began)."""
+    refused: dict[str, list[float]] = field(default_factory=dict)
+    """Refused (404, 409, 412) by the proxy itself: refusals the sidecar may believe."""
+
+
+def _excused(earlier: Hold, later: Hold, stolen: dict[str, float], seen: Witness, ttl: float) -> str | None:
     """Why `earlier`'s end allows the item to be worked on again (None: nothing does)."""
     if earlier.killed_at is not None and earlier.killed_at <= later.start + TOLERANCE:
         return "killed"
     stolen_at = stolen.get(earlier.work_id)
     if stolen_at is not None and stolen_at <= later.start:
         return "stolen"
+    if earlier.end_kind == "lost" and any(
+        earlier.start - TOLERANCE <= t <= earlier.end for t in seen.refused.get(earlier.work_id, [])
+    ):
+        return "refused"
+    intact = seen.intact
     if earlier.end_kind == "lost":
         last = max((t for t in intact.get(earlier.work_id, []) if t <= earlier.end), default=None)
         if last is None or earlier.end >= last + ttl - fence_margin(ttl) - FENCE_SLACK:
@@ -185,11 +200,7 @@ def _excused(
 
 
 def _count_reworked(
-    by_item: dict[str, list[Hold]],
-    stolen: dict[str, float],
-    intact: dict[str, list[float]],
-    ttl: float,
-    verdict: Verdict,
+    by_item: dict[str, list[Hold]], stolen: dict[str, float], seen: Witness, ttl: float, verdict: Verdict
 ) -> None:
     """Items given to a sandbox again after a run of theirs ended for no reason that allows it."""
     for work_id, item_holds in by_item.items():
@@ -197,10 +208,12 @@ def _count_reworked(
         for earlier, later in itertools.pairwise(ordered):
             if later.start < earlier.end - TOLERANCE:
                 continue  # held at once: counted as duplicated
-            if _excused(earlier, later, stolen, intact, ttl) is None:
+            if _excused(earlier, later, stolen, seen, ttl) is None:
                 verdict.reworked += 1
+                last = max((t for t in seen.intact.get(work_id, []) if t <= earlier.end), default=None)
+                heard = "" if last is None else f", {earlier.end - last:.1f}s after the last renewal it heard"
                 verdict.notes.append(
-                    f"reworked {work_id}: {earlier.sandbox}'s run ended ({earlier.end_kind}) "
+                    f"reworked {work_id}: {earlier.sandbox}'s run ended ({earlier.end_kind}{heard}) "
                     f"{later.start - earlier.end:.1f}s before {later.sandbox} was given it again"
                 )
                 break
@@ -244,11 +257,11 @@ def check(
     stolen: dict[str, float] | None = None,
     theft_grace: float = 6.0,
     excluded: set[str] | None = None,
-    intact: dict[str, list[float]] | None = None,
+    seen: Witness | None = None,
     ttl: float = 4.0,
 ) -> Verdict:
-    """`intact`: per item, when each claim or renewal reached the fault proxy whose answer (200) reached the sidecar
-    intact and in time (`chaos.proxy.Proxy.intact_renewals`); `ttl`: the sidecar's `--ttl`."""
+    """`seen`: the fault proxy's account of the claims and renewals (`chaos.proxy.Proxy.intact_renewals`,
+    `invented_refusals`); `ttl`: the sidecar's `--ttl`."""
     verdict = Verdict(items=len(item_ids))
     wanted = set(item_ids) - (excluded or set())
     all_holds = [h for h in holds(sandboxes, time.time()) if h.work_id in wanted]
@@ -257,7 +270,7 @@ def check(
         by_item.setdefault(hold.work_id, []).append(hold)
 
     _count_duplicates(by_item, verdict)
-    _count_reworked(by_item, stolen or {}, intact or {}, ttl, verdict)
+    _count_reworked(by_item, stolen or {}, seen or Witness(), ttl, verdict)
     _count_lost(all_holds, lease_segments(log, *ttl_bounds), stolen or {}, theft_grace, verdict)
 
     held = {h.work_id for h in all_holds}

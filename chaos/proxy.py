@@ -60,6 +60,10 @@ ACTIONS = (
 )  # fmt: skip
 ALWAYS_FORWARDED = ("pass", "drip", "mutate", "late", "twice", "framing", "header_block")
 
+STALL = 0.25
+"""A request that arrives or is answered after the proxy's event loop stalled this long may have waited in it: its
+answer is not counted as one the sidecar heard in time (`Proxy.intact_renewals`)."""
+
 _WORK_PATH = re.compile(r"^/(?:v1|api/v1/cloud)/environments/(?P<env>[^/]+)/work(?P<rest>/.*)?$")
 
 
@@ -266,7 +270,10 @@ class Event:
     status: int = 0
     """The emulator's status (0: the request was not forwarded, or forwarding failed)."""
     took: float | None = None
-    """Seconds from the request's arrival to its answer handed over intact (`pass` only; None otherwise)."""
+    """Seconds from the request's arrival to its answer handed over intact (`pass` only, and no stall of the proxy
+    around it; None otherwise)."""
+    refused: bool = False
+    """The proxy answered 404, 409 or 412 itself (`status`): a refusal the Work API never made."""
 
 
 class Proxy:
@@ -282,6 +289,9 @@ class Proxy:
         self._rng = random.Random(seed)
         self._ids = 0
         self._closing = asyncio.Event()
+        self._tick = time.monotonic()
+        self.stalls: list[float] = []
+        """Seconds of each stall of this process's event loop longer than `STALL` (the proxy answered nothing)."""
         self._session: aiohttp.ClientSession | None = None
         self._strays: set[asyncio.Future[None]] = set()
         self._pending_strays: weakref.WeakKeyDictionary[asyncio.BaseTransport, bytes] = weakref.WeakKeyDictionary()
@@ -314,12 +324,29 @@ class Proxy:
         return None
 
     def intact_renewals(self, deadline: float) -> dict[str, list[float]]:
-        """Per item, the arrival times (epoch) of claims and renewals answered 200, passed on intact within
-        `deadline` seconds: the successes the sidecar heard."""
+        """Per item, for each claim or renewal answered 200 and passed on intact within `deadline` seconds (a
+        success the sidecar heard), when the call it ended began (epoch): the arrival of the first of the attempts
+        that failed just before it (a claim's since its first, a renewal's within `deadline`), else its own. A
+        sidecar may count its lease from the start of the call: a failed attempt's outcome may be unknown."""
+        out: dict[str, list[float]] = {}
+        failed: dict[str, list[Event]] = {}  # per item, the attempts that failed since its last success
+        for e in self.events:
+            if e.operation not in ("claim", "heartbeat") or not e.work_id:
+                continue
+            intact = e.action == "pass" and e.status == 200 and e.took is not None and e.took <= deadline
+            if not intact:
+                failed.setdefault(e.work_id, []).append(e)
+                continue
+            before = failed.pop(e.work_id, [])
+            same_call = [f.at for f in before if f.operation == e.operation == "claim" or e.at - f.at <= deadline]
+            out.setdefault(e.work_id, []).append(min([e.at, *same_call]))
+        return out
+
+    def invented_refusals(self) -> dict[str, list[float]]:
+        """Per item, the arrival times (epoch) of claims and renewals the proxy itself refused (404, 409, 412)."""
         out: dict[str, list[float]] = {}
         for e in self.events:
-            intact = e.action == "pass" and e.status == 200 and e.took is not None and e.took <= deadline
-            if intact and e.operation in ("claim", "heartbeat") and e.work_id:
+            if e.refused and e.operation in ("claim", "heartbeat") and e.work_id:
                 out.setdefault(e.work_id, []).append(e.at)
         return out
 
@@ -343,10 +370,12 @@ class Proxy:
         self.url = f"http://{host}:{bound[1]}"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        ticker = asyncio.ensure_future(self._ticking())
         try:
             yield self.url
         finally:
             self._closing.set()
+            ticker.cancel()
             await self._session.close()
             await runner.cleanup()
 
@@ -389,6 +418,18 @@ class Proxy:
                 if isinstance(token, str) and token:
                     self.secrets.add(token)
 
+    async def _ticking(self) -> None:
+        """Notes when this process's event loop last ran (and each stall longer than `STALL`)."""
+        while True:
+            now = time.monotonic()
+            if now - self._tick > STALL:
+                self.stalls.append(now - self._tick)
+            self._tick = now
+            await asyncio.sleep(0.05)
+
+    def _stalled(self) -> bool:
+        return time.monotonic() - self._tick > STALL
+
     def _reused(self, request: web.Request) -> bool:
         """Whether this request came on a connection that carried an earlier one (and count it)."""
         transport = request.transport
@@ -403,12 +444,14 @@ class Proxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
+        stalled = self._stalled()  # the request may have waited for the loop
         reused = self._reused(request)
         body = await request.read()
         operation, _env, work_id = classify(request.method, request.path, dict(request.query))
         rule = self._match(operation, work_id, reused) if operation is not None else None
         action = rule.action if rule is not None else "pass"
         event = Event(time.time(), operation or "", work_id, action, rule.id if rule else None, reused)
+        event.refused = action == "status" and rule is not None and rule.status in (404, 409, 412)
         if operation is not None:
             self.events.append(event)
         if rule is not None and rule.latency:
@@ -426,7 +469,8 @@ class Proxy:
             if operation == "poll":
                 self._collect_secret(data)
         if rule is None or action == "pass":
-            event.took = time.monotonic() - arrived
+            if not (stalled or self._stalled()):
+                event.took = time.monotonic() - arrived
             return web.Response(status=status, body=data, headers=headers)
         return await self._answer(request, rule, work_id, status, headers, data)
 

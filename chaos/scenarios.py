@@ -348,13 +348,23 @@ STRAY: list[dict[str, Any]] = [
 ]
 """An answer that does not belong to its request (or has no clear end), after the Work API applied the request."""
 
+RESETS: list[dict[str, Any]] = [{"action": "reset", "forward_first": True}, {"action": "reset"}]
+"""A load balancer resets a kept-alive connection as the client reuses it: after or before the request went on."""
 
-def after_apply(faults: list[dict[str, Any]], operations: list[str] = EVERY_OPERATION, every: float = 0.4) -> Action:
+
+def after_apply(
+    faults: list[dict[str, Any]],
+    operations: list[str] = EVERY_OPERATION,
+    every: float = 0.4,
+    extra: list[dict[str, Any]] | None = None,
+) -> Action:
     """Once an item is active, every `every` seconds the next request of the next operation meets the next fault
-    (all pairs in turn: the two lists' lengths are coprime)."""
+    (all pairs in turn: the two lists' lengths are coprime); `extra` rules hold for the whole phase."""
 
     async def act(ctx: Context) -> None:
         index = 0
+        for spec in extra or []:
+            ctx.proxy.add(Rule(duration=ctx.phase, **spec))
 
         async def step() -> None:
             nonlocal index
@@ -380,7 +390,8 @@ async def crash_loop(ctx: Context) -> None:
             ctx.errors.append(f"a restarted sidecar did not serve: {str(exc)[-300:]}")
             raise
 
-    await asyncio.sleep(min(3.0, ctx.phase / 3))
+    await wait_for(ctx.active_items, timeout=20, interval=0.2)  # the first kill finds leases to carry over
+    await asyncio.sleep(1.0)
     await during(ctx, step, 4.0)
 
 
@@ -504,10 +515,14 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(
         "lb-resets",
-        "a kept-alive connection is reset as it is reused: 20 % before the request is sent on, 20 % after",
-        rules(
-            {"action": "reset", "forward_first": True, "probability": 0.2},
-            {"action": "reset", "probability": 0.25},
+        "every operation in turn finds its kept-alive connection reset as it reuses it, before the request is sent "
+        "on or after the Work API applied it; and a fifth of all reused connections reset",
+        after_apply(
+            RESETS,
+            extra=[
+                {"action": "reset", "forward_first": True, "probability": 0.1},
+                {"action": "reset", "probability": 0.1},
+            ],
         ),
     ),
     Scenario(
@@ -554,7 +569,13 @@ def injected(events: list[Event]) -> str | None:
 
 
 async def _judge(
-    ctx: Context, emulator: Emulator, proxy: Proxy, procs: Processes, secrets_before: set[str], events_from: int
+    ctx: Context,
+    emulator: Emulator,
+    proxy: Proxy,
+    procs: Processes,
+    secrets_before: set[str],
+    events_from: int,
+    stalls_from: int,
 ) -> invariants.Verdict:
     """The invariants over everything the scenario left: the request log, the items, every process's output."""
     env = ctx.env
@@ -574,7 +595,7 @@ async def _judge(
         ttl_bounds=(MIN_TTL, MAX_TTL, DEFAULT_TTL),
         stolen=ctx.stolen,
         excluded=ctx.excluded,
-        intact=proxy.intact_renewals(invariants.renewal_deadline(ctx.ttl)),
+        seen=invariants.Witness(proxy.intact_renewals(invariants.renewal_deadline(ctx.ttl)), proxy.invented_refusals()),
         ttl=ctx.ttl,
     )
     unknown = [
@@ -594,6 +615,9 @@ async def _judge(
     errors = [e for e in ctx.errors if e]
     verdict.errors = len(errors)
     faults = injected(proxy.events[events_from:])
+    stalls = proxy.stalls[stalls_from:]
+    if stalls:
+        ctx.notes.append(f"the fault proxy's event loop stalled {len(stalls)} time(s), at most {max(stalls):.1f}s")
     verdict.notes = errors + ctx.notes + verdict.notes + ([faults] if faults else [])
     return verdict
 
@@ -627,7 +651,7 @@ async def run_scenario(
     )
     proxy.clear()
     secrets_before = set(proxy.secrets)
-    events_from = len(proxy.events)
+    events_from, stalls_from = len(proxy.events), len(proxy.stalls)
     await ctx.start_sidecar()
     for index in range(scenario.sandboxes):
         ctx.start_sandbox(hold=scenario.hold, max_in_flight=2, keepalive=scenario.keepalive or index == 0)
@@ -653,4 +677,4 @@ async def run_scenario(
         if sidecar.child.alive():
             await sidecar.child.terminate(15)
 
-    return await _judge(ctx, emulator, proxy, procs, secrets_before, events_from)
+    return await _judge(ctx, emulator, proxy, procs, secrets_before, events_from, stalls_from)

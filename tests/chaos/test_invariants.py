@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from chaos.invariants import check, holds, secrets_found, uncovered
+from chaos.invariants import Witness, check, holds, secrets_found, uncovered
 
 
 def at(t: float) -> str:
@@ -78,7 +78,7 @@ def test_a_run_after_a_lost_lease_the_api_still_granted_is_reworked() -> None:
     b = [{"ev": "assigned", "work_id": "w1", "t": T0 + 6}, {"ev": "stopping", "work_id": "w1", "t": T0 + 7}]
     log = [hb("w1", T0 - 0.01, 4), hb("w1", T0 + 2, 4), hb("w1", T0 + 5.9, 4)]
     intact = {"w1": [T0 - 0.01, T0 + 1.2]}  # the renewal at T0 + 2 was applied, its answer lost
-    verdict = run([("a", a, None), ("b", b, None)], log, intact=intact, ttl=4)
+    verdict = run([("a", a, None), ("b", b, None)], log, seen=Witness(intact), ttl=4)
     assert verdict.reworked == 1 and verdict.duplicated == 0 and verdict.lost == 0
     assert not verdict.clean and "reworked w1" in verdict.notes[0]
 
@@ -88,12 +88,14 @@ def test_a_redelivery_the_fence_clock_or_a_kill_or_a_theft_explains_is_not_rewor
     b = [{"ev": "assigned", "work_id": "w1", "t": T0 + 6}, {"ev": "stopping", "work_id": "w1", "t": T0 + 7}]
     log = [hb("w1", T0 - 0.01, 4), hb("w1", T0 + 5.9, 4)]
     # no intact renewal since T0: at TTL 4 the sidecar fences 2.5 s after it (fence margin 1.5 s)
-    fenced = run([("a", a, None), ("b", b, None)], log, intact={"w1": [T0 - 0.01]}, ttl=4)
-    assert fenced.reworked == 0
+    seen = Witness({"w1": [T0 - 0.01]})
+    assert run([("a", a, None), ("b", b, None)], log, seen=seen, ttl=4).reworked == 0
     early = [{"ev": "assigned", "work_id": "w1", "t": T0}, {"ev": "lost", "work_id": "w1", "t": T0 + 1.0}]
-    assert run([("a", early, None), ("b", b, None)], log, intact={"w1": [T0 - 0.01]}, ttl=4).reworked == 1
-    assert run([("a", early, T0 + 3), ("b", b, None)], log, intact={"w1": [T0 - 0.01]}, ttl=4).reworked == 0
-    assert run([("a", early, None), ("b", b, None)], log, intact={"w1": [T0]}, stolen={"w1": T0 + 0.5}).reworked == 0
+    assert run([("a", early, None), ("b", b, None)], log, seen=seen, ttl=4).reworked == 1
+    assert run([("a", early, T0 + 3), ("b", b, None)], log, seen=seen, ttl=4).reworked == 0  # killed
+    assert run([("a", early, None), ("b", b, None)], log, seen=seen, stolen={"w1": T0 + 0.5}).reworked == 0
+    refused = Witness({"w1": [T0 - 0.01]}, {"w1": [T0 + 0.9]})  # a 412 the proxy made up
+    assert run([("a", early, None), ("b", b, None)], log, seen=refused, ttl=4).reworked == 0
 
 
 def test_a_finished_run_given_again_is_reworked() -> None:

@@ -244,3 +244,19 @@ async def test_hang_and_late_after_the_request_was_applied(emulator: Emulator, p
         assert heartbeat.status_code == 200
     intact = proxy.intact_renewals(deadline=0.5)
     assert len(intact[work_id]) == 1, "the late claim is not a success the client heard in time; the renewal is"
+
+
+async def test_a_success_counts_from_the_first_failed_attempt_of_its_call(emulator: Emulator, proxy: Proxy) -> None:
+    """The fence clock of a claim that succeeded on its second attempt starts at the first (refused 503)."""
+    async with httpx.AsyncClient(base_url=proxy.url or "", headers=HEADERS, timeout=10) as http:
+        work_id = await _acked(emulator, http)
+        await http.post(f"{BASE}/{work_id}/ack")
+        proxy.add(operation="claim", action="status", status=503, count=1)
+        claim = {"expected_last_heartbeat": "NO_HEARTBEAT"}
+        assert (await http.post(f"{BASE}/{work_id}/heartbeat", params=claim)).status_code == 503
+        await asyncio.sleep(0.3)
+        claimed = await http.post(f"{BASE}/{work_id}/heartbeat", params=claim)
+        assert claimed.status_code == 200
+    first, second = (e.at for e in proxy.events if e.operation == "claim")
+    assert second - first >= 0.3
+    assert proxy.intact_renewals(deadline=1.0) == {work_id: [first]}
