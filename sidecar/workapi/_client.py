@@ -328,15 +328,15 @@ class WorkApiClient:
         try:
             return parser(body)
         except ModelError as exc:
-            raise ResponseError(f"{operation}: unexpected response: {exc}", operation=operation) from None
+            raise _unexpected(f"{operation}: unexpected response: {exc}", operation) from None
 
     def _parse_work(self, body: Any, operation: str, work_id: str | None = None) -> Work:
         """A work object whose id is a valid id (and the one asked about, when the request named one)."""
         work = self._parse(Work.from_json, body, operation)
         if not self.provider.id_pattern.match(work.id):
-            raise ResponseError(f"{operation}: the answer's work id is not a valid id", operation=operation)
+            raise _unexpected(f"{operation}: the answer's work id is not a valid id", operation)
         if work_id is not None and work.id != work_id:
-            raise ResponseError(f"{operation}: the answer is about another work item", operation=operation)
+            raise _unexpected(f"{operation}: the answer is about another work item", operation)
         return work
 
     async def _call(
@@ -559,6 +559,14 @@ def _quote(value: str) -> str:
     """`quote(value, safe="")`: one `str.translate` (in C) for ASCII values, such as the `last_heartbeat` echoed on
     every heartbeat; `quote`'s own path calls a function per character of a value that needs escaping."""
     return value.translate(_QUERY_ESCAPES) if value.isascii() else quote(value, safe="")
+
+
+def _unexpected(message: str, operation: str) -> ResponseError:
+    """A success status whose body is not the answer the operation promises: the Work API answered, so it may well
+    have applied the request (`maybe_applied`), and a refusal that follows is settled by reading, not believed."""
+    error = ResponseError(message, operation=operation)
+    error.maybe_applied = True
+    return error
 
 
 def _log_retry(operation: str, attempt: int, failed: WorkApiError, wait: float) -> None:

@@ -39,16 +39,7 @@ FAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _param(name: str) -> Any:
-    if name in ("ttl-1e20", "no-last-heartbeat"):
-        # A 200 whose body fails validation raises ResponseError from `WorkApiClient._parse`, after the call's
-        # retry loop, so `maybe_applied` is never set on it and the next renewal's 412 is believed.
-        reason = "a 200 with an invalid body is not marked maybe_applied (sidecar/workapi/_client.py, _parse)"
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-    return name
-
-
-@pytest.mark.parametrize("fault", [_param(n) for n in FAULTS])
+@pytest.mark.parametrize("fault", list(FAULTS))
 async def test_a_renewal_applied_whose_answer_was_spoiled_keeps_the_lease(
     emulator: Emulator, proxy: Proxy, sidecar: Any, fault: str
 ) -> None:
