@@ -37,6 +37,7 @@ from ..workapi import (
     BadRequestError,
     NotFoundError,
     PermissionDeniedError,
+    TLSError,
     TransportError,
     WorkApiClient,
     WorkApiError,
@@ -194,7 +195,8 @@ class Sidecar:
 
         A Work API that cannot be reached yet (a mesh proxy not up, DNS not ready) does not stop the start: the
         sidecar serves with readiness NOT_SERVING and asks again with backoff; polling starts once it answers.
-        One that answers by refusing the key or the environment fails the start, whenever it answers."""
+        One that answers by refusing the key or the environment, or whose TLS certificate is not trusted, fails the
+        start, whenever it answers."""
         if self.state is not Lifecycle.NEW:
             raise RuntimeError(f"start() on a sidecar that is {self.state.value}")
         try:
@@ -278,6 +280,8 @@ class Sidecar:
                 f"the Work API at {url} refused environment {self.client.environment_id!r} "
                 f"({exc.status_code} {exc.error_type}): check --environment-id and the key's permissions"
             ) from None
+        except TLSError as exc:  # a certificate problem does not pass by itself: a refusal, not an outage
+            raise StartupError(f"the Work API at {url} failed TLS: {exc}: check SSL_CERT_FILE / SSL_CERT_DIR") from None
         except TransportError as exc:
             raise WorkApiUnreachable(f"cannot connect to {url}: {exc}") from None
         except WorkApiError as exc:
