@@ -118,9 +118,8 @@ class LeasePolicy:
     def attempt_timeout(self, budget: float) -> float:
         """Seconds one heartbeat attempt may take within a renewal's `budget`: half of it, so that an answer dripped
         or lost past it leaves time for another attempt (whose refusal, if the first was applied, is settled by
-        reading). A budget too short for two attempts of `MIN_ATTEMPT_SECONDS` (a loaded host answers slowly) goes
-        whole to one attempt: cutting it would only make a slow answer late, with no time left to ask again."""
-        return budget if budget < 2 * MIN_ATTEMPT_SECONDS else budget / 2
+        reading); but at least `MIN_ATTEMPT_SECONDS` (a loaded host answers slowly), never more than the budget."""
+        return min(budget, max(budget / 2, MIN_ATTEMPT_SECONDS))
 
     def retry_delay(self, ttl_seconds: float, rng: random.Random | None = None) -> float:
         low, high = self.retry_jitter
