@@ -13,7 +13,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 PIP         := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: help venv proto config-docs lint typecheck buf-lint test test-fast run bench bench-quick chaos chaos-quick polyglot-deps clean
+.PHONY: help venv proto config-docs lint typecheck buf-lint test test-bench test-fast run bench bench-quick chaos chaos-quick polyglot-deps clean
 .PHONY: monitoring-deps telemetry-docs image image-test
 
 help:
@@ -77,11 +77,15 @@ buf-lint:
 	elif [ -n "$$WORK_SIDECAR_REQUIRE_POLYGLOT" ]; then echo "buf is missing (run make polyglot-deps)"; exit 1; \
 	else echo "==> buf lint skipped: buf is not installed (make polyglot-deps installs it)"; fi
 
-# Two workers: the suite mostly waits on real processes (about 3 CPU-minutes in 10 wall-minutes serially). The
-# `slow` attacks (tests that take 20-40 s each) run with `make chaos` instead, so `make test` stays within 10 minutes.
+# Two workers: the suite mostly waits on real processes. The `slow` tests (long attacks, and the bench's smoke and
+# fleet runs, minutes of real processes each) run with `make chaos` instead, so `make test` stays within 10 minutes;
+# `make test-bench` runs the bench's, and .ci/run calls it after `make test`.
 PYTEST_WORKERS ?= 2
 test: lint typecheck buf-lint $(TEST_STAMP)
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow"
+
+test-bench: $(TEST_STAMP)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m slow tests/bench
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/pytest -x -q -m "not polyglot"

@@ -45,7 +45,7 @@ make bench         # the full run, then the fleet: bench/results/ and this page
 make bench-quick   # the same figures at small sizes
 ```
 
-<!-- not-run: takes 30-170 s; tests/bench/test_quick.py runs it -->
+<!-- not-run: takes 30-170 s; tests/bench/test_quick.py runs it (make test-bench) -->
 ```sh
 .venv/bin/python -m bench --smoke --out /tmp/b   # tiny sizes, to see that the harness works
 ```

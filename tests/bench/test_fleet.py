@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("matplotlib")
 
 
+@pytest.mark.slow  # minutes of real processes: `make chaos` and .ci/run run it, `make test` does not
 @pytest.mark.timeout(180)
 def test_fleet_smoke_run(tmp_path: Path) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}

@@ -29,6 +29,7 @@ def _numbers(value: object) -> list[object]:
     return [value]
 
 
+@pytest.mark.slow  # minutes of real processes: `make chaos` and .ci/run run it, `make test` does not
 @pytest.mark.timeout(180)
 def test_smoke_run_writes_every_figure(tmp_path: Path, short_dir: str) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
