@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -568,6 +571,16 @@ def injected(events: list[Event]) -> str | None:
     return "faults injected: " + ", ".join(f"{op} {action} {n}" for (op, action), n in sorted(counts.items()))
 
 
+def _write_trace(path: Path, events: list[Event], log: list[dict[str, Any]]) -> None:
+    """What the fault proxy saw and what the Work API logged, one JSON line each, beside the children's logs: the
+    first thing to read when a scenario fails."""
+    with path.open("w") as out:
+        for e in events:
+            out.write(json.dumps({"source": "proxy", **dataclasses.asdict(e)}) + "\n")
+        for entry in log:
+            out.write(json.dumps({"source": "api", **entry}, default=str) + "\n")
+
+
 async def _judge(
     ctx: Context,
     emulator: Emulator,
@@ -614,6 +627,7 @@ async def _judge(
         verdict.notes.append(f"{tracebacks} traceback(s) in the sidecar's output")
     errors = [e for e in ctx.errors if e]
     verdict.errors = len(errors)
+    _write_trace(procs.directory / f"trace-{env}.jsonl", proxy.events[events_from:], log)
     faults = injected(proxy.events[events_from:])
     stalls = proxy.stalls[stalls_from:]
     if stalls:
