@@ -110,6 +110,8 @@ class _Operation:
     """The URL template for spans (no ids)."""
     headers: Mapping[str, str]
     policy: RetryPolicy
+    lane: asyncio.Semaphore
+    """The requests of this kind in flight at once: heartbeats have a lane of their own (see `WorkApiClient`)."""
 
 
 class WorkApiClient:
@@ -130,6 +132,7 @@ class WorkApiClient:
         timeouts: Timeouts | None = None,
         retry: RetryPolicies | None = None,
         max_connections: int = 100,
+        heartbeat_connections: int = 64,
         http_backend: str = "httptools",
         transport: httpx.AsyncBaseTransport | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
@@ -144,6 +147,8 @@ class WorkApiClient:
         self.max_response_bytes = max_response_bytes
         if max_response_bytes < 1024:
             raise ValueError("max_response_bytes must be at least 1024")
+        if max_connections < 1 or heartbeat_connections < 1:
+            raise ValueError("max_connections and heartbeat_connections must be at least 1")
         headers = {"user-agent": "work-sidecar/0.1", "accept": "application/json", **self.provider.extra_headers}
         headers[self.provider.worker_id_header.lower()] = self.worker_id
         if self.provider.credential_styles[0] is CredentialStyle.BEARER:
@@ -155,6 +160,10 @@ class WorkApiClient:
         """The values masked in every error text (an ordered set: the key, then the latest items' secrets)."""
         with_body = {**headers, "content-type": "application/json"}
         prefix = self.provider.work_path(self.environment_id)
+        # Two lanes over one pool: heartbeats (claims, renewals, releases) never wait for a connection behind polls,
+        # acks, stops or a sandbox's reads, which could otherwise hold every connection while leases run out.
+        lanes = {"heartbeat": asyncio.Semaphore(heartbeat_connections)}
+        others = asyncio.Semaphore(max_connections)
         self._operations = {
             name: _Operation(
                 name=name,
@@ -163,13 +172,14 @@ class WorkApiClient:
                 route=self.provider.path_prefix + spec.route,
                 headers=with_body if name in ("stop", "update") else headers,  # the two with a JSON body
                 policy=self.retry.for_operation(name),
+                lane=lanes.get(name, others),
             )
             for name, spec in OPERATIONS.items()
         }
         self._exchange = make_exchange(
             http_backend,
             base_url=self.base_url,
-            max_connections=max_connections,
+            max_connections=max_connections + heartbeat_connections,
             connect_timeout=self.timeouts.connect,
             transport=transport,
         )
@@ -254,9 +264,9 @@ class WorkApiClient:
         body = await self._call("stop", work_id, json={"force": force})
         return self._parse_work(body, "stop", work_id)
 
-    async def get(self, work_id: str) -> Work:
-        """Read an item (its secret is always null here)."""
-        body = await self._call("get", work_id)
+    async def get(self, work_id: str, *, deadline: float | None = None) -> Work:
+        """Read an item (its secret is always null here); `deadline`: seconds for the read and its retries at most."""
+        body = await self._call("get", work_id, deadline=deadline)
         return self._parse_work(body, "get", work_id)
 
     async def update_metadata(self, work_id: str, metadata: Mapping[str, str | None]) -> Work:
@@ -357,6 +367,8 @@ class WorkApiClient:
             url += "?" + "&".join(f"{key}={_quote(value)}" for key, value in params.items())
         body = None if json is None else jsonlib.dumps(json, separators=(",", ":")).encode()
         attempt_timeout = read_timeout or self.timeouts.read
+        if total <= 0:  # a caller's deadline already passed: nothing is sent
+            raise self._exchange_error(operation, 0.0, ConnectFailed("no time left to send it"))
         started = time.monotonic()
         try:
             return await self._send_once(op, url, body, min(attempt_timeout, total), 1, work_id)
@@ -441,10 +453,27 @@ class WorkApiClient:
         operation = op.name
         with _telemetry.request_span(operation, op.method, op.route, self.provider.name, attempt) as span:
             started = time.monotonic()
+            lane = op.lane
             try:
-                answer = await self._exchange.send(
-                    op.method, url, op.headers, body, self.max_response_bytes, timeout=limit
-                )
+                if lane.locked():  # the lane is full: wait for a turn within the attempt's limit
+                    try:
+                        async with asyncio.timeout(limit):
+                            await lane.acquire()
+                    except TimeoutError:
+                        raise ConnectFailed("no free connection in time") from None
+                else:
+                    await lane.acquire()  # free: no suspension, no timer
+                try:
+                    answer = await self._exchange.send(
+                        op.method,
+                        url,
+                        op.headers,
+                        body,
+                        self.max_response_bytes,
+                        timeout=limit - (time.monotonic() - started),
+                    )
+                finally:
+                    lane.release()
             except ExchangeError as exc:
                 span.failed(_FAILURE_NAMES.get(type(exc), exc.kind))
                 raise self._exchange_error(operation, limit, exc) from None
