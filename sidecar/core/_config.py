@@ -36,6 +36,8 @@ class WorkApiSettings:
     worker_id: str | None = None
     """Worker id sent to the Work API (default: random per process)."""
     max_connections: int = 100
+    """Connections to the Work API for polls, acks, stops and the sandboxes' reads; heartbeats have a lane of
+    their own beside them (`LeasePolicy.heartbeat_concurrency` connections), so no other request holds them up."""
     http_backend: str = "httptools"
     """The HTTP transport for Work API requests: httptools (default: the lean exchange, httpx when a proxy applies)
     or httpx (`sidecar.workapi.HTTP_BACKENDS`; `aiohttp` is a deprecated name for httpx)."""

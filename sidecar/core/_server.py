@@ -108,6 +108,7 @@ class Sidecar:
                 base_url=api.api_url or None,
                 worker_id=api.worker_id,
                 max_connections=api.max_connections,
+                heartbeat_connections=policy.heartbeat_concurrency,
                 http_backend=api.http_backend,
             )
             self._exit.push_async_callback(client.aclose)
@@ -130,8 +131,9 @@ class Sidecar:
         self.leases = Leases([telemetry.TelemetryObserver(), self.dispatcher], tokens=tokens)
         if self.journal is not None:
             self.leases.observe(self.journal.observer)
-        heartbeats = min(policy.heartbeat_concurrency, api.max_connections - polling.max_pollers)
-        self.leaser = Leaser(client, policy, self.leases, concurrency=heartbeats, supervisor=self.supervisor)
+        self.leaser = Leaser(
+            client, policy, self.leases, concurrency=policy.heartbeat_concurrency, supervisor=self.supervisor
+        )
         self.stops = Stops(client, policy, self.leases, supervisor=self.supervisor)
         self.liveness = Liveness(policy, self.leases, self.leaser, self.stops)
         self.leases.observe(self.liveness)

@@ -62,15 +62,17 @@ class Settled:
     unreadable: bool = False
 
 
-async def read_lease(client: WorkApiClient, work_id: str, refusal: WorkApiError) -> tuple[LeaseSnapshot, bool] | None:
-    """The lease's current state: the refusal's `current_state` (exact), else a GET (not exact); None when the
-    read failed."""
+async def read_lease(
+    client: WorkApiClient, work_id: str, refusal: WorkApiError, *, deadline: float | None = None
+) -> tuple[LeaseSnapshot, bool] | None:
+    """The lease's current state: the refusal's `current_state` (exact), else a GET within `deadline` seconds (not
+    exact); None when the read failed."""
     if isinstance(refusal, PreconditionFailedError):
         snapshot = refusal.current_state
         if snapshot is not None and snapshot.state is not None:
             return snapshot, True
     try:
-        work = await client.get(work_id)
+        work = await client.get(work_id, deadline=deadline)
     except WorkApiError as exc:
         log.warning("cannot read the item to settle a refused heartbeat", extra={"work_id": work_id, "error": str(exc)})
         return None
@@ -85,11 +87,18 @@ async def read_lease(client: WorkApiClient, work_id: str, refusal: WorkApiError)
 
 
 async def settle(
-    client: WorkApiClient, work_id: str, refusal: WorkApiError, *, echoed: str, echoed_exact: bool = True
+    client: WorkApiClient,
+    work_id: str,
+    refusal: WorkApiError,
+    *,
+    echoed: str,
+    echoed_exact: bool = True,
+    deadline: float | None = None,
 ) -> Settled:
     """Settle a heartbeat refused after a doubt. `echoed`: the `expected_last_heartbeat` the refused heartbeat sent
-    (NO_HEARTBEAT for a claim); `echoed_exact` False when it was adopted from a GET."""
-    read = await read_lease(client, work_id, refusal)
+    (NO_HEARTBEAT for a claim); `echoed_exact` False when it was adopted from a GET; `deadline`: seconds the read
+    may take (a renewal's read ends at its lease's fencing point)."""
+    read = await read_lease(client, work_id, refusal, deadline=deadline)
     if read is None:
         return Settled(unreadable=True)
     snapshot, exact = read
@@ -129,7 +138,7 @@ async def ack_settled(client: WorkApiClient, work_id: str, *, exclusive_until: f
     have been handed it (`exclusive_until`, time.monotonic(): see `exclusive_until`), so our ack landed; False when
     it shows another state by then; None when that cannot be told (the read failed, or came too late)."""
     try:
-        work = await client.get(work_id)
+        work = await client.get(work_id, deadline=exclusive_until - time.monotonic())
     except WorkApiError as exc:
         log.warning("cannot read the item to settle a refused ack", extra={"work_id": work_id, "error": str(exc)})
         return None

@@ -2,8 +2,9 @@
 
 One scheduler task and a heap of due times serve every lease (10,000 leases are 10,000 heap entries,
 not 10,000 sleeping tasks). Due leases queue for at most `concurrency` renewal workers, started as the queue
-needs them (a worker per renewal would be a task, a guard and two callbacks for every heartbeat). The rules
-are `LeasePolicy`'s:
+needs them (a worker per renewal would be a task, a guard and two callbacks for every heartbeat). A lease put
+in the queue also gets a fencing entry in the heap: the scheduler fences it by the clock when its fencing point
+passes, whether it still waits for a worker or its renewal is still in flight. The rules are `LeasePolicy`'s:
 
 - each lease is renewed every `heartbeat_interval(ttl)`, echoing the previous `last_heartbeat` exactly; a
   request (with its retries) may take at most that interval;
@@ -60,7 +61,8 @@ class Leaser:
         # The renewals in flight; a lease maps to a future only once a release waits for its renewal.
         self._renewing: dict[Lease, asyncio.Future[None] | None] = {}
         self._releasing: set[asyncio.Task[None]] = set()
-        self._heap: list[tuple[float, int, Lease]] = []
+        # (when, sequence, lease, fencing entry?): a renewal due, or a fencing point to check.
+        self._heap: list[tuple[float, int, Lease, bool]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         # Never more heartbeats in flight than the HTTP pool has connections (the composition root subtracts the
@@ -102,7 +104,12 @@ class Leaser:
                     return
                 # Our own heartbeat whose answer was lost may have moved the CAS value: read it, and release with it.
                 settled = await settle(
-                    self._client, lease.work_id, exc, echoed=last_heartbeat, echoed_exact=not cas_read
+                    self._client,
+                    lease.work_id,
+                    exc,
+                    echoed=last_heartbeat,
+                    echoed_exact=not cas_read,
+                    deadline=self._policy.release_timeout,
                 )
                 if settled.result is None:
                     _log_release_failed(lease.work_id, exc)
@@ -142,19 +149,29 @@ class Leaser:
     # -- the heartbeat scheduler --------------------------------------------------------------------
 
     def _schedule(self, lease: Lease, due: float) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), lease))
+        heapq.heappush(self._heap, (due, next(self._seq), lease, False))
         if self._heap[0][2] is lease:
             self._wake.set()
 
+    def _fence_point(self, lease: Lease) -> float:
+        return lease.expires - self._policy.fence_margin(lease.ttl_seconds)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        wake = self._wake
+        wake, heap = self._wake, self._heap
         while True:
             now = time.monotonic()
-            while self._heap and self._heap[0][0] <= now:
-                _, _, lease = heapq.heappop(self._heap)
-                if not lease.ended:
-                    self._due.put_nowait(lease)
+            while heap and heap[0][0] <= now:
+                _, _, lease, fencing = heapq.heappop(heap)
+                if lease.ended:
+                    continue
+                if fencing:
+                    # Renewed since (the fencing point moved on), or fenced now: never later than the point.
+                    if now >= self._fence_point(lease):
+                        self._fence(lease)
+                    continue
+                self._due.put_nowait(lease)
+                heapq.heappush(heap, (self._fence_point(lease), next(self._seq), lease, True))
             # Workers waiting on the queue take one lease each; start more for the rest, up to the limit.
             while self._due.qsize() > self._idle_workers and self._workers < self._max_workers:
                 self._workers += 1
@@ -162,7 +179,7 @@ class Leaser:
             wake.clear()
             # Until the next renewal is due, or an earlier one is scheduled: a timer that sets the event (this
             # loop wakes hundreds of times a second with 10,000 leases; an asyncio.timeout costs more).
-            timer = loop.call_later(self._heap[0][0] - now, wake.set) if self._heap else None
+            timer = loop.call_later(heap[0][0] - now, wake.set) if heap else None
             try:
                 await wake.wait()
             finally:
@@ -191,7 +208,7 @@ class Leaser:
 
     async def _renew(self, lease: Lease) -> None:
         policy = self._policy
-        fence_at = lease.expires - policy.fence_margin(lease.ttl_seconds)
+        fence_at = self._fence_point(lease)
         budget = min(policy.heartbeat_interval(lease.ttl_seconds), fence_at - time.monotonic())
         if budget <= 0:
             self._fence(lease)
@@ -255,7 +272,7 @@ class Leaser:
         """A renewal refused after a doubt (`_doubt`): (the lease as read, the send time to count from, whether the
         CAS value is exact) when our own heartbeat landed; None when the lease was lost or the read failed (then
         the renewal is tried again within the fencing window, as after any failure)."""
-        fence_at = lease.expires - self._policy.fence_margin(lease.ttl_seconds)
+        fence_at = self._fence_point(lease)
         with telemetry.use(lease.span):
             settled = await settle(
                 self._client,
@@ -263,6 +280,7 @@ class Leaser:
                 refusal,
                 echoed=lease.last_heartbeat,
                 echoed_exact=not lease.cas_read,
+                deadline=fence_at - time.monotonic(),
             )
         if lease.ended:
             return None
@@ -302,6 +320,8 @@ class Leaser:
         self._schedule(lease, time.monotonic() + retry_in)
 
     def _fence(self, lease: Lease) -> None:
+        if lease.ended:
+            return
         telemetry.heartbeats.add(1, {"result": "expired"})
         self._leases.lose(
             lease,

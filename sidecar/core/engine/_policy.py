@@ -76,7 +76,8 @@ class LeasePolicy:
     repeats. A claim that lands on the retry is ours: the compare-and-swap on NO_HEARTBEAT
     lets only one claim win."""
     heartbeat_concurrency: int = 256
-    """Heartbeats in flight at once at most (the rest wait their turn in O(1))."""
+    """Renewals in flight at once at most (the rest wait their turn in O(1)), and the connections of the heartbeat
+    lane, which no poll, ack, stop or read can take."""
     min_interval: float = 1.0
     max_interval: float = 30.0
     retry_jitter: tuple[float, float] = (0.2, 1.0)
@@ -118,8 +119,9 @@ class LeasePolicy:
     def attempt_timeout(self, budget: float) -> float:
         """Seconds one heartbeat attempt may take within a renewal's `budget`: half of it, so that an answer dripped
         or lost past it leaves time for another attempt (whose refusal, if the first was applied, is settled by
-        reading); but at least `MIN_ATTEMPT_SECONDS` (a loaded host answers slowly), never more than the budget."""
-        return min(budget, max(budget / 2, MIN_ATTEMPT_SECONDS))
+        reading). A budget too short for two attempts of `MIN_ATTEMPT_SECONDS` (a loaded host answers slowly) goes
+        whole to one attempt: cutting it would only make a slow answer late, with no time left to ask again."""
+        return budget if budget < 2 * MIN_ATTEMPT_SECONDS else budget / 2
 
     def retry_delay(self, ttl_seconds: float, rng: random.Random | None = None) -> float:
         low, high = self.retry_jitter
