@@ -154,6 +154,9 @@ def test_policies_declare_the_documented_rules() -> None:
     for ttl in (1, 2, 3, 4, 10, 60, 600):  # a failed renewal always has time for a retry before the fence
         assert 0 < policy.heartbeat_interval(ttl) <= 0.5 * (ttl - policy.fence_margin(ttl))
     assert all(0.2 * 2.0 <= policy.retry_delay(60) <= 2.0 for _ in range(100))
+    # half the window per attempt, so a lost answer leaves time to ask again; a window too short for two attempts of
+    # a second goes whole to one (at TTL 4, a 1 s round trip fits the 1.25 s window, not a 1 s attempt)
+    assert [policy.attempt_timeout(b) for b in (0.5, 1.25, 1.99, 2.0, 27.0)] == [0.5, 1.25, 1.99, 1.0, 13.5]
     backoff = Backoff(initial=0.5, maximum=10.0)
     assert [backoff.ceiling(n) for n in (1, 2, 3, 5, 10)] == [0.5, 1.0, 2.0, 8.0, 10.0]
     assert all(5.0 <= backoff.delay(10) <= 10.0 for _ in range(100)), "grows to the cap and stays there"
