@@ -111,7 +111,7 @@ class _Operation:
     headers: Mapping[str, str]
     policy: RetryPolicy
     lane: asyncio.Semaphore
-    """The requests of this kind in flight at once: heartbeats have a lane of their own (see `WorkApiClient`)."""
+    """Bounds this operation's requests in flight: heartbeats have a lane of their own, the rest share one."""
 
 
 class WorkApiClient:

@@ -65,8 +65,8 @@ class Leaser:
         self._heap: list[tuple[float, int, Lease, bool]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        # Never more heartbeats in flight than the HTTP pool has connections (the composition root subtracts the
-        # pollers'): the rest wait in this queue, in O(1), and not in the pool's.
+        # Never more renewals in flight than the client's heartbeat lane has connections (the composition root gives
+        # both the same number): the rest wait in this queue, in O(1), and not in the lane's.
         self._due: asyncio.Queue[Lease] = asyncio.Queue()
         self._max_workers = max(1, concurrency)
         self._workers = 0
