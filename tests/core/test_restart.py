@@ -22,6 +22,7 @@ import pytest
 
 from sidecar.client import Assignment, SidecarClient
 from sidecar.core.persistence import JOURNAL_FILE
+from sidecar.wire import get_provider
 from sidecar.work.v1 import work_service_pb2 as pb
 from sidecar.work.v1 import work_service_pb2_grpc as pb_grpc
 from tests.helpers import eventually, serving, stays
@@ -226,30 +227,87 @@ async def test_abandoned_leases_are_released_after_the_grace(api: Api, short_dir
         await sidecar.close()
 
 
-async def test_a_lease_taken_while_the_sidecar_was_down_is_lost(api: Api, sidecar: Sidecar) -> None:
+async def test_a_lease_whose_item_went_back_to_the_queue_while_the_sidecar_was_down_is_lost(
+    api: Api, sidecar: Sidecar
+) -> None:
+    """The Work API let the lease run out while the sidecar was down (the item is queued again, for anyone): the
+    successor's renewal is refused, the read shows `queued`, and the sandbox that re-attaches hears LeaseLost. (Its
+    watch has no free slot, so the sidecar does not poll the item back meanwhile.)"""
     await sidecar.start()
     watch, [kept, taken] = await _hold(sidecar, 2)
     await sidecar.kill9()
     watch.cancel()
-    await api.steal(taken.work.id)  # someone else holds it now
+    await api.admin.expire_lease(api.environment_id, taken.work.id)
+    await sidecar.start()
+    resumed = Watch(
+        sidecar.stub.WatchWork(
+            pb.WatchWorkRequest(
+                max_in_flight=1, resume=[pb.HeldLease(work_id=kept.work.id, lease_token=kept.lease_token)]
+            )
+        )
+    ).start()
+
+    async def taken_is_lost() -> pb.Lease | None:
+        lease = (await _keepalive(sidecar.stub, [taken]))[taken.work.id]
+        return lease if lease.state == pb.LEASE_STATE_LOST else None
+
+    lost = await eventually(taken_is_lost, timeout=3 * TTL, message="the requeued item's lease is lost")
+    assert lost.lost_reason == pb.LEASE_LOST_REASON_PRECONDITION_FAILED
+    ended = [
+        line
+        for line in sidecar.log_lines()
+        if line.get("msg") == "lease ended" and line.get("work_id") == taken.work.id
+    ]
+    assert ended and "reads queued" in ended[0]["detail"], ended
+    assert (await _keepalive(sidecar.stub, [kept]))[kept.work.id].state == pb.LEASE_STATE_ACTIVE
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await sidecar.stub.StopWork(pb.StopWorkRequest(work_id=taken.work.id, lease_token=taken.lease_token))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST, not a bare refusal"
+    assert resumed.events.empty(), "the resumed watch heard nothing: the lost lease was not on it"
+    resumed.cancel()
+
+
+async def test_a_renewal_that_landed_as_the_sidecar_died_costs_no_lease(api: Api, sidecar: Sidecar) -> None:
+    """The predecessor was killed with a renewal in flight that the Work API applied: the CAS value moved, and the
+    journal never heard. The successor's first renewal echoes the journaled value and is refused; inside the
+    journaled lease nobody else can have renewed the item, so the refusal is read, the moved value adopted, and the
+    sandbox that re-attaches keeps its item: never lost, never delivered again."""
+    await sidecar.start()
+    watch, [landed, quiet] = await _hold(sidecar, 2)
+    await sidecar.kill9()
+    watch.cancel()
+    view = await api.item(landed.work.id)
+    profile = get_provider("anthropic")
+    answer = await api.http.post(  # the renewal the killed process had sent, applied by the Work API
+        profile.work_path(api.environment_id, f"/{landed.work.id}/heartbeat"),
+        params={"expected_last_heartbeat": view["last_heartbeat"], "desired_ttl_seconds": str(TTL)},
+        headers={"authorization": f"Bearer {KEY}", **profile.extra_headers},
+    )
+    assert answer.status_code == 200, answer.text
     await sidecar.start()
     resumed = Watch(
         sidecar.stub.WatchWork(
             pb.WatchWorkRequest(
                 max_in_flight=2,
-                resume=[pb.HeldLease(work_id=i.work.id, lease_token=i.lease_token) for i in (kept, taken)],
+                resume=[pb.HeldLease(work_id=i.work.id, lease_token=i.lease_token) for i in (landed, quiet)],
             )
         )
     ).start()
-    lost = await resumed.next("lease_lost", timeout=3 * TTL)
-    assert lost.lease_lost.work_id == taken.work.id
-    assert lost.lease_lost.reason == pb.LEASE_LOST_REASON_PRECONDITION_FAILED
-    statuses = await _keepalive(sidecar.stub, [kept, taken])
-    assert statuses[kept.work.id].state == pb.LEASE_STATE_ACTIVE
-    assert statuses[taken.work.id].state == pb.LEASE_STATE_LOST
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await sidecar.stub.StopWork(pb.StopWorkRequest(work_id=taken.work.id, lease_token=taken.lease_token))
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST, not a bare refusal"
+
+    async def settled_and_renewed() -> bool:
+        statuses = [e["status"] for e in await api.requests("heartbeat", landed.work.id)]
+        return 412 in statuses and statuses[statuses.index(412) :].count(200) >= 2
+
+    await eventually(settled_and_renewed, timeout=3 * TTL, message="the refusal settled, then renewals go on")
+    assert resumed.events.empty(), "the sandbox heard nothing: its lease was never lost"
+    statuses = await _keepalive(sidecar.stub, [landed, quiet])
+    assert {work_id: lease.state for work_id, lease in statuses.items()} == {
+        landed.work.id: pb.LEASE_STATE_ACTIVE,
+        quiet.work.id: pb.LEASE_STATE_ACTIVE,
+    }
+    for item in (landed, quiet):
+        view = await api.item(item.work.id)
+        assert view["state"] == "active" and view["deliveries"] == 1 and view["requeues"] == 0
     resumed.cancel()
 
 

@@ -239,11 +239,14 @@ class Leases:
 
         The lease is held from now on as if its last successful heartbeat was sent a TTL before the journaled
         expiry: the next renewal (at once, by CAS from `last_heartbeat`) confirms it or ends it, and self-fencing
-        counts from there. It has no watcher until its sandbox re-attaches."""
+        counts from there. It is doubtful from that instant: the predecessor may have sent a renewal the Work API
+        applied and died before it heard the answer, so a refusal of the first renewal is settled by reading
+        (`_doubt.settle`), not believed. It has no watcher until its sandbox re-attaches."""
         stale = self.table.get(work.id)
         if stale is not None:
             raise ValueError(f"a lease on {work.id} is already held")
         remaining = (expires_at - datetime.now(UTC)).total_seconds()
+        last_success = time.monotonic() + remaining - ttl_seconds
         lease = Lease(
             work=work,
             token=self.tokens.token(work.id, nonce),
@@ -251,12 +254,13 @@ class Leases:
             secret=None,
             last_heartbeat=last_heartbeat,
             ttl_seconds=ttl_seconds,
-            last_success=time.monotonic() + remaining - ttl_seconds,
+            last_success=last_success,
             expires_at=expires_at,
             sandbox_id=sandbox_id,
             state=pb.LEASE_STATE_STOP_REQUESTED if state == pb.LEASE_STATE_STOP_REQUESTED else pb.LEASE_STATE_ACTIVE,
             stop_notified=stop_notified,
             adopted=True,
+            doubtful_since=last_success,
         )
         self.table._add(lease)
         self._all_ended.clear()

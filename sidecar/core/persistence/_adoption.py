@@ -4,9 +4,11 @@ Called by `Sidecar.start` before the gRPC server binds and before polling starts
 
 - every journaled lease is adopted (`Leases.adopt`, under the token the predecessor issued) and renewed at once
   by the leaser, by CAS from the journaled `last_heartbeat`, concurrently (bounded by the leaser's heartbeat
-  concurrency). The Work API decides: success → the lease is held again; 412/409 → someone else holds it now
-  (lost, PRECONDITION_FAILED); 404 → gone; `stopped` → over; no success within what is left of its TTL →
-  self-fenced. Ended ones leave a tombstone, so a sandbox that re-attaches with the old token is told LEASE_LOST;
+  concurrency). The Work API decides: success → the lease is held again; 412/409 → read, as after any heartbeat
+  whose outcome is unknown (the predecessor's last renewal may have landed unjournaled): `active`/`stopping` with
+  a heartbeat that moved → ours, held again; anything else → lost, PRECONDITION_FAILED; 404 → gone; `stopped` →
+  over; no success within what is left of its TTL → self-fenced. Ended ones leave a tombstone, so a sandbox that
+  re-attaches with the old token is told LEASE_LOST;
 - an adopted lease waits `reattach_grace` for its sandbox (`_liveness.Liveness`): a KeepAlive with the old token,
   or a WatchWork stream that resumes it. Not re-attached by then → released (short TTL), back to the queue;
 - an item acked but not claimed at the crash is released: one claiming heartbeat (`NO_HEARTBEAT`) asking for the
