@@ -252,7 +252,7 @@ async def test_a_lease_whose_item_went_back_to_the_queue_while_the_sidecar_was_d
         return lease if lease.state == pb.LEASE_STATE_LOST else None
 
     lost = await eventually(taken_is_lost, timeout=3 * TTL, message="the requeued item's lease is lost")
-    assert lost.lost_reason == pb.LEASE_LOST_REASON_PRECONDITION_FAILED
+    assert lost is not None and lost.lost_reason == pb.LEASE_LOST_REASON_PRECONDITION_FAILED
     ended = [
         line
         for line in sidecar.log_lines()
