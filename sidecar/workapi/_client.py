@@ -56,6 +56,7 @@ from ._transports import (
     ExchangeTimeout,
     TLSFailed,
     make_exchange,
+    take_turn,
 )
 
 if TYPE_CHECKING:
@@ -455,14 +456,7 @@ class WorkApiClient:
             started = time.monotonic()
             lane = op.lane
             try:
-                if lane.locked():  # the lane is full: wait for a turn within the attempt's limit
-                    try:
-                        async with asyncio.timeout(limit):
-                            await lane.acquire()
-                    except TimeoutError:
-                        raise ConnectFailed("no free connection in time") from None
-                else:
-                    await lane.acquire()  # free: no suspension, no timer
+                await take_turn(lane, limit)  # a full lane: wait for a turn within the attempt's limit
                 try:
                     answer = await self._exchange.send(
                         op.method,

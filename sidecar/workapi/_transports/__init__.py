@@ -29,6 +29,7 @@ from ._base import (
     TLSFailed,
     TLSSettingsError,
     ssl_context,
+    take_turn,
     tls_detail,
 )
 
@@ -103,5 +104,6 @@ __all__ = [
     "make_exchange",
     "proxy_for",
     "ssl_context",
+    "take_turn",
     "tls_detail",
 ]

@@ -18,6 +18,7 @@ No backend imports another; each imports this module only.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 from collections.abc import Callable, Mapping
@@ -157,6 +158,19 @@ def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+async def take_turn(slots: asyncio.Semaphore, within: float) -> None:
+    """Acquire one of `slots` within `within` seconds, or raise `ConnectFailed` (nothing was sent). A free slot is
+    taken without a suspension or a timer: the common case costs no more than the acquire."""
+    if not slots.locked():
+        await slots.acquire()
+        return
+    try:
+        async with asyncio.timeout(within):
+            await slots.acquire()
+    except TimeoutError:
+        raise ConnectFailed("no free connection in time") from None
 
 
 def detail(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ from ._base import (
     TLSFailed,
     detail,
     ssl_context,
+    take_turn,
     tls_detail,
 )
 
@@ -307,14 +308,7 @@ class LeanExchange:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         slots = self._slots
-        if slots.locked():  # every connection busy: wait for one, within the deadline
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await slots.acquire()
-            except TimeoutError:
-                raise ConnectFailed("no free connection in time") from None
-        else:
-            await slots.acquire()  # free: no suspension, no timer
+        await take_turn(slots, timeout)  # every connection busy: wait for one, within the deadline
         try:
             connection = self._take_idle(loop.time())
             if connection is None:
