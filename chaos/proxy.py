@@ -326,12 +326,19 @@ class Proxy:
     def intact_renewals(self, deadline: float) -> dict[str, list[float]]:
         """Per item, for each claim or renewal answered 200 and passed on intact within `deadline` seconds (a
         success the sidecar heard), when the call it ended began (epoch): the arrival of the first of the attempts
-        that failed just before it (a claim's since its first, a renewal's within `deadline`), else its own. A
-        sidecar may count its lease from the start of the call: a failed attempt's outcome may be unknown."""
+        that failed just before it (a claim's since its first after the item's last ack, a renewal's within
+        `deadline`), else its own. A sidecar may count its lease from the start of the call: a failed attempt's
+        outcome may be unknown. A claim call begins after an ack: the failed claims of an earlier delivery of the
+        item (a hand-over that gave up) are not part of it."""
         out: dict[str, list[float]] = {}
         failed: dict[str, list[Event]] = {}  # per item, the attempts that failed since its last success
         for e in self.events:
-            if e.operation not in ("claim", "heartbeat") or not e.work_id:
+            if not e.work_id:
+                continue
+            if e.operation == "ack":
+                failed[e.work_id] = [f for f in failed.get(e.work_id, []) if f.operation != "claim"]
+                continue
+            if e.operation not in ("claim", "heartbeat"):
                 continue
             intact = e.action == "pass" and e.status == 200 and e.took is not None and e.took <= deadline
             if not intact:

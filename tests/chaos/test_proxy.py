@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from chaos.harness import KEY, Emulator
-from chaos.proxy import Proxy, Rule, classify
+from chaos.proxy import Event, Proxy, Rule, classify
 
 HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "anthropic-beta": "managed-agents-2026-04-01"}
 BASE = "/v1/environments/env_p/work"
@@ -244,6 +244,21 @@ async def test_hang_and_late_after_the_request_was_applied(emulator: Emulator, p
         assert heartbeat.status_code == 200
     intact = proxy.intact_renewals(deadline=0.5)
     assert len(intact[work_id]) == 1, "the late claim is not a success the client heard in time; the renewal is"
+
+
+def test_a_claim_call_begins_after_its_ack() -> None:
+    """The failed claims of a hand-over that gave up are not part of the claim of a later delivery of the item:
+    that claim's call began after its own ack, not seconds before it."""
+    proxy = Proxy("http://127.0.0.1:1")
+    proxy.events += [
+        Event(10.0, "ack", "w1", "pass", None, status=409, took=0.001),
+        Event(10.1, "claim", "w1", "pass", None, status=412, took=0.001),  # a hand-over that gives up
+        Event(10.5, "claim", "w1", "status", 1),
+        Event(30.0, "ack", "w1", "pass", None, status=200, took=0.001),  # the item delivered again
+        Event(30.2, "claim", "w1", "status", 1),
+        Event(30.4, "claim", "w1", "pass", None, status=200, took=0.001),
+    ]
+    assert proxy.intact_renewals(deadline=1.0) == {"w1": [30.2]}
 
 
 async def test_a_success_counts_from_the_first_failed_attempt_of_its_call(emulator: Emulator, proxy: Proxy) -> None:
