@@ -7,7 +7,8 @@ before the TTL runs out. The emulator answers slowly (its latency faults), and o
 - reads a sandbox asks for, holding every connection of the pool, do not hold up a renewal (heartbeats have
   their own lane);
 - a renewal stuck on a slow read (the read that settles a doubtful refusal) does not keep the sandbox holding
-  past the Work API's lease: LeaseLost comes at the fencing point, by the clock.
+  past the Work API's lease: LeaseLost comes at the fencing point, by the clock;
+- no renewal goes out too late for its answer to come before the fencing point.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+from sidecar.core.engine._lease import Leases
+from sidecar.core.engine._leaser import Leaser
+from sidecar.core.engine._policy import MIN_SEND_SECONDS, LeasePolicy
+from sidecar.core.engine._supervisor import Supervisor
 from sidecar.work.v1 import work_service_pb2 as pb
+from sidecar.workapi import HeartbeatResult, Work, WorkApiClient, WorkData
 from tests.helpers import eventually
 
-from .conftest import Api, SidecarFactory
+from .conftest import KEY, Api, SidecarFactory
 
 TTL = 4  # renewals every 1.25 s; fenced 2.5 s after the last successful heartbeat was sent
 
@@ -97,3 +103,33 @@ async def test_a_renewal_stuck_on_a_slow_read_is_fenced_by_the_clock(api: Api, s
         f"LeaseLost came after the Work API's lease ran out: {view}"
     )
     watch.cancel()
+
+
+async def test_no_renewal_is_sent_too_late_for_its_answer(api: Api) -> None:
+    """A renewal due with less than `MIN_SEND_SECONDS` left before the fencing point is not sent (its answer could
+    not come in time, and applied it would only extend the lease for nobody): the lease is fenced at its point."""
+    policy = LeasePolicy(ttl_seconds=TTL)
+    leases = Leases()
+    window = TTL - policy.fence_margin(TTL)
+    beat = HeartbeatResult(
+        last_heartbeat="2026-01-01T00:00:00.000001Z", lease_extended=True, state="active", ttl_seconds=TTL
+    )
+    work = Work(
+        id="work_late",
+        environment_id=api.environment_id,
+        data=WorkData(type="session", id="s"),
+        state="active",
+        metadata={},
+    )
+    lease = leases.claim(work, beat, sent_at=time.monotonic() - window + MIN_SEND_SECONDS / 2, ttl_seconds=TTL)
+    supervisor = Supervisor()
+    async with WorkApiClient(
+        provider="anthropic", api_key=KEY, environment_id=api.environment_id, base_url=api.url
+    ) as client:
+        leaser = Leaser(client, policy, leases, concurrency=4, supervisor=supervisor)
+        supervisor.keep(leaser.run, name="leaser")
+        leaser.track(lease, at_once=True)
+        await eventually(lambda: lease.ended, timeout=2, message="the lease fenced")
+        await supervisor.close()
+    assert lease.lost_reason == pb.LEASE_LOST_REASON_EXPIRED
+    assert await api.requests("heartbeat", "work_late") == [], "nothing was sent"

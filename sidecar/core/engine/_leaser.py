@@ -38,7 +38,7 @@ from ...workapi import ConflictError, HeartbeatResult, LeaseLostError, NotFoundE
 from .. import _telemetry as telemetry
 from ._doubt import settle
 from ._lease import Lease, Leases
-from ._policy import LeasePolicy
+from ._policy import MIN_SEND_SECONDS, LeasePolicy
 from ._supervisor import Supervisor
 
 log = logging.getLogger("sidecar.leaser")
@@ -210,8 +210,9 @@ class Leaser:
         policy = self._policy
         fence_at = self._fence_point(lease)
         budget = min(policy.heartbeat_interval(lease.ttl_seconds), fence_at - time.monotonic())
-        if budget <= 0:
-            self._fence(lease)
+        if budget < MIN_SEND_SECONDS:  # no time for an answer: nothing is sent, the scheduler fences at the point
+            if budget <= 0:
+                self._fence(lease)
             return
         sent = time.monotonic()
         try:

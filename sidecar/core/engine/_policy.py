@@ -14,6 +14,9 @@ from ...wire import MAX_BLOCK_MS, MIN_BLOCK_MS
 
 MIN_ATTEMPT_SECONDS = 1.0
 """The least time a heartbeat attempt is given (`LeasePolicy.attempt_timeout`)."""
+MIN_SEND_SECONDS = 0.1
+"""No renewal is sent with less time than this left before its lease's fencing point: its answer could not come in
+time, and a renewal the Work API applies that the sidecar cannot wait for only extends the lease for nobody."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,8 @@ class LeasePolicy:
       half the window before the fencing point (see there), echoing the previous `last_heartbeat` exactly; one
       renewal (with its retries) may take at most that interval.
     - A failed renewal is retried after `retry_delay(ttl)` until `fence_margin(ttl)` before the TTL since the last
-      successful heartbeat *was sent* runs out; then the sidecar declares the lease lost itself (self-fencing).
+      successful heartbeat *was sent* runs out (none is sent with less than `MIN_SEND_SECONDS` left); then the
+      sidecar declares the lease lost itself (self-fencing).
     - A lease lives while its sandbox does: its WatchWork stream is open, or KeepAlive pinged it within
       `liveness_window`. Otherwise it waits `reattach_grace`, then is released with one last heartbeat asking
       for `release_ttl_seconds` (None: no such heartbeat), so the item returns to the queue sooner.
