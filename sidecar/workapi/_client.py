@@ -260,9 +260,10 @@ class WorkApiClient:
         body = await self._call("heartbeat", work_id, params=params, deadline=deadline, read_timeout=attempt_timeout)
         return self._parse(HeartbeatResult.from_json, body, "heartbeat")
 
-    async def stop(self, work_id: str, *, force: bool = False) -> Work:
-        """Request a graceful stop (force=False) or stop at once (force=True)."""
-        body = await self._call("stop", work_id, json={"force": force})
+    async def stop(self, work_id: str, *, force: bool = False, deadline: float | None = None) -> Work:
+        """Request a graceful stop (force=False) or stop at once (force=True); `deadline`: seconds for the
+        request and its retries at most."""
+        body = await self._call("stop", work_id, json={"force": force}, deadline=deadline)
         return self._parse_work(body, "stop", work_id)
 
     async def get(self, work_id: str, *, deadline: float | None = None) -> Work:

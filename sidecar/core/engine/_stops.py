@@ -178,8 +178,9 @@ class Stops:
             if lease.ended:
                 raise _LeaseEnded
             try:
+                deadline = None if until == math.inf else until - time.monotonic()
                 with telemetry.use(lease.span):
-                    return await self._client.stop(lease.work_id, force=force)
+                    return await self._client.stop(lease.work_id, force=force, deadline=deadline)
             except WorkApiError as exc:
                 if isinstance(exc, APIStatusError | ResponseError) and _doubtful_stop_answer(exc):
                     with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
