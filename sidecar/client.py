@@ -130,7 +130,7 @@ class Assignment:
                 await self._keepalive
         try:
             if not self.lost.is_set() and not self.stopped.is_set():
-                await self.stop(force=True)
+                await self.stop(force=True, deadline=self._client.stop_timeout)
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise  # the item was not stopped: the caller must know (it returns to the queue at its TTL)
@@ -189,11 +189,15 @@ class Assignment:
             self.lost_reason = reason
             self.lost.set()
 
-    async def stop(self, *, force: bool = True) -> pb.Work:
+    async def stop(self, *, force: bool = True, deadline: float | None = None) -> pb.Work:
+        """StopWork. `deadline`: seconds, each attempt's gRPC deadline (the sidecar sees it); a second before it,
+        when the Work API has not confirmed the stop, the sidecar answers UNAVAILABLE (STOP_PENDING) and goes on
+        asking."""
         response = await self._client.call(
             lambda: self._client.stub.StopWork(
                 pb.StopWorkRequest(work_id=self.work.id, lease_token=self.lease_token, force=force),
                 metadata=self._client.metadata,
+                timeout=deadline,
             )
         )
         if response.work.state == pb.WORK_STATE_STOPPED:
@@ -227,6 +231,7 @@ class SidecarClient:
         keepalive_interval: float = 5.0,
         channel: grpc.aio.Channel | None = None,
         reconnect_timeout: float | None = 60.0,
+        stop_timeout: float | None = None,
     ) -> None:
         if target is None and channel is None:
             target = sidecar_address()
@@ -239,6 +244,9 @@ class SidecarClient:
         self.keepalive_interval = keepalive_interval
         self.reconnect_timeout = reconnect_timeout
         """How long to keep reconnecting to an unreachable sidecar (None: for ever)."""
+        self.stop_timeout = stop_timeout
+        """The deadline of the stop on leaving an item (None: the sidecar's own, a minute); past it the stop
+        raises UNAVAILABLE (reason STOP_PENDING) and the sidecar goes on asking the Work API."""
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self._own_channel = channel is None
         self.channel = channel or grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)

@@ -74,8 +74,10 @@ async def test_stop_request_and_lost_lease_reach_the_item(api: Api, start_sideca
 
 
 async def test_a_failed_stop_is_raised(api: Api, start_sidecar: SidecarFactory) -> None:
+    """A stop the Work API keeps refusing raises UNAVAILABLE (STOP_PENDING) on leaving the item, by the client's
+    `stop_timeout`."""
     running = await start_sidecar()
-    async with SidecarClient(running.address, keepalive_interval=0.2) as client:
+    async with SidecarClient(running.address, keepalive_interval=0.2, stop_timeout=3) as client:
         assignments = client.assignments()
         pending = asyncio.ensure_future(_first(assignments))
         await eventually(lambda: _capacity_is(running, 1))
@@ -86,6 +88,7 @@ async def test_a_failed_stop_is_raised(api: Api, start_sidecar: SidecarFactory) 
             async with item:
                 pass
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "STOP_PENDING" in str(raised.value.trailing_metadata())
         await api.clear_faults()
         await assignments.aclose()
 
