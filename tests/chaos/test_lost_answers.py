@@ -2,11 +2,12 @@
 real `work-sidecar serve` behind the fault proxy, the real emulator, a real gRPC watcher.
 
 Each fault spoils exactly one renewal after the emulator applied it (the answer lost, cut off, garbled, framed
-against itself, followed by a stray second answer, the connection reset as it is reused). The sidecar's next
-attempt echoes the old `last_heartbeat` and is refused with 412 for its own heartbeat: believing that refusal
-tells the sandbox `LeaseLost` while the API shows the item active, and the item runs twice (the review of
-`467db17`, findings 1 and 2: every case here failed there). Each must keep the lease: no `LeaseLost`, and the item
-is renewed twice more by the same sidecar.
+against itself, followed by a stray second answer, behind a 1 MiB header block, the connection reset as it is
+reused). The sidecar's next attempt echoes the old `last_heartbeat` and is refused with 412 for its own heartbeat:
+believing that refusal tells the sandbox `LeaseLost` while the API shows the item active, and the item runs twice
+(the review of `467db17`, findings 1 and 2: every case here failed there on the default exchange, except the
+header block, which it read whole; on httpx a closed connection and a 1 MiB header block did). Each must keep the
+lease: no `LeaseLost`, and the item is renewed twice more by the same sidecar.
 """
 
 from __future__ import annotations
@@ -36,14 +37,29 @@ FAULTS: dict[str, dict[str, Any]] = {
     "length-and-chunked": {"action": "framing", "framing": "cl_chunked"},
     "two-lengths": {"action": "framing", "framing": "two_cl"},
     "reset-as-reused": {"action": "reset", "forward_first": True},
+    "header-block-1MiB": {"action": "header_block", "size": 1 << 20},
 }
+
+
+HTTPX_FAULTS = ("dropped", "reset-as-reused", "header-block-1MiB")
+"""The faults the review found costing the lease on the httpx backend."""
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 async def test_a_renewal_applied_whose_answer_was_spoiled_keeps_the_lease(
     emulator: Emulator, proxy: Proxy, sidecar: Any, fault: str
 ) -> None:
-    sc = await sidecar(ENV, ttl=TTL)
+    await _keeps_the_lease(emulator, proxy, await sidecar(ENV, ttl=TTL), fault)
+
+
+@pytest.mark.parametrize("fault", HTTPX_FAULTS)
+async def test_on_httpx_a_renewal_applied_whose_answer_was_spoiled_keeps_the_lease(
+    emulator: Emulator, proxy: Proxy, sidecar: Any, fault: str
+) -> None:
+    await _keeps_the_lease(emulator, proxy, await sidecar(ENV, ttl=TTL, extra=["--http-backend", "httpx"]), fault)
+
+
+async def _keeps_the_lease(emulator: Emulator, proxy: Proxy, sc: Any, fault: str) -> None:
     async with watcher(sc.target) as w:
         await emulator.enqueue(ENV, 1)
         item = await wait_for(w.assigned, timeout=30)
