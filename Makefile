@@ -77,15 +77,16 @@ buf-lint:
 	elif [ -n "$$WORK_SIDECAR_REQUIRE_POLYGLOT" ]; then echo "buf is missing (run make polyglot-deps)"; exit 1; \
 	else echo "==> buf lint skipped: buf is not installed (make polyglot-deps installs it)"; fi
 
-# Two workers: the suite mostly waits on real processes. The `slow` tests (long attacks, and the bench's smoke and
-# fleet runs, minutes of real processes each) run with `make chaos` instead, so `make test` stays within 10 minutes;
-# `make test-bench` runs the bench's, and .ci/run calls it after `make test`.
-PYTEST_WORKERS ?= 2
+# Four workers on two cores: the suite mostly waits on real processes (timeouts, TTLs, child start-ups), so two
+# workers leave the cores more than half idle. The `slow` tests (long attacks, and the bench's smoke and fleet runs,
+# minutes of real processes each) run with `make chaos` instead, so `make test` stays within 10 minutes;
+# `make test-bench` runs the bench's on two workers (they measure), and .ci/run calls it after `make test`.
+PYTEST_WORKERS ?= 4
 test: lint typecheck buf-lint $(TEST_STAMP)
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow"
 
 test-bench: $(TEST_STAMP)
-	$(BIN)/pytest -n $(PYTEST_WORKERS) -m slow tests/bench
+	$(BIN)/pytest -n 2 -m slow tests/bench
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/pytest -x -q -m "not polyglot"
