@@ -384,6 +384,28 @@ async def test_a_conflict_on_stop_that_repeats_is_aborted(api: Api, start_sideca
     watch.cancel()
 
 
+async def test_a_conflict_on_stop_with_no_time_left_to_ask_again_is_pending(
+    api: Api, start_sidecar: SidecarFactory
+) -> None:
+    """A 409 on a stop is asked again after a backoff; when the sandbox's deadline leaves no room for that,
+    StopWork answers UNAVAILABLE (STOP_PENDING) before the deadline (it used to run past it: DEADLINE_EXCEEDED),
+    and the stop goes on: once the conflicts end, the item is stopped."""
+    running = await start_sidecar(claim_backoff=Backoff(initial=5.0, maximum=5.0), confirm_refusals=5)
+    watch, item = await running.take_one(api)
+    await api.fault(operation="stop", status=409, count=None)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.stub.StopWork(
+            pb.StopWorkRequest(work_id=item.work.id, lease_token=item.lease_token, force=True), timeout=2
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert error_info(refused.value).reason == "STOP_PENDING"
+    assert time.monotonic() - started < 2
+    await api.clear_faults()
+    await eventually(lambda: _state_is(api, item.work.id, "stopped"), timeout=15, message="the stop went on")
+    watch.cancel()
+
+
 async def _claims_answered(api: Api, work_id: str, count: int) -> bool:
     return len([b for b in await api.requests("heartbeat", work_id) if b["status"] is not None]) >= count
 

@@ -53,6 +53,14 @@ class _LeaseEnded(Exception):
     """The lease ended while its stop was being asked: asking further could stop an item someone else holds."""
 
 
+class _OutOfTime(Exception):
+    """A stop answer still in doubt when the sandbox's deadline leaves no time to ask again."""
+
+    def __init__(self, error: WorkApiError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(slots=True)
 class _Pending:
     force: bool
@@ -87,6 +95,8 @@ class Stops:
             work = await self._ask(lease, force, done, until)
         except _LeaseEnded:
             return lease.work
+        except _OutOfTime as out:
+            raise _still_pending(lease, self._go_on(lease, force, done, out.error)) from out.error
         except WorkApiError as exc:
             if lease.ended or not is_retryable(exc, "stop"):
                 raise
@@ -184,12 +194,15 @@ class Stops:
             except WorkApiError as exc:
                 if isinstance(exc, APIStatusError | ResponseError) and _doubtful_stop_answer(exc):
                     with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
-                        work = await self._client.get(lease.work_id)
+                        left = None if until == math.inf else until - time.monotonic()
+                        work = await self._client.get(lease.work_id, deadline=left)
                         if work.state in done:
                             return work
                     doubts += 1
+                    delay = self._policy.claim_backoff.delay(doubts)
                     if doubts <= self._policy.confirm_refusals:
-                        delay = self._policy.claim_backoff.delay(doubts)
+                        if time.monotonic() + delay >= until:
+                            raise _OutOfTime(exc) from exc
                         message = "stop answered but the item has not stopped; asking again"
                         await self._again(lease, exc, logging.INFO, message, ("doubts", doubts), delay)
                         continue
