@@ -55,13 +55,14 @@ async def _working(
     """The sidecar started, the example sandbox on it, one item queued and being worked on: (sandbox, work id).
     On exit a sandbox still running is killed and the sidecar closed."""
     await sidecar.start()
-    sandbox = await _start_sandbox(language, request, sidecar, out, work_seconds)
-    try:
+    sandbox: asyncio.subprocess.Process | None = None
+    try:  # a missing toolchain skips in _start_sandbox: the sidecar is closed then too
+        sandbox = await _start_sandbox(language, request, sidecar, out, work_seconds)
         [queued] = await api.enqueue(1)
         await eventually(lambda: b"UpdateWorkMetadata" in out.read_bytes(), timeout=20, message="working")
         yield sandbox, queued["id"]
     finally:
-        if sandbox.returncode is None:
+        if sandbox is not None and sandbox.returncode is None:
             sandbox.kill()
             await sandbox.wait()
         await sidecar.close()
