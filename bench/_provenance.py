@@ -1,7 +1,8 @@
 """What a result was measured on: the commit (and whether the tree had uncommitted changes) and the machine.
 
 Recorded by every runner that writes results (`bench`, `bench --fleet`, `chaos`): a figure is true for the code
-that produced it.
+that produced it. The runners' own outputs do not count as changes: `make bench` runs the fleet after the main
+bench has rewritten its results.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import contextlib
 import platform
 import subprocess
 from typing import Any
+
+OUTPUTS = ("bench/results", "chaos/results", "docs/benchmarks.md", "docs/chaos.md")
+"""What the runners write, relative to the repository's top: not uncommitted code."""
 
 
 def provenance() -> dict[str, Any]:
@@ -29,7 +33,11 @@ def provenance() -> dict[str, Any]:
                 break
     return {
         "commit": git("rev-parse", "--short=12", "HEAD").strip() or "unknown",
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
+        "dirty": bool(
+            git(
+                "status", "--porcelain", "--untracked-files=no", "--", ":/", *(f":(top,exclude){p}" for p in OUTPUTS)
+            ).strip()
+        ),
         "host": platform.node(),
         "cpu_model": cpu_model or platform.processor() or "unknown",
         "kernel": platform.release(),
