@@ -253,7 +253,8 @@ def test_temporary_files_left_by_a_killed_process_are_removed_under_the_lock(tmp
 
 
 async def test_a_journal_that_cannot_be_written_takes_no_work_and_recovers_everything(tmp_path: Path) -> None:
-    """While writes fail (here every write of the journal's descriptor goes to /dev/full: ENOSPC) the journal says
+    """Finding 6.
+    While writes fail (here every write of the journal's descriptor goes to /dev/full: ENOSPC) the journal says
     it does not accept, appends nothing more, keeps the state in memory, and a rewrite brings it all back."""
     journal, leases = _journaled(tmp_path)
     held = leases.claim(_work("w1"), _beat(1), sent_at=time.monotonic(), ttl_seconds=60)

@@ -42,7 +42,8 @@ async def _still_held(api: Api, running: Running, item: pb.WorkAssigned) -> None
 async def test_a_renewal_applied_whose_answer_was_lost_keeps_the_lease(
     api: Api, start_sidecar: SidecarFactory, spoil: str
 ) -> None:
-    """A heartbeat applied whose answer was lost (closed, garbage, a length with chunked, two lengths, dripped past
+    """Finding 1.
+    A heartbeat applied whose answer was lost (closed, garbage, a length with chunked, two lengths, dripped past
     the deadline) is followed by a renewal that echoes the old value and gets 412 for our own heartbeat: read,
     not believed. The sandbox hears nothing and the lease goes on."""
     running = await start_sidecar(ttl_seconds=6)  # renewals every 2.25 s, an attempt given half of that
@@ -97,7 +98,8 @@ async def test_an_ack_applied_whose_answer_was_lost_is_read_as_ours(api: Api, st
 
 
 async def test_a_stray_second_answer_is_not_taken_for_the_claims(api: Api, start_sidecar: SidecarFactory) -> None:
-    """A late second answer is taken as the answer to the next request on that connection: the Work API answers
+    """Finding 2.
+    A late second answer is taken as the answer to the next request on that connection: the Work API answers
     the ack, then a stray `200 {}` arrives while the claiming heartbeat (slow to apply) waits on the same
     connection. The `{}` is not a heartbeat's answer: the connection is closed, the claim's outcome is unknown,
     and the refusals of the claims sent again are read: the item is ours and reaches the sandbox."""
@@ -140,7 +142,8 @@ async def test_a_lease_read_as_someone_elses_is_still_lost(api: Api, start_sidec
 
 
 async def test_a_sidecar_process_keeps_a_lease_whose_renewal_answers_are_lost(api: Api, short_dir: str) -> None:
-    """The same against a real `work-sidecar serve` process: every kind of answer lost after the Work API applied
+    """Finding 1.
+    The same against a real `work-sidecar serve` process: every kind of answer lost after the Work API applied
     the renewal, one after another, and the sandbox (over real gRPC) hears nothing; the item runs once."""
     binary = Path(sys.executable).parent / "work-sidecar"
     socket = f"unix://{short_dir}/lost.sock"

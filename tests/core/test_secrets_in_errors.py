@@ -60,7 +60,8 @@ def _span_text(exporter: InMemorySpanExporter) -> str:
 async def test_the_api_key_is_redacted_by_value_wherever_the_item_secret_is(
     api: Api, start_sidecar: SidecarFactory, spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The Work API key could reach a sandbox: when the API's error text quoted the item secret, the session token,
+    """Finding 8.
+    The Work API key could reach a sandbox: when the API's error text quoted the item secret, the session token,
     the lease token and the API key, StopWork's error showed the first three redacted and the key in full."""
     caplog.set_level(logging.DEBUG)
     running = await start_sidecar(ttl_seconds=4)

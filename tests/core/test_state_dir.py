@@ -99,7 +99,8 @@ def _fill(path: Path) -> None:
 
 
 async def test_a_sidecar_that_finds_the_state_dir_locked_writes_no_key(api: Api, short_dir: str) -> None:
-    """Two sidecars started at once on an empty state dir: the one that loses the lock must never write the token
+    """Finding 4.
+    Two sidecars started at once on an empty state dir: the one that loses the lock must never write the token
     key (it would replace the key the survivor's lease tokens are made with). Here the test holds the lock."""
     state = Path(short_dir) / "state"
     state.mkdir(mode=0o700)
@@ -123,7 +124,8 @@ async def _spawn(api: Api, socket: str, state: Path) -> asyncio.subprocess.Proce
 
 @pytest.mark.slow
 async def test_two_sidecars_started_at_once_on_an_empty_state_dir_agree_on_the_key(api: Api, short_dir: str) -> None:
-    """Two sidecars started at once on an empty state dir, again and again: the loser exits 2 and the key on disk is
+    """Finding 4.
+    Two sidecars started at once on an empty state dir, again and again: the loser exits 2 and the key on disk is
     the one the survivor's lease tokens are made with (a loser that wrote its own key would break every token after
     the survivor's next restart)."""
     for trial in range(8):
@@ -180,7 +182,8 @@ def _key_immutable(state: Path) -> None:
 async def test_a_token_key_that_cannot_be_used_is_one_line_and_exit_2(
     api: Api, short_dir: str, make: Any, named: str
 ) -> None:
-    """A token.key that is a directory, cannot be read or cannot be replaced: one line naming it, exit 2, no
+    """Finding 7.
+    A token.key that is a directory, cannot be read or cannot be replaced: one line naming it, exit 2, no
     temporary file (not a traceback and exit 1)."""
     state = Path(short_dir) / "state"
     state.mkdir(mode=0o700)
@@ -195,7 +198,8 @@ async def test_a_token_key_that_cannot_be_used_is_one_line_and_exit_2(
 
 @pytest.mark.parametrize("with_key", [False, True], ids=["no-key-yet", "key-made-before"])
 async def test_a_full_filesystem_is_one_line_and_exit_2(api: Api, short_dir: str, with_key: bool) -> None:
-    """--state-dir on a full filesystem, with no key yet (or a key, and no room for the journal): one line and exit
+    """Finding 7.
+    --state-dir on a full filesystem, with no key yet (or a key, and no room for the journal): one line and exit
     2, and no temporary file (`.token.key.<pid>.tmp`, `.leases.journal.new`) left behind."""
     with _tmpfs(Path(short_dir) / "mnt", "64k") as mount:
         state = mount / "state"
@@ -223,7 +227,8 @@ async def restarting(api: Api, short_dir: str) -> AsyncIterator[Sidecar]:
 
 
 async def test_a_record_with_impossible_values_is_reported_and_skipped(api: Api, restarting: Sidecar) -> None:
-    """A journal record with a valid checksum but impossible values (a non-finite expiry, a negative TTL, a bad id)
+    """Finding 7.
+    A journal record with a valid checksum but impossible values (a non-finite expiry, a negative TTL, a bad id)
     is reported and skipped: the restart adopts the rest and serves, instead of crashing at every start."""
     sidecar = restarting
     await sidecar.start()
@@ -260,7 +265,8 @@ async def test_a_record_with_impossible_values_is_reported_and_skipped(api: Api,
 async def test_a_journal_with_no_newline_is_reported_and_moved_aside(
     api: Api, restarting: Sidecar, content: bytes
 ) -> None:
-    """A journal with no complete line (an empty file, a header torn mid-line, garbage with no newline) is not
+    """Finding 5.
+    A journal with no complete line (an empty file, a header torn mid-line, garbage with no newline) is not
     silently taken for no journal: it is reported in one line and moved aside like any corrupt journal."""
     sidecar = restarting
     state = Path(sidecar.state_dir)
@@ -301,7 +307,8 @@ async def test_a_journal_that_cannot_be_read_is_reported_and_moved_aside(
 
 
 async def test_while_the_journal_cannot_be_written_no_new_work_is_taken(api: Api, restarting: Sidecar) -> None:
-    """A state dir that fills up while the sidecar runs: it takes no new work (no polls, readiness NOT_SERVING, one
+    """Finding 6.
+    A state dir that fills up while the sidecar runs: it takes no new work (no polls, readiness NOT_SERVING, one
     line saying why), keeps renewing the leases it holds, and takes work again once writes succeed; a kill -9 after
     that loses no lease."""
     sidecar = restarting

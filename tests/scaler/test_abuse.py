@@ -42,7 +42,8 @@ async def _take(api: Api, count: int) -> list[str]:
 async def test_a_busy_fleet_with_nothing_waiting_stays_active_with_include_in_progress(
     api: Api, start_scaler: ScalerFactory
 ) -> None:
-    """Finding: a busy fleet with nothing waiting read as inactive with a metric of 0, which let a ScaledObject
+    """Finding 9.
+    A busy fleet with nothing waiting read as inactive with a metric of 0, which let a ScaledObject
     scale busy pods away. With `includeInProgress: "true"` the metric and IsActive count items in progress."""
     scaler = await start_scaler()
     await api.enqueue(3)
@@ -76,7 +77,8 @@ async def _is(value: Awaitable[float], expected: float) -> bool:
 async def test_environments_it_cannot_read_never_starve_one_it_can(
     strict_api: Api, start_scaler: ScalerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Finding: 150 calls naming made-up environments filled the scaler's reader slots, and a new environment
+    """Finding 9.
+    150 calls naming made-up environments filled the scaler's reader slots, and a new environment
     then got RESOURCE_EXHAUSTED for 120 s. After 1,000 such calls a real environment answers within 2 s."""
     scaler = await start_scaler(
         api_url=strict_api.url, environment_id=None, stats_interval=5.0, max_age=10.0, max_backoff=10.0
@@ -109,7 +111,8 @@ async def test_environments_it_cannot_read_never_starve_one_it_can(
     "raw", ["1_000", "\uff11", "\u0661", "1e-300", "1e3", "inf", "nan", "0", "-1", "+1", "0x10", "1.", ".5", " ", "1 2"]
 )
 async def test_targets_are_plain_decimal_numbers_above_zero(start_scaler: ScalerFactory, raw: str) -> None:
-    """Finding: the scaler took "1_000", a full-width digit and 1e-300 as a target."""
+    """Finding 9.
+    The scaler took "1_000", a full-width digit and 1e-300 as a target."""
     scaler = await start_scaler()
     if raw.strip() == "":
         assert (await scaler.stub.GetMetricSpec(scaler.ref(targetItemsPerReplica=raw))).metricSpecs[0].targetSize == 1
@@ -122,7 +125,7 @@ async def test_targets_are_plain_decimal_numbers_above_zero(start_scaler: Scaler
 
 @pytest.mark.parametrize("raw", ["1_000", "\uff11", "1e-300", "inf", "nan", "-1", "+0", "0x0"])
 async def test_activation_thresholds_are_plain_decimal_numbers(start_scaler: ScalerFactory, raw: str) -> None:
-    """Finding (the same numbers as an activationThreshold, which may be 0)."""
+    """Finding 9 (the same numbers as an activationThreshold, which may be 0)."""
     scaler = await start_scaler()
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await scaler.stub.IsActive(scaler.ref(activationThreshold=raw))
@@ -133,7 +136,7 @@ async def test_activation_thresholds_are_plain_decimal_numbers(start_scaler: Sca
 
 @pytest.mark.parametrize("raw", ["1_000", "\uff11", "1e-300", "inf", "nan", "0", "-1"])
 def test_target_flag_and_variable_take_plain_decimals_only(raw: str) -> None:
-    """Finding (the same numbers through --target-items and WORK_SIDECAR_TARGET_ITEMS)."""
+    """Finding 9 (the same numbers through --target-items and WORK_SIDECAR_TARGET_ITEMS)."""
     env = base_environment() | {"WORK_SIDECAR_API_KEY": KEY, "WORK_SIDECAR_API_URL": "http://127.0.0.1:9"}
     flag = subprocess.run(
         [str(BIN / "work-sidecar"), "scaler", f"--target-items={raw}"], capture_output=True, text=True, timeout=30,
@@ -168,7 +171,8 @@ def _everything_in(error: grpc.aio.AioRpcError) -> str:
 
 
 async def test_client_strings_are_never_echoed(api: Api, start_scaler: ScalerFactory) -> None:
-    """Finding: a 1 MB metricName was echoed back. No string a client sends comes back in any answer or error."""
+    """Finding 9.
+    A 1 MB metricName was echoed back. No string a client sends comes back in any answer or error."""
     scaler = await start_scaler()
     await api.enqueue(1)
     big = "Zq" + "x" * (1 << 20)
@@ -200,7 +204,8 @@ async def test_client_strings_are_never_echoed(api: Api, start_scaler: ScalerFac
 
 
 def test_help_shows_one_default_per_flag() -> None:
-    """Finding: `scaler --help` showed two defaults for --listen."""
+    """Finding 9.
+    `scaler --help` showed two defaults for --listen."""
     text = subprocess.run(
         [str(BIN / "work-sidecar"), "scaler", "--help"], capture_output=True, text=True, timeout=30, check=True,
         env={**base_environment(), "COLUMNS": "400"},

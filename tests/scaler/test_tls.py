@@ -154,7 +154,8 @@ def _scaler(*args: str, extra: dict[str, str] | None = None) -> subprocess.Compl
     ],
 )
 def test_an_open_address_without_tls_or_token_is_refused(args: list[str]) -> None:
-    """Finding: `scaler --listen 0.0.0.0:6000` started open. Like `serve`, it refuses in one line, exit 2."""
+    """Finding 9.
+    `scaler --listen 0.0.0.0:6000` started open. Like `serve`, it refuses in one line, exit 2."""
     done = _scaler(*args)
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()

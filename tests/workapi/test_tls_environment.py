@@ -77,7 +77,8 @@ async def test_ssl_cert_file_is_honoured(
 async def test_a_tls_failure_names_the_certificate_problem_and_is_not_retried(
     https_api: tuple[str, Path], http_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A TLS refusal said "did not answer within 5 s: check --api-url" (its retries ran out the start-up check's
+    """Finding 7.
+    A TLS refusal said "did not answer within 5 s: check --api-url" (its retries ran out the start-up check's
     time) instead of naming the certificate problem."""
     url, _ = https_api
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
@@ -112,7 +113,8 @@ def _one_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 async def test_start_up_against_an_untrusted_certificate_is_one_line_naming_it(https_api: tuple[str, Path]) -> None:
-    """A TLS refusal at start said "did not answer within 5 s: check --api-url" once its retries ran past the
+    """Finding 7.
+    A TLS refusal at start said "did not answer within 5 s: check --api-url" once its retries ran past the
     start-up check's time: a certificate problem is named at once, without retries."""
     url, _ = https_api
     result = await asyncio.to_thread(_serve, url)  # in a thread: the API answers on this test's event loop
@@ -122,6 +124,8 @@ async def test_start_up_against_an_untrusted_certificate_is_one_line_naming_it(h
 
 
 async def test_an_ssl_cert_file_that_does_not_exist_is_one_line_at_start(tmp_path: Path) -> None:
+    """Finding 7.
+    SSL_CERT_FILE naming a missing file was a traceback and exit 1 at start: now one line naming it, exit 2."""
     missing = tmp_path / "nowhere.pem"
     result = await asyncio.to_thread(_serve, "https://127.0.0.1:1", SSL_CERT_FILE=str(missing))
     line = _one_line(result)

@@ -109,7 +109,8 @@ async def test_an_answer_that_does_not_belong_is_a_response_error_and_its_connec
 
 @pytest.mark.parametrize("size", [100 * 1024, 8 * 1024 * 1024], ids=["100KiB", "8MiB"])
 async def test_a_header_block_over_the_cap_is_refused_without_being_read(start: Start, size: int) -> None:
-    """The default exchange had no limit on the answer's header block: a huge one was read whole into memory and
+    """Finding 3.
+    The default exchange had no limit on the answer's header block: a huge one was read whole into memory and
     accepted. Every backend refuses it now, before reading it whole."""
     written = 0
 
@@ -148,7 +149,8 @@ async def test_a_header_block_under_the_cap_is_read(start: Start) -> None:
 
 
 async def test_a_refusal_after_an_unknown_outcome_is_marked_maybe_applied(start: Start) -> None:
-    """The first attempt's connection closes after the request was sent (the API may have applied it); the
+    """Finding 1.
+    The first attempt's connection closes after the request was sent (the API may have applied it); the
     retry is refused with 412. The refusal says so: it may be the work of the first attempt."""
 
     async def lost_then_refused(number: int, _: bytes, writer: asyncio.StreamWriter) -> None:
