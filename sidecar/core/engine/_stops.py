@@ -188,19 +188,17 @@ class Stops:
             if lease.ended:
                 raise _LeaseEnded
             try:
-                deadline = None if until == math.inf else until - time.monotonic()
                 with telemetry.use(lease.span):
-                    return await self._client.stop(lease.work_id, force=force, deadline=deadline)
+                    return await self._client.stop(lease.work_id, force=force, deadline=_left(until))
             except WorkApiError as exc:
                 if isinstance(exc, APIStatusError | ResponseError) and _doubtful_stop_answer(exc):
                     with contextlib.suppress(WorkApiError), telemetry.use(lease.span):
-                        left = None if until == math.inf else until - time.monotonic()
-                        work = await self._client.get(lease.work_id, deadline=left)
+                        work = await self._client.get(lease.work_id, deadline=_left(until))
                         if work.state in done:
                             return work
                     doubts += 1
-                    delay = self._policy.claim_backoff.delay(doubts)
                     if doubts <= self._policy.confirm_refusals:
+                        delay = self._policy.claim_backoff.delay(doubts)
                         if time.monotonic() + delay >= until:
                             raise _OutOfTime(exc) from exc
                         message = "stop answered but the item has not stopped; asking again"
@@ -226,6 +224,11 @@ class Stops:
         extra = {"work_id": lease.work_id, "error": str(exc), name: count, "retry_in": round(delay, 2)}
         log.log(level, message, extra=extra)
         await asyncio.sleep(delay)
+
+
+def _left(until: float) -> float | None:
+    """Seconds to `until` for the Work API client's deadline; None when there is no deadline."""
+    return None if until == math.inf else until - time.monotonic()
 
 
 def _still_pending(lease: Lease, pending: _Pending) -> SidecarRpcError:
